@@ -1,0 +1,104 @@
+"""The on-disk layout of a packtrain root: the only place that spells out folder and file names.
+
+Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directory.
+
+    <root>/cache/cache_registry.json
+    <root>/cache/packed_sequences/<seq_len>/<dataset>/          one packed cache
+    <root>/checkpoints/<model>/run.json                          config + runs history
+    <root>/checkpoints/<model>/checkpoint_<step:06d>/            one committed checkpoint
+    <root>/checkpoints/<model>/latest                            names the newest checkpoint
+    <root>/checkpoints/<model>/engine.lock | engine.json          live-engine lock and pid file
+    <root>/checkpoints/<model>/control/                          command channel (one file per command)
+    <root>/training_logs/<model>_run_<k>.jsonl                    append-only event log of run k
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import UserError
+
+ENV_HOME = "PACKTRAIN_HOME"
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Names become folder names, so they must never escape their folder."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in {".", ".."} or name.startswith("."):
+        raise UserError(
+            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+        )
+    return name
+
+
+def checkpoint_dirname(step: int) -> str:
+    return f"checkpoint_{step:06d}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @classmethod
+    def resolve(cls, root: str | os.PathLike[str] | None = None) -> "Layout":
+        chosen = root if root is not None else os.environ.get(ENV_HOME) or os.getcwd()
+        return cls(Path(chosen).expanduser().resolve())
+
+    # cache
+    @property
+    def cache_root(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def packed_root(self) -> Path:
+        return self.cache_root / "packed_sequences"
+
+    @property
+    def cache_registry(self) -> Path:
+        return self.cache_root / "cache_registry.json"
+
+    def cache_dir(self, seq_len: int, dataset: str) -> Path:
+        return self.packed_root / str(int(seq_len)) / check_name(dataset, "dataset name")
+
+    # checkpoints
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.root / "checkpoints"
+
+    def model_dir(self, model: str) -> Path:
+        return self.checkpoints_root / check_name(model, "model name")
+
+    def run_json(self, model: str) -> Path:
+        return self.model_dir(model) / "run.json"
+
+    def checkpoint_dir(self, model: str, step: int) -> Path:
+        return self.model_dir(model) / checkpoint_dirname(step)
+
+    def latest_pointer(self, model: str) -> Path:
+        return self.model_dir(model) / "latest"
+
+    def engine_lock(self, model: str) -> Path:
+        return self.model_dir(model) / "engine.lock"
+
+    def engine_pidfile(self, model: str) -> Path:
+        return self.model_dir(model) / "engine.json"
+
+    def control_dir(self, model: str) -> Path:
+        return self.model_dir(model) / "control"
+
+    # logs
+    @property
+    def logs_root(self) -> Path:
+        return self.root / "training_logs"
+
+    def run_log(self, model: str, run: int) -> Path:
+        return self.logs_root / f"{check_name(model, 'model name')}_run_{int(run)}.jsonl"
+
+    def ensure(self) -> "Layout":
+        for d in (self.packed_root, self.checkpoints_root, self.logs_root):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
