@@ -1,0 +1,65 @@
+"""Names never escape their folder; suggestions follow the documented pattern and skip taken names."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import UserError
+from engine.names import dataset_tag, format_params, suggest_names, validate_new_name
+from engine.paths import Layout, check_name
+from engine.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "a/b", ".hidden", "x" * 65, "sp ace", "a\\b", "é"])
+def test_bad_names_are_refused(bad) -> None:
+    with pytest.raises(UserError):
+        check_name(bad)
+
+
+def test_layout_resolves_root_from_env(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PACKTRAIN_HOME", str(tmp_path))
+    layout = Layout.resolve()
+    assert layout.root == tmp_path.resolve()
+    assert layout.cache_dir(512, "fineweb") == tmp_path / "cache" / "packed_sequences" / "512" / "fineweb"
+    assert layout.run_log("m", 3) == tmp_path / "training_logs" / "m_run_3.jsonl"
+    assert Layout.resolve(tmp_path / "other").root == (tmp_path / "other").resolve()
+    with pytest.raises(UserError):
+        layout.model_dir("../../etc")
+
+
+def test_suggestions_follow_the_seed_pattern(tmp_path) -> None:
+    names = suggest_names(415_000_000, "HuggingFaceFW/fineweb", 512)
+    assert names == ["415M_FineWeb_512", "experiment_415M_FineWeb_512", "modern_llm_415M", "test_415M"]
+    taken = suggest_names(415_000_000, "HuggingFaceFW/fineweb", 512, taken={"415M_FineWeb_512", "test_415M"})
+    assert taken[0] == "415M_FineWeb_512_2" and taken[3] == "test_415M_2"
+    for name in names:
+        check_name(name)
+
+
+def test_validate_new_name_rejects_names_on_disk(tmp_path) -> None:
+    layout = Layout(tmp_path).ensure()
+    (layout.checkpoints_root / "taken").mkdir()
+    assert validate_new_name("fresh", layout) == "fresh"
+    with pytest.raises(UserError, match="already used"):
+        validate_new_name("taken", layout)
+
+
+def test_param_tags_and_dataset_tags() -> None:
+    assert format_params(415_123_456) == "415M"
+    assert format_params(1_240_000_000) == "1.2B"
+    assert format_params(2_000_000_000) == "2B"
+    assert dataset_tag("HuggingFaceFW/fineweb-edu") == "FineWebEdu"
+    assert dataset_tag("/data/my_corpus.jsonl") == "MyCorpus"
+
+
+def test_presets_param_counts_match_transformers() -> None:
+    """The closed formula the TUI shows must equal what the engine actually builds."""
+    transformers = pytest.importorskip("transformers")
+    for name in ("tiny", "5M"):
+        preset = get_preset(name)
+        config = transformers.LlamaConfig(**preset.llama_kwargs(vocab_size=300, seq_len=64))
+        model = transformers.LlamaForCausalLM(config)
+        assert sum(p.numel() for p in model.parameters()) == preset.n_params(300)
+    with pytest.raises(UserError):
+        get_preset("nope")
+    assert list(PRESETS)[0] == "tiny"

@@ -1,0 +1,82 @@
+"""The event schema round-trips, tolerates newer engines and never yields half a line to a tailer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from engine import protocol as p
+
+
+def test_every_event_round_trips() -> None:
+    samples = [
+        p.RunStarted(model="m", run=2, start_step=10, total_steps=100, config={"a": 1}),
+        p.Plan(total_steps=100, warmup_steps=5, n_sequences=1000, global_batch=8, tokens_per_step=2048),
+        p.Step(step=1, total_steps=100, loss=5.0, lr=1e-3, grad_norm=0.5, tokens_per_sec=10.0, eta_s=60.0,
+               progress_pct=1.0, rss_gb=0.2),
+        p.Eval(step=1, loss=4.0, perplexity=math.exp(4.0)),
+        p.CacheExpanded(step=5, n_before=10, n_after=20, total_steps_before=3, total_steps_after=6),
+        p.CheckpointSaved(step=5, path="/x", display_name="m_checkpoint_5_run_1"),
+        p.State(state="paused"),
+        p.Log(message="hello"),
+        p.Warning(message="careful"),
+        p.Error(message="boom", detail="tb"),
+        p.Finished(step=5, reason="stopped"),
+        p.CacheProgress(stage="build", cache="/c", docs=3),
+        p.CacheReady(cache="/c", chunks=1, sequences=3, bad=[{"chunk": 0, "reason": "hash"}]),
+    ]
+    assert {type(e) for e in samples} == set(p.EVENT_TYPES.values())
+    for event in samples:
+        line = p.encode(event)
+        assert "\n" not in line
+        assert json.loads(line)["v"] == p.SCHEMA_VERSION
+        assert p.decode(line) == event
+
+
+def test_non_finite_floats_become_null_and_stay_parseable() -> None:
+    line = p.encode(p.Eval(step=1, loss=float("nan"), perplexity=float("inf")))
+    assert json.loads(line)["loss"] is None
+
+
+def test_unknown_events_and_extra_fields_are_tolerated() -> None:
+    assert isinstance(p.decode('{"v": 9, "event": "telemetry", "x": 1}'), p.Unknown)
+    e = p.decode('{"v": 2, "event": "log", "message": "hi", "new_field": 3, "ts": 1.0}')
+    assert e == p.Log(message="hi", ts=1.0)
+    assert isinstance(p.decode('{"event": "step", "step": 1}'), p.Unknown)  # required fields missing
+
+
+def test_read_events_leaves_a_torn_line_for_later(tmp_path) -> None:
+    log = tmp_path / "run.jsonl"
+    first = p.encode(p.Log(message="one"))
+    second = p.encode(p.Log(message="two"))
+    log.write_text(first + "\n" + second[:10])
+    events, offset = p.read_events(str(log))
+    assert [e.message for e in events] == ["one"]
+    with open(log, "a") as f:
+        f.write(second[10:] + "\n")
+    events, offset2 = p.read_events(str(log), offset)
+    assert [e.message for e in events] == ["two"]
+    assert offset2 == log.stat().st_size
+
+
+def test_commands_validate_their_kind() -> None:
+    c = p.Command(command="save", sender="tui")
+    assert p.Command.decode(c.encode()) == c
+    with pytest.raises(ValueError):
+        p.Command.decode('{"command": "rm -rf"}')
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(None, "--:--"), (float("nan"), "--:--"), (0, "00:00h"), (4 * 3600 + 23 * 60, "04:23h")]
+)
+def test_format_eta(seconds, text) -> None:
+    assert p.format_eta(seconds) == text
+
+
+def test_format_step_matches_the_documented_headline() -> None:
+    e = p.Step(step=770, total_steps=26235, loss=5.583, lr=1e-3, grad_norm=1.0, tokens_per_sec=106212,
+               eta_s=4 * 3600 + 23 * 60, progress_pct=770 / 26235 * 100, rss_gb=1.0)
+    assert p.format_step(e) == "Step 770/26,235 (2.9%) | Loss: 5.583 | 106,212 tok/s | ETA: 04:23h"
+    assert p.format_step(e, colons=False) == "Step 770/26,235 (2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h"
