@@ -1,0 +1,287 @@
+"""Which sequences each optimizer step trains on: an order that survives kills, resumes and growth.
+
+The order of an epoch is a pure function of (seed, epoch, recorded growth events): permute the
+chunk ids, then shuffle rows within windows of a few chunks, so reads stay local (one chunk is
+decoded once per window) while batches still mix documents from several chunks. There is no
+iterator or worker RNG state to save: the position is one integer, the cursor, counting the
+sequences consumed by completed optimizer steps in the current epoch, global across ranks.
+
+Sequences are identified by (chunk id, row) packed into one int64, never by a prefix sum over
+sorted chunk ids, so filling a gap in the middle of a cache moves nothing that was already placed.
+
+Growth: at a step boundary, chunks that appeared since the run started are recorded as an event
+{epoch, at_cursor, ...}; the rest of that epoch becomes order[:at_cursor] + shuffle(order[at_cursor:]
+∪ new rows). The consumed prefix never changes, so nothing is seen twice or skipped, and later
+epochs simply start with the grown chunk set.
+
+Held-out evaluation uses the last `eval_chunks` chunks present when the run started, recorded by
+id and excluded from training for the life of the run, however the cache grows.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.errors import UserError
+
+SHIFT = 32  # seq id = chunk_id << 32 | row
+WINDOW = 8  # chunks whose rows are shuffled together
+
+
+class ChunkSource(Protocol):
+    """The part of engine.cache.reader.PackedCache that ordering and reading need."""
+
+    chunk_sizes: Mapping[int, int]
+
+    def read_chunk(self, chunk_id: int) -> np.ndarray: ...
+
+
+def seq_ids(chunk: int, rows: np.ndarray) -> np.ndarray:
+    return (np.int64(chunk) << SHIFT) | rows.astype(np.int64)
+
+
+def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids, dtype=np.int64)
+    return ids >> SHIFT, ids & ((1 << SHIFT) - 1)
+
+
+def to_ranges(ids: Iterable[int]) -> list[list[int]]:
+    """Sorted ids as [[start, stop), ...]: chunk sets stay small in JSON even for huge caches."""
+    out: list[list[int]] = []
+    for i in sorted(set(int(i) for i in ids)):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def from_ranges(ranges: Iterable[Iterable[int]]) -> list[int]:
+    return [i for start, stop in ranges for i in range(int(start), int(stop))]
+
+
+def windowed_shuffle(rng: np.random.Generator, groups: list[tuple[int, np.ndarray]], window: int) -> np.ndarray:
+    """Permute the groups (chunks with their rows), then shuffle rows within each window of groups."""
+    if not groups:
+        return np.empty(0, dtype=np.int64)
+    perm = rng.permutation(len(groups))
+    parts = []
+    for start in range(0, len(perm), window):
+        ids = np.concatenate([seq_ids(groups[i][0], groups[i][1]) for i in perm[start:start + window]])
+        parts.append(ids[rng.permutation(len(ids))])
+    return np.concatenate(parts)
+
+
+@dataclass
+class GrowthEvent:
+    """Chunks added to the run at (epoch, at_cursor); `chunks` holds their id ranges."""
+
+    epoch: int
+    at_cursor: int
+    generation: int
+    n_before: int
+    n_after: int
+    chunks: list[list[int]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GrowthEvent":
+        return cls(**{k: data[k] for k in ("epoch", "at_cursor", "generation", "n_before", "n_after", "chunks")})
+
+
+@dataclass
+class DataOrder:
+    """The run's chunk sets and growth history; everything else is derived from them."""
+
+    seed: int
+    chunk_sizes: dict[int, int]  # every chunk the run may read: training and held-out
+    train_chunks: list[int]  # training chunks when the run started
+    eval_chunks: list[int]
+    events: list[GrowthEvent] = field(default_factory=list)
+    window: int = WINDOW
+    _memo: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def start(cls, seed: int, chunk_sizes: Mapping[int, int], eval_chunks: int) -> "DataOrder":
+        ids = sorted(int(c) for c in chunk_sizes)
+        if len(ids) <= eval_chunks:
+            raise UserError(
+                f"the cache has {len(ids)} chunk(s) but {eval_chunks} are held out for evaluation: "
+                "build more of the cache or lower data.eval_chunks"
+            )
+        held = ids[len(ids) - eval_chunks:] if eval_chunks else []
+        train = ids[: len(ids) - eval_chunks]
+        sizes = {c: int(chunk_sizes[c]) for c in ids}
+        if sum(sizes[c] for c in train) == 0:
+            raise UserError("the cache holds no training sequences")
+        return cls(seed=seed, chunk_sizes=sizes, train_chunks=train, eval_chunks=held)
+
+    # --- persistence (trainer_state.json) -----------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "window": self.window, "train_chunks": to_ranges(self.train_chunks),
+            "eval_chunks": list(self.eval_chunks),
+        }
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any], events: list[dict], chunk_sizes: Mapping[int, int]) -> "DataOrder":
+        evs = [GrowthEvent.from_dict(e) for e in events]
+        train = from_ranges(state["train_chunks"])
+        known = set(train) | set(state["eval_chunks"]) | {c for e in evs for c in from_ranges(e.chunks)}
+        missing = sorted(c for c in known if c not in chunk_sizes)
+        if missing:
+            raise UserError(
+                f"{len(missing)} chunk(s) this run already used are missing from the cache (first: {missing[0]}); "
+                "repair it with `packtrain-engine cache validate PATH --repair`"
+            )
+        return cls(
+            seed=int(state["seed"]), chunk_sizes={c: int(chunk_sizes[c]) for c in known}, train_chunks=train,
+            eval_chunks=[int(c) for c in state["eval_chunks"]], events=evs, window=int(state.get("window", WINDOW)),
+        )
+
+    # --- chunk sets ---------------------------------------------------------------------------
+    @property
+    def known_chunks(self) -> list[int]:
+        return sorted(self.chunk_sizes)
+
+    def training_chunks(self) -> list[int]:
+        """Training chunks now: those at the start plus every recorded growth."""
+        ids = set(self.train_chunks)
+        for e in self.events:
+            ids.update(from_ranges(e.chunks))
+        return sorted(ids)
+
+    @property
+    def n_train_sequences(self) -> int:
+        return sum(self.chunk_sizes[c] for c in self.training_chunks())
+
+    # --- order ---------------------------------------------------------------------------------
+    def _rng(self, epoch: int, k: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed % (1 << 32), epoch, k])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        key = (epoch, len(self.events))
+        if key not in self._memo:
+            self._memo.clear()
+            base = set(self.train_chunks)
+            for e in self.events:
+                if e.epoch < epoch:
+                    base.update(from_ranges(e.chunks))
+            order = windowed_shuffle(self._rng(epoch, 0), self._groups(sorted(base)), self.window)
+            for k, e in enumerate((e for e in self.events if e.epoch == epoch), start=1):
+                order = self._regrow(order, e, k, epoch)
+            self._memo[key] = order
+        return self._memo[key]
+
+    def _groups(self, chunks: Iterable[int]) -> list[tuple[int, np.ndarray]]:
+        return [(c, np.arange(self.chunk_sizes[c], dtype=np.int64)) for c in chunks]
+
+    def _regrow(self, order: np.ndarray, e: GrowthEvent, k: int, epoch: int) -> np.ndarray:
+        rest = np.sort(order[e.at_cursor:])
+        chunks, rows = split_ids(rest)
+        uniq, starts = np.unique(chunks, return_index=True)
+        bounds = list(starts[1:]) + [len(rest)]
+        groups = [(int(c), rows[s:b]) for c, s, b in zip(uniq, starts, bounds)]
+        groups += self._groups(from_ranges(e.chunks))
+        groups.sort(key=lambda g: g[0])
+        return np.concatenate([order[: e.at_cursor], windowed_shuffle(self._rng(epoch, k), groups, self.window)])
+
+    def take(self, epoch: int, cursor: int, count: int) -> tuple[np.ndarray, int, int]:
+        """The next `count` sequence ids from (epoch, cursor), running on into the next epoch,
+        and the position after them (never left at the very end of an epoch)."""
+        parts = []
+        while count > 0:
+            order = self.epoch_order(epoch)
+            k = min(count, len(order) - cursor)
+            parts.append(order[cursor:cursor + k])
+            cursor += k
+            count -= k
+            if cursor >= len(order):
+                epoch, cursor = epoch + 1, 0
+        return np.concatenate(parts), epoch, cursor
+
+    def grow(self, epoch: int, cursor: int, chunk_sizes: Mapping[int, int], generation: int,
+             n_before: int, n_after: int) -> GrowthEvent | None:
+        """Record chunks of `chunk_sizes` this run does not know yet; None when nothing is new."""
+        new = sorted(int(c) for c in chunk_sizes if int(c) not in self.chunk_sizes)
+        if not new:
+            return None
+        for c in new:
+            self.chunk_sizes[c] = int(chunk_sizes[c])
+        event = GrowthEvent(epoch=epoch, at_cursor=cursor, generation=generation, n_before=n_before,
+                            n_after=n_after, chunks=to_ranges(new))
+        self.events.append(event)
+        return event
+
+    def eval_ids(self, count: int) -> np.ndarray:
+        """The first `count` held-out sequences, in chunk order: the same set at every eval."""
+        parts, left = [], count
+        for c in self.eval_chunks:
+            n = min(left, self.chunk_sizes[c])
+            parts.append(seq_ids(c, np.arange(n)))
+            left -= n
+            if left == 0:
+                break
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def rank_slice(ids: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank r's contiguous share of a global batch; the union over ranks is the whole batch."""
+    per = len(ids) // world_size
+    return ids[rank * per:(rank + 1) * per]
+
+
+class SequenceReader:
+    """Rows by sequence id, keeping the last few decoded chunks (a window's worth) in memory."""
+
+    def __init__(self, source: ChunkSource, keep: int = 2 * WINDOW) -> None:
+        self.source = source
+        self.keep = keep
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _chunk(self, c: int) -> np.ndarray:
+        arr = self._chunks.get(c)
+        if arr is None:
+            arr = self.source.read_chunk(c)
+            self._chunks[c] = arr
+            while len(self._chunks) > self.keep:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(c)
+        return arr
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        chunks, rows = split_ids(ids)
+        first = self._chunk(int(chunks[0]))
+        out = np.empty((len(ids), first.shape[1]), dtype=np.int64)
+        for c in np.unique(chunks):
+            sel = chunks == c
+            out[sel] = self._chunk(int(c))[rows[sel]]
+        return out
+
+
+def check_resume_cache(saved: Mapping[str, Any], cache: Any, consumed_hash: str) -> None:
+    """Refuse to resume onto a cache whose past differs from what the run trained on.
+
+    Growth is fine; a different tokenizer, sequence length or dtype, or any changed chunk the run
+    already knew about, is not: the weights would silently continue on other data.
+    """
+    where = saved.get("path", "the cache")
+    if saved.get("sequence_length") != cache.seq_len:
+        raise UserError(f"cache {where} now has seq_len {cache.seq_len}, the run used {saved.get('sequence_length')}")
+    if saved.get("tokenizer_sha256") != cache.tokenizer_sha256:
+        raise UserError(f"cache {where} has a different tokenizer than the one this run was trained with")
+    if saved.get("dtype") is not None and str(saved["dtype"]) != str(cache.dtype):
+        raise UserError(f"cache {where} now stores {cache.dtype} tokens, the run used {saved['dtype']}")
+    if saved.get("consumed_manifest_hash") != consumed_hash:
+        raise UserError(
+            f"the cache changed under this run: chunks it already used in {where} differ from when the "
+            "checkpoint was saved; refusing to resume on different data"
+        )
