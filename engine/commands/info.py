@@ -1,5 +1,62 @@
-"""Placeholder until its owner lands it."""
+"""`packtrain-engine info [--json]`: the hardware snapshot a run would record, before starting one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from engine.paths import Layout
+
+LABELS = {
+    "device": "Device",
+    "device_name": "Device name",
+    "device_count": "Devices",
+    "bf16": "bf16 support",
+    "cpu_capability": "CPU capability",
+    "ram_total_gb": "RAM total",
+    "ram_available_gb": "RAM available",
+    "vram_gb": "VRAM",
+    "cpu_count": "CPU cores",
+    "torch": "torch",
+    "transformers": "transformers",
+    "python": "Python",
+    "root": "Data root",
+    "disk_free_gb": "Disk free",
+}
 
 
-def add_parsers(sub) -> None:
-    pass
+def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("info", help="show device, bf16 support, memory, disk and library versions",
+                       description="Show the hardware snapshot saved into every run.")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(handler=run_info)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from engine.hardware import snapshot
+
+    snap = snapshot(Layout.resolve())
+    if args.json:
+        print(json.dumps(snap, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="packtrain hardware", show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in snap.items():
+        table.add_row(LABELS.get(key, key), _human(key, value))
+    Console().print(table)
+    return 0
+
+
+def _human(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key.endswith("_gb"):
+        return f"{value:,.1f} GiB"
+    return str(value)

@@ -1,0 +1,78 @@
+"""`packtrain-engine info`: the hardware snapshot, its JSON keys and the CUDA/CPU precision logic."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import cli, hardware
+from engine.paths import Layout
+
+CONTRACT_KEYS = {"device", "device_name", "bf16", "ram_total_gb", "ram_available_gb", "vram_gb", "cpu_count",
+                 "torch", "transformers", "python", "root", "disk_free_gb"}
+
+
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """engine.cli.main against a fresh root; stands in for the cache commands until they exist."""
+    monkeypatch.setenv("PACKTRAIN_HOME", str(tmp_path))
+    try:
+        import engine.cache.commands  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "engine.cache.commands", types.SimpleNamespace(add_parsers=lambda sub: None))
+    return lambda *argv: cli.main(list(argv))
+
+
+def test_info_json_has_contract_keys(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("info", "--json") == 0
+    snap = json.loads(capsys.readouterr().out)
+    assert CONTRACT_KEYS <= set(snap)
+    assert snap["root"] == str(tmp_path.resolve())
+    assert snap["device"] in {"cuda", "mps", "cpu"}
+    assert isinstance(snap["bf16"], bool)
+    assert (snap["vram_gb"] is None) == (snap["device"] == "cpu")
+    assert snap["ram_total_gb"] >= snap["ram_available_gb"] > 0
+    assert snap["cpu_count"] >= 1 and snap["disk_free_gb"] > 0
+    assert snap["torch"] == torch.__version__
+
+
+def test_info_table_for_humans(run_cli, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("info") == 0
+    out = capsys.readouterr().out
+    for label in ("Device", "bf16 support", "RAM total", "VRAM", "Disk free", "transformers"):
+        assert label in out
+
+
+def test_root_that_does_not_exist_yet_reports_free_disk(tmp_path: Path) -> None:
+    snap = hardware.snapshot(Layout.resolve(tmp_path / "not" / "yet"))
+    assert snap["disk_free_gb"] > 0
+
+
+def test_cuda_path_reports_device_vram_and_bf16(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    props = types.SimpleNamespace(name="Fake GPU", total_memory=8 << 30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    snap = hardware.snapshot(Layout.resolve(tmp_path))
+    assert (snap["device"], snap["device_name"], snap["vram_gb"], snap["bf16"], snap["device_count"]) == \
+        ("cuda", "Fake GPU", 8.0, False, 2)
+
+
+@pytest.mark.parametrize(("flags", "capability", "expected"), [
+    ("fpu sse avx2 avx512f avx512_bf16", "AVX512", True),
+    ("fpu sse avx2 amx_bf16 amx_tile", "AVX2", True),
+    ("fp asimd bf16", "DEFAULT", True),
+    ("fpu sse avx2 avx512f", "AVX512", True),
+    ("fpu sse avx2", "AVX2", False),
+])
+def test_cpu_bf16_from_flags_and_capability(monkeypatch: pytest.MonkeyPatch, flags: str, capability: str,
+                                            expected: bool) -> None:
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda *keys: flags if "flags" in keys else None)
+    monkeypatch.setattr(hardware, "_cpu_capability", lambda: capability)
+    assert hardware._cpu_bf16() is expected
