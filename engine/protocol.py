@@ -270,16 +270,17 @@ def format_step(e: Step, *, colons: bool = True) -> str:
     )
 
 
-def read_events(path: str, start: int = 0) -> tuple[list[Event], int]:
+def read_events(path: str, start: int = 0, max_bytes: int | None = None) -> tuple[list[Event], int]:
     """Read complete lines from byte offset `start`; returns events and the offset to resume at.
 
     A torn last line (the writer is mid-append) is left for the next call, so tailing a live log
-    never yields half an event.
+    never yields half an event. `max_bytes` bounds one read, so a viewer attaching to a huge log
+    decodes it in slices instead of loading it whole; the offset says where to continue.
     """
     events: list[Event] = []
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read()
+        data = f.read(-1 if max_bytes is None else max_bytes)
     end = data.rfind(b"\n")
     if end < 0:
         return events, start

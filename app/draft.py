@@ -1,0 +1,79 @@
+"""The new-training draft: defaults for this machine, sizes for naming, and where its YAML goes.
+
+The form saves the run's YAML to checkpoints/<name>/config.yaml: beside the run.json the engine
+writes, so `packtrain-engine train --config checkpoints/<name>/config.yaml` reproduces the run
+headless, and the name counts as taken from the moment it has a config.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import atomic_write_text
+from engine.config import RunConfig
+from engine.names import existing_names, suggest_names
+from engine.paths import Layout
+from engine.presets import PRESETS
+
+UNKNOWN_VOCAB = 32_000  # a hub tokenizer's size is unknown until the engine loads it
+DEVICE_PRESETS = {"cuda": "124M", "mps": "25M", "cpu": "5M"}
+CPU_MAX_STEPS = 1000  # the default CPU plan finishes in minutes, not hours
+
+
+def default_config(hardware: dict[str, Any] | None, base: RunConfig | None = None) -> RunConfig:
+    """A valid config for this machine: a --config file's values win, else size by device."""
+    if base is not None:
+        return copy.deepcopy(base)
+    cfg = RunConfig()
+    device = (hardware or {}).get("device", "cpu")
+    cfg.model.preset = DEVICE_PRESETS.get(device, "5M")
+    if device == "cpu":
+        cfg.train.max_steps = CPU_MAX_STEPS
+    return cfg
+
+
+def vocab_guess(tokenizer: str) -> int:
+    match = re.fullmatch(r"bpe:(\d+)", tokenizer.strip())
+    if match:
+        return int(match.group(1))
+    if tokenizer.strip() == "bytes":
+        return 256
+    return UNKNOWN_VOCAB
+
+
+def param_count(cfg: RunConfig) -> int:
+    preset = PRESETS.get(cfg.model.preset)
+    return preset.n_params(vocab_guess(cfg.data.tokenizer)) if preset else 0
+
+
+def dataset_label(cfg: RunConfig) -> str:
+    return cfg.data.dataset_name or cfg.data.source or cfg.data.cache or "data"
+
+
+def name_suggestions(cfg: RunConfig, layout: Layout) -> list[str]:
+    return suggest_names(param_count(cfg), dataset_label(cfg), cfg.data.seq_len, existing_names(layout))
+
+
+def config_path(layout: Layout, name: str) -> Path:
+    return layout.model_dir(name) / "config.yaml"
+
+
+def save_config(layout: Layout, cfg: RunConfig) -> Path:
+    path = config_path(layout, cfg.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, cfg.dump_yaml())
+    return path
+
+
+def cache_location(layout: Layout, cfg: RunConfig) -> tuple[str, Path]:
+    """The dataset name and folder the engine will use for this config's cache."""
+    if cfg.data.cache:
+        path = Path(cfg.data.cache).expanduser()
+        return path.name, path
+    from engine.names import dataset_tag
+
+    name = cfg.data.dataset_name or dataset_tag(cfg.data.source or "data")
+    return name, layout.cache_dir(cfg.data.seq_len, name)

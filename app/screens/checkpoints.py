@@ -1,0 +1,145 @@
+"""Home: every checkpoint of every model, newest first, with live engines marked `running: attach`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from app.formatting import format_bytes, format_count, format_loss, format_time
+from app.screens.manage import ManageScreen
+from app.screens.runs import RunsScreen
+from engine import control
+
+RUNNING = "running: attach"
+REFRESH_S = 3.0
+COLUMNS = ("Checkpoint", "Step", "Loss", "Saved", "Dataset", "Seqs", "Size", "Status")
+
+
+def status_of(entry: Any, live: set[str]) -> str:
+    if entry.model in live:
+        return RUNNING
+    if not entry.valid:
+        return f"invalid: {entry.reason}" if entry.reason else "invalid"
+    return "latest" if entry.is_latest else "valid"
+
+
+class CheckpointsScreen(Screen[None]):
+    BINDINGS = [
+        Binding("enter", "open", "Resume / attach", show=True),
+        Binding("n", "new", "New training"),
+        Binding("x", "manage", "Manage"),
+        Binding("l", "runs", "Runs & logs"),
+        Binding("r", "reload", "Refresh"),
+        Binding("q", "app.quit", "Quit"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: dict[str, Any] = {}
+        self.live: set[str] = set()
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="home"):
+            yield Static("Checkpoints", classes="title")
+            table: DataTable[str] = DataTable(id="checkpoints", cursor_type="row", zebra_stripes=True)
+            table.add_columns(*COLUMNS)
+            yield table
+            yield Static(
+                "No checkpoints yet.\nPress N to start a new training.", id="empty", classes="empty-state"
+            )
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.reload()
+        self.set_interval(REFRESH_S, self.reload)
+        self.query_one(DataTable).focus()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        layout = self.app.layout
+        checkpoints = self.app.catalog.list_checkpoints(layout)
+        live = {info.model for info in control.live_engines(layout)}
+        rows: list[tuple[str, tuple[str, ...]]] = []
+        shown_live: set[str] = set()
+        for model in sorted(live - {c.model for c in checkpoints}):
+            rows.append((f"live:{model}", (model, "-", "-", "-", "-", "-", "-", RUNNING)))
+            shown_live.add(model)
+        self.entries = {}
+        for c in checkpoints:
+            key = f"ckpt:{c.path}"
+            self.entries[key] = c
+            rows.append((key, (
+                c.display_name, format_count(c.step), format_loss(c.loss), format_time(c.saved_at),
+                c.dataset or "-", format_count(c.sequences), format_bytes(c.size_bytes), status_of(c, live),
+            )))
+        self.live = live
+        self._fill(rows)
+
+    def _fill(self, rows: list[tuple[str, tuple[str, ...]]]) -> None:
+        table = self.query_one(DataTable)
+        current = self._current_key()
+        if [str(k.value) for k in table.rows] != [k for k, _ in rows] or self._cells_changed(table, rows):
+            table.clear()
+            for key, cells in rows:
+                table.add_row(*cells, key=key)
+            if current is not None and current in table.rows:
+                table.move_cursor(row=table.get_row_index(current))
+        empty = not rows
+        self.query_one("#empty").display = empty
+        table.display = not empty
+
+    @staticmethod
+    def _cells_changed(table: DataTable[str], rows: list[tuple[str, tuple[str, ...]]]) -> bool:
+        return any(tuple(table.get_row(key)) != cells for key, cells in rows)
+
+    def _current_key(self) -> str | None:
+        table = self.query_one(DataTable)
+        if table.row_count == 0:
+            return None
+        try:
+            return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        except Exception:  # noqa: BLE001 - an empty or shrinking table has no current row
+            return None
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        self._open(str(event.row_key.value))
+
+    def action_open(self) -> None:
+        key = self._current_key()
+        if key is not None:
+            self._open(key)
+
+    def _open(self, key: str) -> None:
+        if key.startswith("live:"):
+            self.app.attach(key.removeprefix("live:"))
+            return
+        entry = self.entries.get(key)
+        if entry is None:
+            return
+        if entry.model in self.live:
+            self.app.attach(entry.model)
+        elif not entry.valid:
+            self.notify(f"{entry.display_name} is not valid: {entry.reason}", severity="warning")
+        else:
+            self.app.open_resume(entry)
+
+    def action_new(self) -> None:
+        self.app.open_new_training()
+
+    def action_manage(self) -> None:
+        self.app.push_screen(ManageScreen())
+
+    def action_runs(self) -> None:
+        self.app.push_screen(RunsScreen())
+
+    def action_reload(self) -> None:
+        self.reload()

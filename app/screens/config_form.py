@@ -1,0 +1,208 @@
+"""New-training form. Every field is a RunConfig field; the defaults are valid, so Enter goes on.
+
+Values are collected as a dict and passed through RunConfig.from_dict + validate(), so the form
+accepts exactly what a YAML file or the CLI would, with the same one-line messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
+
+from app.draft import param_count, save_config, vocab_guess
+from engine.config import PRECISIONS, SCHEDULES, RunConfig
+from engine.errors import UserError
+from engine.presets import PRESETS
+
+SOURCE_KINDS = [("stdlib sample (offline)", "stdlib"), ("local file or folder", "local"), ("hub dataset", "hub")]
+TOKENIZERS = ["bpe:8192", "bpe:16384", "bpe:32000", "bytes", "gpt2", "meta-llama/Llama-3.2-1B"]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One input bound to `section.name` in RunConfig; `optional` means blank is None."""
+
+    section: str
+    name: str
+    label: str
+    kind: str = "text"  # text | integer | number
+    optional: bool = False
+    placeholder: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"f-{self.section}-{self.name}"
+
+
+DATA_FIELDS = (
+    FieldSpec("data", "subset", "Subset", optional=True, placeholder="hub subset / config name"),
+    FieldSpec("data", "split", "Split", placeholder="train"),
+    FieldSpec("data", "max_docs", "Max documents", "integer", True, "blank = all"),
+    FieldSpec("data", "tokenizer", "Tokenizer", placeholder="bpe:8192, bytes, a hub name or a folder"),
+    FieldSpec("data", "seq_len", "Sequence length", "integer"),
+)
+TRAIN_FIELDS = (
+    FieldSpec("train", "micro_batch", "Micro-batch", "integer"),
+    FieldSpec("train", "grad_accum", "Grad accumulation", "integer"),
+    FieldSpec("train", "lr", "Learning rate", "number"),
+    FieldSpec("train", "warmup_ratio", "Warmup ratio", "number"),
+    FieldSpec("train", "epochs", "Epochs", "number"),
+    FieldSpec("train", "max_steps", "Max steps", "integer", True, "blank = the epoch plan"),
+    FieldSpec("train", "save_interval", "Save every (steps)", "integer"),
+    FieldSpec("train", "keep_last", "Keep last N", "integer"),
+    FieldSpec("train", "log_interval", "Log every (steps)", "integer"),
+)
+SELECTS = (("model", "preset"), ("train", "schedule"), ("train", "precision"))
+
+
+def source_kind(source: str | None) -> str:
+    if not source or source == "stdlib":
+        return "stdlib"
+    return "local" if Path(source).expanduser().exists() or source.startswith((".", "/", "~")) else "hub"
+
+
+def preset_options(vocab: int) -> list[tuple[str, str]]:
+    return [(f"{p.name:<5} {p.n_params(vocab) / 1e6:>8,.1f}M params  {p.use}", p.name) for p in PRESETS.values()]
+
+
+def _row(label: str, *widgets: Any) -> Horizontal:
+    return Horizontal(Label(label, classes="form-label"), *widgets, classes="form-row")
+
+
+class ConfigFormScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("ctrl+s", "submit", "Continue"),
+    ]
+
+    def __init__(self, draft: RunConfig) -> None:
+        super().__init__()
+        self.draft = draft
+
+    def compose(self) -> ComposeResult:
+        d, t = self.draft.data, self.draft.train
+        kind = source_kind(d.source)
+        yield Header()
+        with VerticalScroll(id="form"):
+            yield Static(f"New training: {self.draft.name}", classes="title")
+            yield _row("Source", Select(SOURCE_KINDS, value=kind, allow_blank=False, compact=True, id="source-kind"))
+            yield _row("Path or hub name", Input(
+                value="" if kind == "stdlib" else (d.source or ""), id="source",
+                placeholder="a .txt/.jsonl/.parquet file, a folder, or org/dataset", disabled=kind == "stdlib", compact=True,
+            ))
+            for spec in DATA_FIELDS:
+                yield _row(spec.label, self._input(spec))
+            yield _row("Model preset", Select(
+                preset_options(vocab_guess(d.tokenizer)), value=self.draft.model.preset, allow_blank=False,
+                compact=True, id="f-model-preset",
+            ))
+            yield Static("", id="params", classes="hint")
+            for spec in TRAIN_FIELDS[:3]:
+                yield _row(spec.label, self._input(spec))
+            yield _row("Schedule", Select([(s, s) for s in SCHEDULES], value=t.schedule, allow_blank=False,
+                                          compact=True, id="f-train-schedule"))
+            for spec in TRAIN_FIELDS[3:6]:
+                yield _row(spec.label, self._input(spec))
+            yield _row("Precision", Select([(p, p) for p in PRECISIONS], value=t.precision, allow_blank=False,
+                                           compact=True, id="f-train-precision"))
+            for spec in TRAIN_FIELDS[6:]:
+                yield _row(spec.label, self._input(spec))
+            yield Static("", id="form-status", classes="status")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Continue (Enter)", variant="primary", id="submit")
+                yield Button("Back (Esc)", id="back")
+        yield Footer()
+
+    def _input(self, spec: FieldSpec) -> Input:
+        value = getattr(getattr(self.draft, spec.section), spec.name)
+        kwargs: dict[str, Any] = {"suggester": SuggestFromList(TOKENIZERS)} if spec.name == "tokenizer" else {}
+        return Input(
+            value="" if value is None else str(value), placeholder=spec.placeholder, id=spec.id,
+            type=spec.kind, valid_empty=spec.optional, compact=True, **kwargs,  # type: ignore[arg-type]
+        )
+
+    def on_mount(self) -> None:
+        self._show_params()
+        self._sync_source_fields()
+        next(i for i in self.query(Input) if not i.disabled).focus()
+        self.query_one("#form", VerticalScroll).scroll_home(animate=False)
+
+    def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "source-kind":
+            self._sync_source_fields()
+        self._show_params()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "f-data-tokenizer":
+            self._show_params()
+
+    def _sync_source_fields(self) -> None:
+        kind = self.query_one("#source-kind", Select).value
+        self.query_one("#source", Input).disabled = kind == "stdlib"
+        for field_id in ("#f-data-subset", "#f-data-split"):
+            self.query_one(field_id, Input).disabled = kind != "hub"
+
+    def _show_params(self) -> None:
+        try:
+            cfg = self.collect()
+        except UserError:
+            return
+        vocab = vocab_guess(cfg.data.tokenizer)
+        known = "" if vocab != 32_000 or cfg.data.tokenizer.startswith("bpe:") else " (vocabulary assumed 32k)"
+        self.query_one("#params", Static).update(
+            f"≈ {param_count(cfg):,} parameters{known}; global batch "
+            f"{cfg.train.micro_batch * cfg.train.grad_accum} × {cfg.data.seq_len} tokens"
+        )
+
+    def collect(self) -> RunConfig:
+        """The form's values as a validated RunConfig; raises UserError with the first problem."""
+        data = self.draft.to_dict()
+        kind = self.query_one("#source-kind", Select).value
+        source = self.query_one("#source", Input).value.strip()
+        if kind == "stdlib":
+            data["data"]["source"] = "stdlib"
+        elif not source:
+            raise UserError("give a local path or a hub dataset name as the source")
+        elif kind == "local" and not Path(source).expanduser().exists():
+            raise UserError(f"local source {source!r} does not exist")
+        else:
+            data["data"]["source"] = str(Path(source).expanduser().resolve()) if kind == "local" else source
+        for spec in (*DATA_FIELDS, *TRAIN_FIELDS):
+            raw = self.query_one(f"#{spec.id}", Input).value.strip()
+            data[spec.section][spec.name] = None if (raw == "" and spec.optional) else raw
+        for section, name in SELECTS:
+            data[section][name] = self.query_one(f"#f-{section}-{name}", Select).value
+        if kind != "hub":
+            data["data"]["subset"] = None
+        return RunConfig.from_dict(data).validate()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.action_submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "submit":
+            self.action_submit()
+        else:
+            self.app.pop_screen()
+
+    def action_submit(self) -> None:
+        status = self.query_one("#form-status", Static)
+        try:
+            cfg = self.collect()
+        except UserError as e:
+            status.update(f"✗ {e}")
+            status.set_classes("status bad")
+            return
+        path = save_config(self.app.layout, cfg)
+        status.update(f"Saved {path}")
+        status.set_classes("status ok")
+        self.app.open_cache_for_new(cfg, path)

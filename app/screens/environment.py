@@ -1,0 +1,119 @@
+"""First screen: what this machine offers, as checks that turn [COMPLETE] one by one.
+
+Checks that need only the standard library and psutil complete at once; the ones that need torch
+come from `packtrain-engine info --json` in a worker, so the screen paints before torch loads.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import psutil
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static
+
+from app.engine_client import EngineCommandError, run_json
+
+GIB = 1024**3
+
+
+class Check(Static):
+    """One line: a status tag and what was found."""
+
+    def __init__(self, label: str, check_id: str) -> None:
+        super().__init__(id=check_id, classes="check pending", markup=False)
+        self.label = label
+        self.set_result("CHECKING", "")
+
+    def set_result(self, tag: str, text: str) -> None:
+        self.update(f"[{tag:^8}] {self.label}" + (f": {text}" if text else ""))
+        self.set_class(tag == "CHECKING", "pending")
+        self.set_class(tag == "COMPLETE", "complete")
+        self.set_class(tag == "FAILED", "failed")
+
+
+def local_checks(root: str) -> dict[str, str]:
+    """What we know without the engine: Python, RAM, and the data root's free disk."""
+    vm = psutil.virtual_memory()
+    existing = Path(root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    created = "" if existing == Path(root) else ", will be created"
+    return {
+        "python": platform.python_version(),
+        "ram": f"{vm.available / GIB:.1f} GiB free of {vm.total / GIB:.1f} GiB",
+        "root": f"{root} ({free / 1e9:,.1f} GB free{created})",
+    }
+
+
+def engine_checks(info: dict[str, Any]) -> dict[str, str]:
+    device = str(info.get("device", "cpu")).upper()
+    name = info.get("device_name") or ""
+    vram = info.get("vram_gb")
+    return {
+        "device": f"{device} ({name})" if name else device,
+        "bf16": "supported" if info.get("bf16") else "not supported (fp32 will be used)",
+        "ram": f"{info.get('ram_available_gb', 0):.1f} GiB free of {info.get('ram_total_gb', 0):.1f} GiB; "
+               + (f"VRAM {vram:.1f} GiB" if vram else "no VRAM"),
+        "libs": f"torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}",
+        "root": f"{info.get('root', '')} ({info.get('disk_free_gb', 0):,.1f} GB free)",
+    }
+
+
+CHECKS = (
+    ("python", "Python"),
+    ("device", "Device"),
+    ("bf16", "bf16"),
+    ("ram", "Memory"),
+    ("libs", "Libraries"),
+    ("root", "Data root"),
+)
+LOCAL = ("python", "ram", "root")
+
+
+class EnvironmentScreen(Screen[None]):
+    BINDINGS = [Binding("enter,space", "continue", "Continue"), Binding("q", "app.quit", "Quit")]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="env"):
+            yield Static("Environment checks", classes="title")
+            for check_id, label in CHECKS:
+                yield Check(label, f"check-{check_id}")
+            yield Static("", id="env-hint", classes="hint")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for key, text in local_checks(str(self.app.layout.root)).items():
+            self._set(key, "COMPLETE", text)
+        self.query_one("#env-hint", Static).update("Checking the engine... press Enter to continue at any time.")
+        self.load_info()
+
+    def _set(self, key: str, tag: str, text: str) -> None:
+        self.query_one(f"#check-{key}", Check).set_result(tag, text)
+
+    @work(exclusive=True, group="info", exit_on_error=False)
+    async def load_info(self) -> None:
+        try:
+            info = await run_json(self.app.layout, "info", "--json")
+        except (EngineCommandError, OSError) as e:
+            for key, _ in CHECKS:
+                if key not in LOCAL:
+                    self._set(key, "FAILED", str(e))
+            self.query_one("#env-hint", Static).update("The engine could not report its environment. Enter continues.")
+            return
+        self.app.hardware = info
+        for key, text in engine_checks(info).items():
+            self._set(key, "COMPLETE", text)
+        self.query_one("#env-hint", Static).update("All checks complete. Press Enter to continue.")
+
+    def action_continue(self) -> None:
+        self.app.show_home()

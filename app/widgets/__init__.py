@@ -1,0 +1,1 @@
+"""Reusable dashboard widgets; each renders from a RunState and stays cheap to refresh."""
