@@ -93,6 +93,26 @@ def live_engines(layout: Layout) -> list[EngineInfo]:
     return found
 
 
+def flock_held(path: Path) -> bool:
+    """True while any process (this one included) holds an exclusive or shared flock on `path`."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # flock locks belong to this open file, so closing it frees only our probe
+    return False
+
+
+def engine_lock_held(layout: Layout, model: str) -> bool:
+    """Unlike the pid file, the lock has no gap between an engine starting and engine.json appearing."""
+    return flock_held(layout.engine_lock(model))
+
+
 class EngineLock:
     """Held for the whole life of an engine on one model; released by the kernel even on kill -9."""
 

@@ -1,0 +1,438 @@
+"""What is on disk, as plain data: checkpoints, runs and caches, for the TUI, the CLI and scripts.
+
+Import-light on purpose (json, os, psutil and the import-light engine modules): the TUI calls these
+functions on every refresh, so they never import torch and never hash big files. Validity here is
+the cheap check: MANIFEST.json parses and every file it lists is present with the recorded size.
+The full check (content hashes) is engine.checkpoint.verify, run before a checkpoint is loaded.
+
+Deleting lives here too, because the TUI's manage screen and `packtrain-engine checkpoints delete`
+must apply the same refusals: only committed checkpoint folders inside checkpoints/, never the
+`latest` of a model a live engine trains, never the checkpoint a live engine resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, read_json
+from engine.control import EngineInfo, engine_lock_held, live_engine, live_engines
+from engine.errors import UserError
+from engine.paths import CHECKPOINT_RE, NAME_RE, Layout
+from engine.protocol import read_events, to_dict
+
+__all__ = [
+    "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "list_caches",
+    "live_engines", "display_name", "find_checkpoint", "plan_delete", "delete_checkpoints",
+]
+
+MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE_FORMAT = "packtrain.trainer_state/1"
+DELETE_PREFIX = f"{TMP_PREFIX}delete-"
+DISPLAY_RE = re.compile(r"^(?P<model>[A-Za-z0-9._-]+)_checkpoint_(?P<step>\d+)_run_(?P<run>\d+)$")
+RUN_LOG_RE = re.compile(r"^(?P<model>[A-Za-z0-9._-]+)_run_(?P<run>\d+)\.jsonl$")
+TAIL_BYTES = 256 * 1024  # enough for the last step, plan and finished events of any log
+
+
+class InvalidCheckpoint(ValueError):
+    """A checkpoint folder that must not be loaded; the message is the reason, one line."""
+
+
+def display_name(model: str, step: int, run: int | None) -> str:
+    return f"{model}_checkpoint_{step}_run_{run if run is not None else 0}"
+
+
+# --- one checkpoint folder -----------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """MANIFEST.json as {file: {"bytes": int, "hash": "<algo>:<hex>"}}; raises InvalidCheckpoint."""
+    try:
+        manifest = read_json(path / MANIFEST)
+    except FileNotFoundError:
+        raise InvalidCheckpoint("MANIFEST.json is missing (save did not finish)") from None
+    except (OSError, ValueError) as e:
+        raise InvalidCheckpoint(f"MANIFEST.json is unreadable: {e}") from None
+    if not isinstance(manifest, dict) or not manifest:
+        raise InvalidCheckpoint("MANIFEST.json is not a packtrain manifest")
+    for name, entry in manifest.items():
+        if os.sep in name or name.startswith(".") or not isinstance(entry, dict):
+            raise InvalidCheckpoint(f"MANIFEST.json has a foreign entry {name!r}")
+        if not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("hash"), str):
+            raise InvalidCheckpoint(f"MANIFEST.json entry {name!r} lacks bytes or hash")
+    return manifest
+
+
+def check_sizes(path: Path, manifest: dict[str, dict[str, Any]]) -> None:
+    """Every listed file exists with its recorded size: catches torn copies and truncation."""
+    for name, entry in manifest.items():
+        try:
+            size = (path / name).stat().st_size
+        except FileNotFoundError:
+            raise InvalidCheckpoint(f"{name} is missing") from None
+        if size != entry["bytes"]:
+            raise InvalidCheckpoint(f"{name} is {size:,} bytes, the manifest says {entry['bytes']:,}")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder is unusable (cheap check), or None when it looks complete."""
+    try:
+        check_sizes(path, read_manifest(path))
+    except InvalidCheckpoint as e:
+        return str(e)
+    return None
+
+
+def read_trainer_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = read_json(path / TRAINER_STATE)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def read_latest(layout: Layout, model: str) -> str | None:
+    """The folder name `latest` points at, if it is a checkpoint name (never a path elsewhere)."""
+    try:
+        name = layout.latest_pointer(model).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return name if CHECKPOINT_RE.match(name) else None
+
+
+def write_latest(layout: Layout, model: str, name: str | None) -> None:
+    pointer = layout.latest_pointer(model)
+    if name is None:
+        pointer.unlink(missing_ok=True)
+        fsync_dir(pointer.parent)
+    else:
+        atomic_write_text(pointer, name + "\n")
+
+
+def checkpoint_dirs(model_dir: Path) -> list[tuple[int, Path]]:
+    """Committed checkpoint folders of one model, newest (highest step) first; symlinks ignored."""
+    found = []
+    try:
+        with os.scandir(model_dir) as it:
+            for e in it:
+                m = CHECKPOINT_RE.match(e.name)
+                if m and e.is_dir(follow_symlinks=False):
+                    found.append((int(m.group(1)), Path(e.path)))
+    except OSError:
+        return []
+    return sorted(found, reverse=True)
+
+
+def remove_checkpoint_dir(path: Path) -> None:
+    """Delete crash-safely: one atomic rename out of the namespace, then the slow rmtree. A crash
+    mid-delete leaves a .tmp-delete-* folder (removed later), never a half-deleted checkpoint."""
+    aside = path.with_name(f"{DELETE_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, aside)
+    fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def newest_intact(layout: Layout, model: str) -> str | None:
+    for _, path in checkpoint_dirs(layout.model_dir(model)):
+        if checkpoint_problem(path) is None:
+            return path.name
+    return None
+
+
+# --- listing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointEntry:
+    model: str
+    step: int
+    run: int | None
+    display_name: str
+    path: str
+    loss: float | None
+    eval_loss: float | None
+    saved_at: float | None
+    dataset: str | None
+    sequences: int | None
+    size_bytes: int
+    valid: bool
+    reason: str | None
+    is_latest: bool
+    running: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_names(layout: Layout) -> list[str]:
+    root = layout.checkpoints_root
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name) and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def list_checkpoints(layout: Layout, model: str | None = None) -> list[CheckpointEntry]:
+    """Every checkpoint of every model (or of `model`), newest save first, torn ones included."""
+    entries = []
+    for name in [model] if model else model_names(layout):
+        latest = read_latest(layout, name)
+        running = live_engine(layout, name) is not None
+        for step, path in checkpoint_dirs(layout.model_dir(name)):
+            try:
+                entries.append(_entry(name, step, path, latest, running))
+            except FileNotFoundError:
+                continue  # rotated away while we listed
+    return sorted(entries, key=lambda e: (e.saved_at or 0.0, e.step), reverse=True)
+
+
+def _entry(model: str, step: int, path: Path, latest: str | None, running: bool) -> CheckpointEntry:
+    state = read_trainer_state(path) or {}
+    reason = checkpoint_problem(path)
+    if reason is None and not state:
+        reason = "trainer_state.json is unreadable"
+    cache = state.get("cache") if isinstance(state.get("cache"), dict) else {}
+    run = state.get("run") if isinstance(state.get("run"), int) else None
+    size = 0
+    saved_at = state.get("saved_at")
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_file(follow_symlinks=False):
+                st = e.stat(follow_symlinks=False)
+                size += st.st_size
+                if e.name == MANIFEST and not isinstance(saved_at, (int, float)):
+                    saved_at = st.st_mtime
+    return CheckpointEntry(
+        model=model, step=step, run=run, display_name=display_name(model, step, run), path=str(path),
+        loss=_num(state.get("loss")), eval_loss=_num(state.get("eval_loss")),
+        saved_at=_num(saved_at), dataset=cache.get("dataset_name"), sequences=cache.get("total_sequences"),
+        size_bytes=size, valid=reason is None, reason=reason, is_latest=path.name == latest, running=running,
+    )
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+@dataclass
+class RunEntry:
+    model: str
+    run: int
+    log: str
+    started: float | None
+    last_step: int | None
+    total_steps: int | None
+    last_loss: float | None
+    finished: str | None  # "completed" | "stopped" | "error"; None while live or after a kill
+    live: bool
+    pid: int | None
+    resumed_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def list_runs(layout: Layout) -> list[RunEntry]:
+    """Every run log, newest start first. Reads only each log's first line and last 256 KiB."""
+    root = layout.logs_root
+    try:
+        logs = [p for p in root.iterdir() if RUN_LOG_RE.match(p.name) and p.is_file()]
+    except OSError:
+        return []
+    engines: dict[str, EngineInfo | None] = {}
+    runs = []
+    for path in logs:
+        header = _first_event(path)
+        m = RUN_LOG_RE.match(path.name)
+        model = str(header.get("model") or m.group("model"))  # type: ignore[union-attr]
+        if model not in engines:
+            engines[model] = live_engine(layout, model) if NAME_RE.match(model) else None
+        runs.append(_run_entry(path, header, model, int(header.get("run") or m.group("run")), engines[model]))  # type: ignore[union-attr]
+    return sorted(runs, key=lambda r: (r.started or 0.0, r.run), reverse=True)
+
+
+def _run_entry(path: Path, header: dict[str, Any], model: str, run: int, engine: EngineInfo | None) -> RunEntry:
+    last_step = total = loss = finished = None
+    for event in reversed(_tail_events(path)):
+        kind = event.get("event")
+        if kind == "finished" and finished is None:
+            finished = event.get("reason")
+        elif kind == "step" and last_step is None:
+            last_step, total, loss = event.get("step"), event.get("total_steps"), _num(event.get("loss"))
+        elif kind == "plan" and total is None:
+            total = event.get("total_steps")
+        if last_step is not None and finished is not None:
+            break
+    live = engine is not None and Path(engine.log).name == path.name
+    return RunEntry(
+        model=model, run=run, log=str(path), started=_num(header.get("ts")),
+        last_step=last_step if last_step is not None else header.get("start_step"),
+        total_steps=total if total is not None else header.get("total_steps"),
+        last_loss=loss, finished=None if live else finished, live=live,
+        pid=engine.pid if live and engine else None, resumed_from=header.get("resumed_from"),
+    )
+
+
+def _first_event(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()
+        event = json.loads(line)
+    except (OSError, ValueError):
+        return {}
+    return event if isinstance(event, dict) and event.get("event") == "run" else {}
+
+
+def _tail_events(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON lines in the last TAIL_BYTES of a log; a torn last line is skipped."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - TAIL_BYTES)
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # the first line of the window is probably cut
+    out = []
+    for raw in lines:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            out.append(event)
+    return out
+
+
+def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """One run log split for plotting: {"header", "steps", "evals", "checkpoints", "expansions",
+    "finished", "offset"}; pass `offset` to protocol.read_events to follow the log from there."""
+    events, offset = read_events(str(path))
+    out: dict[str, Any] = {"header": None, "steps": [], "evals": [], "checkpoints": [], "expansions": [],
+                           "finished": None, "offset": offset}
+    lists = {"step": "steps", "eval": "evals", "checkpoint_saved": "checkpoints", "cache_expanded": "expansions"}
+    for event in events:
+        d = to_dict(event)
+        if event.kind == "run" and out["header"] is None:
+            out["header"] = d
+        elif event.kind in lists:
+            out[lists[event.kind]].append(d)
+        elif event.kind == "finished":
+            out["finished"] = d
+    return out
+
+
+def list_caches(layout: Layout) -> list[dict[str, Any]]:
+    """Caches from engine.cache.registry; empty until that module exists (imported lazily so the
+    catalog keeps working without it)."""
+    try:
+        from engine.cache.registry import list_caches as registry_list
+    except ImportError:
+        return []
+    return registry_list(layout)
+
+
+# --- resolving and deleting ----------------------------------------------------------------------
+
+
+def find_checkpoint(layout: Layout, ref: str) -> Path:
+    """A committed checkpoint folder from a display name (`<model>_checkpoint_<step>_run_<k>`), a
+    path, or `<model>/checkpoint_<step>`; UserError unless it lies inside checkpoints/<model>/."""
+    m = DISPLAY_RE.match(ref)
+    if m and not os.path.exists(ref):
+        model, step, run = m.group("model"), int(m.group("step")), int(m.group("run"))
+        path = layout.checkpoint_dir(model, step)
+        if not path.is_dir():
+            raise UserError(f"no checkpoint named {ref!r} in {layout.checkpoints_root}")
+        state = read_trainer_state(path)
+        if state is not None and state.get("run") not in (None, run):
+            raise UserError(f"no checkpoint named {ref!r}: step {step} of {model} was saved by run {state.get('run')}")
+        return _inside_checkpoints(layout, path, ref)
+    given = Path(ref).expanduser()
+    if not given.is_absolute() and not given.exists():
+        given = layout.checkpoints_root / given
+    if not given.exists():
+        raise UserError(f"no checkpoint {ref!r}: not a display name or an existing checkpoint folder")
+    return _inside_checkpoints(layout, given, ref)
+
+
+def _inside_checkpoints(layout: Layout, path: Path, ref: str) -> Path:
+    root = layout.checkpoints_root.resolve()
+    real = path.resolve()
+    if path.is_symlink() or real.parent.parent != root or not CHECKPOINT_RE.match(real.name) \
+            or not NAME_RE.match(real.parent.name) or not real.is_dir():
+        raise UserError(f"refusing {ref!r}: not a checkpoint folder inside {root}")
+    return real
+
+
+def plan_delete(layout: Layout, refs: list[str]) -> list[CheckpointEntry]:
+    """Resolve and check every ref before anything is deleted; raises UserError on the first
+    refusal so a refused command touches nothing."""
+    paths: list[Path] = []
+    for ref in refs:
+        path = find_checkpoint(layout, ref)
+        if path not in paths:
+            paths.append(path)
+    if not paths:
+        raise UserError("nothing to delete: give one or more checkpoint names or paths")
+    entries = []
+    for path in paths:
+        model = path.parent.name
+        _refuse_if_in_use(layout, model, path)
+        latest = read_latest(layout, model)
+        entries.append(_entry(model, int(CHECKPOINT_RE.match(path.name).group(1)), path, latest, False))  # type: ignore[union-attr]
+    return entries
+
+
+def _refuse_if_in_use(layout: Layout, model: str, path: Path) -> None:
+    engine = live_engine(layout, model)
+    if engine is None:
+        if engine_lock_held(layout, model):
+            raise UserError(f"an engine is starting on {model!r}; try again once it runs")
+        return
+    if path.name == read_latest(layout, model):
+        raise UserError(f"refusing to delete {path.name} of {model!r}: it is the latest checkpoint of a live "
+                        f"engine (pid {engine.pid})")
+    resumed = _resumed_from(engine)
+    if resumed is not None and _same_checkpoint(layout, resumed, path):
+        raise UserError(f"refusing to delete {path.name} of {model!r}: the live engine (pid {engine.pid}) "
+                        "resumed from it")
+
+
+def _resumed_from(engine: EngineInfo) -> str | None:
+    header = _first_event(Path(engine.log))
+    value = header.get("resumed_from")
+    return value if isinstance(value, str) and value else None
+
+
+def _same_checkpoint(layout: Layout, ref: str, path: Path) -> bool:
+    try:
+        return find_checkpoint(layout, ref) == path
+    except UserError:
+        return False
+
+
+def delete_checkpoints(layout: Layout, entries: list[CheckpointEntry]) -> list[str]:
+    """Delete planned checkpoints; when one was `latest`, point `latest` at the newest intact one
+    left (or remove it when none is). Returns the deleted display names."""
+    deleted = []
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            remove_checkpoint_dir(path)
+        except FileNotFoundError:
+            continue  # rotation or another deleter got there first
+        deleted.append(entry.display_name)
+        if read_latest(layout, entry.model) in (None, path.name):
+            write_latest(layout, entry.model, newest_intact(layout, entry.model))
+    return deleted

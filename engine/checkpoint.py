@@ -1,0 +1,463 @@
+"""Checkpoints that survive kill -9 and load anywhere: the directory commit, validation and rotation.
+
+A checkpoint is a folder written as `.tmp-checkpoint_<step>-<id>/`, every file fsynced, MANIFEST.json
+(sizes and xxh3 hashes of every other file) written last, then renamed to `checkpoint_<step>/` and
+the parent fsynced. A crash leaves either the old set of checkpoints or the new one: a folder without
+a manifest is never a committed checkpoint. `latest` is replaced atomically after the rename, and
+rotation deletes only after that, so the newest committed checkpoint always survives.
+
+The folder is a Hugging Face model folder as well (model.safetensors with HF names, config.json,
+generation_config.json, tokenizer files): `AutoModelForCausalLM.from_pretrained(path)` loads it.
+Optimizer state is flattened into optimizer.safetensors under `<param name>/<state key>`, and the
+param groups go into trainer_state.json, so nothing is pickled and a checkpoint can be inspected,
+re-sharded or loaded after the parameter order changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir
+from engine.catalog import (
+    DELETE_PREFIX, MANIFEST, TRAINER_STATE, TRAINER_STATE_FORMAT, DISPLAY_RE, InvalidCheckpoint,
+    check_sizes, checkpoint_dirs, checkpoint_problem, display_name, read_latest, read_manifest,
+    read_trainer_state, remove_checkpoint_dir, write_latest,
+)
+from engine.control import engine_lock_held, live_engine
+from engine.errors import UserError
+from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+CONFIG_FILE = "config.json"
+GENERATION_FILE = "generation_config.json"
+HASH_ALGO = "xxh3_64"
+SUPERSEDED_PREFIX = f"{TMP_PREFIX}superseded-"
+# Files of ours a tokenizer folder must never overwrite, and weight files that are not tokenizer files.
+RESERVED = {MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, GENERATION_FILE, TRAINER_STATE, MANIFEST}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf")
+# LlamaConfig fields that decide whether weights fit a model.
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+HF_FILES_EXCLUDED = {OPTIMIZER_FILE, TRAINER_STATE, MANIFEST}
+
+
+@dataclass
+class SavedCheckpoint:
+    path: Path
+    display_name: str
+    bytes: int
+    seconds: float
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def hash_file(path: Path, *, fsync: bool = False) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return f"{HASH_ALGO}:{h.hexdigest()}"
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(path: Path) -> str | None:
+    """Full check before loading: manifest, sizes and every file's hash. None when intact."""
+    try:
+        manifest = read_manifest(path)
+        check_sizes(path, manifest)
+        for name, entry in manifest.items():
+            if not entry["hash"].startswith(f"{HASH_ALGO}:"):
+                raise InvalidCheckpoint(f"{name} uses unknown hash {entry['hash'].split(':')[0]!r}")
+            if hash_file(path / name) != entry["hash"]:
+                raise InvalidCheckpoint(f"{name} is corrupt (hash mismatch)")
+    except InvalidCheckpoint as e:
+        return str(e)
+    return None
+
+
+def export_hf(checkpoint: Path, out_dir: Path) -> Path:
+    """A plain HF folder (weights, config, tokenizer; no optimizer or trainer state), committed with
+    one rename so a half-written export never looks complete."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    problem = verify(checkpoint)
+    if problem is not None:
+        raise UserError(f"cannot export {checkpoint}: {problem}")
+    if out_dir.exists():
+        raise UserError(f"{out_dir} already exists; choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        for name in read_manifest(checkpoint):
+            if name not in HF_FILES_EXCLUDED:
+                shutil.copyfile(checkpoint / name, tmp / name)
+                fsync_file(tmp / name)
+        fsync_dir(tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out_dir.parent)
+    return out_dir
+
+
+class Checkpointer:
+    """Saves, validates, rotates and loads the checkpoints of one model.
+
+    Construct it after taking the EngineLock: construction removes the temporaries a crashed save
+    or delete left behind, and only does so when this process is the live engine of the model or
+    no engine holds its lock, so a viewer or a second process can never remove a live save.
+    """
+
+    def __init__(self, layout: Layout, model_name: str, *, keep_last: int = 3,
+                 log: Callable[[str], None] | None = None) -> None:
+        if keep_last < 2:
+            raise ValueError(f"keep_last must be at least 2, got {keep_last}")
+        self.layout = layout
+        self.model_name = model_name
+        self.dir = layout.model_dir(model_name)
+        self.keep_last = keep_last
+        self.log = log or (lambda message: None)
+        self._verified: dict[Path, int] = {}  # path -> MANIFEST mtime_ns of a full check that passed
+        self._recover()
+
+    # --- recovery --------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        if not self.dir.is_dir() or not self._may_clean():
+            return
+        for entry in sorted(self.dir.iterdir()):
+            name = entry.name
+            if name.startswith(SUPERSEDED_PREFIX):
+                target = self.dir / name[len(SUPERSEDED_PREFIX):].rsplit("-", 1)[0]
+                if CHECKPOINT_RE.match(target.name) and not target.exists():
+                    os.rename(entry, target)  # crashed between moving the old one aside and the new one in
+                    self.log(f"restored {target.name} from an interrupted replace")
+                    continue
+            if name.startswith((f"{TMP_PREFIX}checkpoint_", DELETE_PREFIX, SUPERSEDED_PREFIX, f"{TMP_PREFIX}latest")):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                self.log(f"removed {name} left by an interrupted save or delete")
+
+    def _may_clean(self) -> bool:
+        engine = live_engine(self.layout, self.model_name)
+        if engine is not None:
+            return engine.pid == os.getpid()
+        return not engine_lock_held(self.layout, self.model_name)
+
+    # --- save ------------------------------------------------------------------------------------
+    def save(self, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             trainer_state: dict[str, Any], tokenizer_dir: Path | None = None,
+             eval_loss: float | None = None) -> SavedCheckpoint:
+        """Commit one checkpoint at an optimizer-step boundary. Only rank 0 calls this."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            raise RuntimeError("only rank 0 saves checkpoints")
+        started = time.perf_counter()
+        net = unwrap(model)
+        state = self._complete_state(step, trainer_state, eval_loss)
+        opt_tensors: dict[str, torch.Tensor] = {}
+        if optimizer is not None:
+            opt_tensors, state["optimizer"] = flatten_optimizer(net, optimizer)
+        state_bytes = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()  # fails before any write
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = checkpoint_dirname(step)
+        tmp = self.dir / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        target, aside = self.dir / name, None
+        try:
+            save_file(hf_state_dict(net), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+            config = json.loads(net.config.to_json_string())
+            config["architectures"] = [type(net).__name__]  # as save_pretrained records it
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            generation = getattr(net, "generation_config", None)
+            if generation is not None:
+                (tmp / GENERATION_FILE).write_text(generation.to_json_string(), encoding="utf-8")
+            if tokenizer_dir is not None:
+                copy_tokenizer(Path(tokenizer_dir), tmp)
+            if optimizer is not None:
+                save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+            (tmp / TRAINER_STATE).write_bytes(state_bytes)
+            manifest = {p.name: {"bytes": p.stat().st_size, "hash": hash_file(p, fsync=True)}
+                        for p in sorted(tmp.iterdir())}
+            atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+            if target.exists():  # same step saved again (e.g. stop right after a scheduled save)
+                aside = self.dir / f"{SUPERSEDED_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+                os.rename(target, aside)
+            os.rename(tmp, target)
+            fsync_dir(self.dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if aside is not None and not target.exists():
+                os.rename(aside, target)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        write_latest(self.layout, self.model_name, name)
+        self._verified[target] = (target / MANIFEST).stat().st_mtime_ns
+        self._rotate()
+        return SavedCheckpoint(
+            path=target, display_name=state["display_name"],
+            bytes=sum(e["bytes"] for e in manifest.values()), seconds=time.perf_counter() - started,
+        )
+
+    def _complete_state(self, step: int, trainer_state: dict[str, Any], eval_loss: float | None) -> dict[str, Any]:
+        """Fill the keys every reader relies on, so a sparse trainer_state still lists and resumes."""
+        state = dict(trainer_state)
+        run = state.get("run")
+        state.update(format=TRAINER_STATE_FORMAT, model_name=self.model_name, step=int(step),
+                     display_name=display_name(self.model_name, int(step), run))
+        state.setdefault("saved_at", time.time())
+        if eval_loss is not None:
+            state["eval_loss"] = float(eval_loss)
+        state.setdefault("eval_loss", None)
+        return state
+
+    def _rotate(self) -> None:
+        """Keep the last N intact checkpoints, the best by eval loss and whatever `latest` names;
+        torn folders are left for the user to inspect (they list as invalid)."""
+        intact = [(step, path) for step, path in checkpoint_dirs(self.dir) if checkpoint_problem(path) is None]
+        keep = {path for _, path in intact[: self.keep_last]}
+        scored = [(loss, step, path) for step, path in intact
+                  if isinstance(loss := (read_trainer_state(path) or {}).get("eval_loss"), (int, float))]
+        if scored:
+            keep.add(min(scored)[2])
+        latest = read_latest(self.layout, self.model_name)
+        for _, path in intact:
+            if path in keep or path.name == latest:
+                continue
+            try:
+                remove_checkpoint_dir(path)
+            except FileNotFoundError:
+                continue
+            self._verified.pop(path, None)
+            self.log(f"rotation: deleted {path.name}")
+
+    # --- find and load -----------------------------------------------------------------------------
+    def newest_valid(self) -> Path | None:
+        """The highest-step checkpoint that passes the full check; each skipped one is logged."""
+        for _, path in checkpoint_dirs(self.dir):
+            problem = self._check(path)
+            if problem is None:
+                return path
+            self.log(f"skipping {path.name}: {problem}")
+        return None
+
+    def _check(self, path: Path) -> str | None:
+        try:
+            mtime = (path / MANIFEST).stat().st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime is not None and self._verified.get(path) == mtime:
+            return None
+        problem = verify(path)
+        if problem is None and mtime is not None:
+            self._verified[path] = mtime
+        return problem
+
+    def resolve(self, ref: str) -> Path:
+        """A checkpoint folder from the model name (newest valid), `latest`, a display name,
+        a folder name like checkpoint_000762, or a path."""
+        if ref == self.model_name:
+            found = self.newest_valid()
+            if found is None:
+                raise UserError(f"no valid checkpoint of {self.model_name!r} in {self.dir}")
+            return found
+        if ref == "latest":
+            name = read_latest(self.layout, self.model_name)
+            if name is None:
+                raise UserError(f"{self.model_name!r} has no latest checkpoint")
+            return self.dir / name
+        m = DISPLAY_RE.match(ref)
+        if m and not os.path.exists(ref):
+            if m.group("model") != self.model_name:
+                raise UserError(f"{ref!r} is a checkpoint of {m.group('model')!r}, not {self.model_name!r}")
+            path = self.layout.checkpoint_dir(self.model_name, int(m.group("step")))
+            state = read_trainer_state(path)
+            if state is None or state.get("run") != int(m.group("run")):
+                raise UserError(f"no checkpoint named {ref!r} in {self.dir}")
+            return path
+        if CHECKPOINT_RE.match(ref) and (self.dir / ref).is_dir():
+            return self.dir / ref
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return path.resolve()
+        raise UserError(f"no checkpoint {ref!r}: give the model name, a display name or a checkpoint folder")
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """Restore weights (and optimizer state) after the full check; returns trainer_state.
+        Raises UserError with one line for a torn, foreign or mismatched checkpoint."""
+        path = Path(path)
+        problem = self._check(path)
+        if problem is not None:
+            raise UserError(f"checkpoint {path} is unusable: {problem}")
+        state = read_trainer_state(path)
+        if state is None or state.get("format") != TRAINER_STATE_FORMAT:
+            raise UserError(f"{path} is not a packtrain checkpoint (trainer_state.json missing or foreign)")
+        net = unwrap(model)
+        check_shape(path, net)
+        load_weights(path, net)
+        if optimizer is not None:
+            if not (path / OPTIMIZER_FILE).is_file() or "optimizer" not in state:
+                raise UserError(f"checkpoint {path.name} holds no optimizer state to resume from")
+            load_optimizer(path / OPTIMIZER_FILE, state["optimizer"], net, optimizer)
+        return state
+
+
+# --- model weights --------------------------------------------------------------------------------
+
+
+def hf_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as HF writes it: tied weights (lm_head -> embed_tokens) stored once under the
+    source name, so the file loads in transformers, mlx_lm and converters alike."""
+    sd = net.state_dict()
+    return {name: sd[name].detach().cpu().contiguous() for name in stored_names(net, sd)}
+
+
+def stored_names(net: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
+    """Names that own their storage; a tied copy is left out because loading fills it anyway."""
+    tied_targets = set(getattr(net, "_tied_weights_keys", None) or ())
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    kept = []
+    for name in sorted(sd, key=lambda n: n in tied_targets):  # sources before tied targets
+        tensor = sd[name]
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        kept.append(name)
+    return sorted(kept)
+
+
+def check_shape(path: Path, net: torch.nn.Module) -> None:
+    try:
+        saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"checkpoint {path.name} has no readable config.json") from None
+    current = net.config.to_dict()
+    for key in SHAPE_KEYS:
+        if key in saved and key in current and saved[key] != current[key]:
+            raise UserError(f"checkpoint {path.name} is for a different model: {key} is {saved[key]} there, "
+                            f"{current[key]} here")
+
+
+def load_weights(path: Path, net: torch.nn.Module) -> None:
+    sd = net.state_dict()
+    expected = {name: sd[name].shape for name in stored_names(net, sd)}
+    tensors = load_file(str(path / MODEL_FILE), device=str(next(net.parameters()).device))
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        first = (missing or unexpected)[0]
+        raise UserError(f"checkpoint {path.name} does not fit this model: {len(missing)} missing and "
+                        f"{len(unexpected)} unexpected tensors (e.g. {first})")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name]:
+            raise UserError(f"checkpoint {path.name} does not fit this model: {name} is "
+                            f"{tuple(tensor.shape)} there, {tuple(expected[name])} here")
+    net.load_state_dict(tensors, strict=False)  # tied copies share storage with what was loaded
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    if not src.is_dir():
+        raise UserError(f"tokenizer folder {src} does not exist")
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name not in RESERVED and not p.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(p, dst / p.name)
+
+
+# --- optimizer state ------------------------------------------------------------------------------
+
+
+def _param_names(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in net.named_parameters()}
+    try:
+        return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    except KeyError:
+        raise ValueError("the optimizer holds parameters that are not the model's") from None
+
+
+def flatten_optimizer(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors `<param>/<key>` for safetensors, and JSON-safe {param_groups, scalars} for the state."""
+    sd = optimizer.state_dict()
+    group_names = _param_names(net, optimizer)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group, names in zip(sd["param_groups"], group_names):
+        for index, name in zip(group["params"], names):
+            for key, value in sd["state"].get(index, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = _json_value(value)
+        groups.append({k: _json_value(v) for k, v in group.items() if k != "params"} | {"params": names})
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _json_value(v: Any) -> Any:
+    if torch.is_tensor(v):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, tuple):
+        return [_json_value(x) for x in v]
+    return v
+
+
+def load_optimizer(file: Path, saved: dict[str, Any], net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    groups = saved.get("param_groups")
+    current = _param_names(net, optimizer)
+    if not isinstance(groups, list) or [g.get("params") for g in groups] != current:
+        raise UserError(f"optimizer state in {file.parent.name} was saved for different parameter groups")
+    scalars = saved.get("scalars") or {}
+    flat = [name for names in current for name in names]
+    by_param: dict[str, list[str]] = {}
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            by_param.setdefault(key.split("/", 1)[0], []).append(key)
+        stray = sorted(set(by_param) - set(flat))
+        if stray:
+            raise UserError(f"optimizer state in {file.parent.name} holds tensors for unknown parameters "
+                            f"(e.g. {stray[0]})")
+        state: dict[int, dict[str, Any]] = {}
+        for index, name in enumerate(flat):
+            entry = {key.split("/", 1)[1]: f.get_tensor(key) for key in by_param.get(name, [])}
+            entry.update(scalars.get(name, {}))
+            if entry:
+                state[index] = entry
+    param_groups, index = [], 0
+    for group, live in zip(groups, optimizer.param_groups):
+        restored = {k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in group.items() if k != "params"}
+        restored["params"] = list(range(index, index + len(group["params"])))
+        index += len(group["params"])
+        param_groups.append(restored)
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})

@@ -1,0 +1,380 @@
+"""Checkpointer: exact round trips, HF compatibility, crash safety, rotation and resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from engine.catalog import MANIFEST, TRAINER_STATE
+from engine.checkpoint import (
+    MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf, unwrap,
+)
+from engine.errors import UserError
+from engine.paths import Layout
+from engine.presets import PRESETS
+
+VOCAB, SEQ = 64, 16
+
+
+def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**(PRESETS["tiny"].llama_kwargs(vocab_size=VOCAB, seq_len=SEQ) | overrides)))
+
+
+def adamw(model: torch.nn.Module, lr: float = 1e-2) -> torch.optim.AdamW:
+    """Two groups, like the trainer: no weight decay on norms."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def batch(seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
+    x = batch(seed)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def trained(steps: int = 2, **overrides) -> tuple[LlamaForCausalLM, torch.optim.AdamW]:
+    model = tiny_model(**overrides)
+    opt = adamw(model)
+    for s in range(steps):
+        train_step(model, opt, s)
+    return model, opt
+
+
+def trainer_state(step: int, run: int = 1, eval_loss: float | None = None) -> dict:
+    return {"run": run, "step": step, "loss": 4.0 - step / 10, "eval_loss": eval_loss, "tokens_seen": step * 32,
+            "saved_at": 1_700_000_000.0 + step, "cursor": step * 2,
+            "cache": {"dataset_name": "stdlib", "total_sequences": 1234, "sequence_length": SEQ},
+            "rng": {"python": [3, [1, 2, 3], None]}}
+
+
+def save_steps(ck: Checkpointer, steps, eval_losses=None, **kw) -> None:
+    model, opt = trained()
+    for i, step in enumerate(steps):
+        loss = eval_losses[i] if eval_losses else None
+        ck.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step), eval_loss=loss, **kw)
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout.resolve(tmp_path).ensure()
+
+
+@pytest.fixture
+def logs() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def ck(layout: Layout, logs: list[str]) -> Checkpointer:
+    return Checkpointer(layout, "tiny_test", keep_last=3, log=logs.append)
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(["def foo(): return bar"] * 20, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"]))
+    out = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(out)
+    (out / "model.safetensors").write_bytes(b"not a tokenizer file")  # a hub snapshot may hold weights too
+    return out
+
+
+# --- round trips -----------------------------------------------------------------------------------
+
+
+def test_round_trip_restores_weights_and_optimizer_exactly(ck: Checkpointer) -> None:
+    model, opt = trained(steps=2)
+    saved = ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2))
+    assert saved.path.name == "checkpoint_000002" and saved.display_name == "tiny_test_checkpoint_2_run_1"
+    assert saved.bytes > 0 and saved.seconds >= 0
+
+    model2 = tiny_model(seed=99)
+    opt2 = adamw(model2, lr=5.0)
+    state = ck.load(saved.path, model2, opt2)
+    assert state["step"] == 2 and state["cursor"] == 4 and state["rng"] == {"python": [3, [1, 2, 3], None]}
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert model2.lm_head.weight is model2.model.embed_tokens.weight or \
+        model2.lm_head.weight.data_ptr() == model2.model.embed_tokens.weight.data_ptr()
+    sd1, sd2 = opt.state_dict(), opt2.state_dict()
+    assert sd1["param_groups"] == sd2["param_groups"]  # lr, betas tuple, weight decay per group
+    for index, entry in sd1["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, sd2["state"][index][key]), (index, key)
+
+    losses = [train_step(m, o, seed=7) for m, o in ((model, opt), (model2, opt2))]
+    assert losses[0] == losses[1]
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_trainer_state_is_completed_and_holds_param_groups(ck: Checkpointer) -> None:
+    model, opt = trained()
+    saved = ck.save(step=5, model=model, optimizer=opt, trainer_state={"run": 2, "loss": 1.5}, eval_loss=1.25)
+    state = json.loads((saved.path / TRAINER_STATE).read_text())
+    assert state["format"] == "packtrain.trainer_state/1"
+    assert (state["model_name"], state["step"], state["display_name"]) == ("tiny_test", 5, "tiny_test_checkpoint_5_run_2")
+    assert state["eval_loss"] == 1.25 and isinstance(state["saved_at"], float)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[0]["betas"] == [0.9, 0.95]
+    assert "model.embed_tokens.weight" in groups[0]["params"] and "model.norm.weight" in groups[1]["params"]
+    with safe_open(str(saved.path / OPTIMIZER_FILE), "pt") as f:
+        assert {"model.norm.weight/exp_avg", "model.norm.weight/exp_avg_sq", "model.norm.weight/step"} <= set(f.keys())
+
+
+def test_no_pickle_anywhere_in_a_checkpoint(ck: Checkpointer, tokenizer_dir: Path) -> None:
+    model, opt = trained()
+    saved = ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1), tokenizer_dir=tokenizer_dir)
+    names = set(os.listdir(saved.path))
+    assert names == {MODEL_FILE, OPTIMIZER_FILE, "config.json", "generation_config.json", TRAINER_STATE, MANIFEST,
+                     "tokenizer.json", "tokenizer_config.json"}
+    manifest = json.loads((saved.path / MANIFEST).read_text())
+    assert set(manifest) == names - {MANIFEST}
+    assert all(e["bytes"] == (saved.path / n).stat().st_size and e["hash"].startswith("xxh3_64:") for n, e in manifest.items())
+    assert (saved.path / MODEL_FILE).read_bytes() != b"not a tokenizer file"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_checkpoint_folder_loads_with_hugging_face(ck: Checkpointer, tokenizer_dir: Path, tmp_path: Path, tied: bool) -> None:
+    model, opt = trained(tie_word_embeddings=tied)
+    saved = ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2), tokenizer_dir=tokenizer_dir)
+    with safe_open(str(saved.path / MODEL_FILE), "pt") as f:
+        assert ("lm_head.weight" in f.keys()) is not tied and "model.embed_tokens.weight" in f.keys()
+
+    exported = export_hf(saved.path, tmp_path / "export")
+    assert not {OPTIMIZER_FILE, TRAINER_STATE, MANIFEST} & set(os.listdir(exported))
+    for folder in (saved.path, exported):
+        hf = AutoModelForCausalLM.from_pretrained(folder)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, hf.state_dict()[name]), name
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert tok("def foo").input_ids and tok.eos_token == "<eos>"
+    with pytest.raises(UserError, match="already exists"):
+        export_hf(saved.path, exported)
+
+
+def test_wrapped_models_save_under_hf_names(ck: Checkpointer) -> None:
+    model, opt = trained()
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DDP looks like from outside
+    assert unwrap(wrapper) is model
+    saved = ck.save(step=1, model=wrapper, optimizer=opt, trainer_state=trainer_state(1))
+    with safe_open(str(saved.path / MODEL_FILE), "pt") as f:
+        assert all(not k.startswith("module.") for k in f.keys())
+
+
+def test_save_without_optimizer_and_resume_needing_one(ck: Checkpointer) -> None:
+    model, _ = trained()
+    saved = ck.save(step=1, model=model, optimizer=None, trainer_state=trainer_state(1))
+    assert not (saved.path / OPTIMIZER_FILE).exists()
+    ck.load(saved.path, tiny_model(seed=3))
+    with pytest.raises(UserError, match="no optimizer state"):
+        ck.load(saved.path, tiny_model(seed=3), adamw(tiny_model(seed=3)))
+
+
+def test_state_that_is_not_json_is_refused_before_writing(ck: Checkpointer) -> None:
+    model, opt = trained()
+    with pytest.raises(TypeError):
+        ck.save(step=1, model=model, optimizer=opt, trainer_state={"rng": torch.get_rng_state()})
+    assert not ck.dir.exists() or not any(ck.dir.iterdir())
+
+
+# --- refusals on load --------------------------------------------------------------------------------
+
+
+def test_load_refuses_other_shapes_and_optimizers(ck: Checkpointer) -> None:
+    model, opt = trained()
+    saved = ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1))
+    with pytest.raises(UserError, match="different model: hidden_size is 64 there, 32 here") as e:
+        ck.load(saved.path, tiny_model(hidden_size=32, intermediate_size=88))
+    assert "\n" not in str(e.value)
+    other = tiny_model()
+    with pytest.raises(UserError, match="different parameter groups"):
+        ck.load(saved.path, other, torch.optim.AdamW(other.parameters()))
+
+
+def test_load_refuses_foreign_folders(ck: Checkpointer, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "weights.bin").write_bytes(b"\0" * 10)
+    with pytest.raises(UserError, match="MANIFEST.json is missing"):
+        ck.load(foreign, tiny_model())
+    (foreign / MANIFEST).write_text(json.dumps({"../escape": {"bytes": 1, "hash": "x"}}))
+    with pytest.raises(UserError, match="foreign entry"):
+        ck.load(foreign, tiny_model())
+
+
+# --- crashes ---------------------------------------------------------------------------------------------
+
+
+def test_newest_valid_skips_torn_checkpoints_with_reasons(ck: Checkpointer, layout: Layout, logs: list[str]) -> None:
+    save_steps(ck, [1, 2])
+    good = ck.dir / "checkpoint_000002"
+    no_manifest = ck.dir / "checkpoint_000003"
+    truncated = ck.dir / "checkpoint_000004"
+    bitrot = ck.dir / "checkpoint_000005"
+    for bad in (no_manifest, truncated, bitrot):
+        shutil.copytree(good, bad)
+    (no_manifest / MANIFEST).unlink()
+    with open(truncated / MODEL_FILE, "r+b") as f:
+        f.truncate(1000)
+    data = bytearray((bitrot / OPTIMIZER_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (bitrot / OPTIMIZER_FILE).write_bytes(bytes(data))
+
+    assert ck.newest_valid() == good
+    assert logs == [
+        "skipping checkpoint_000005: optimizer.safetensors is corrupt (hash mismatch)",
+        f"skipping checkpoint_000004: model.safetensors is 1,000 bytes, the manifest says {(good / MODEL_FILE).stat().st_size:,}",
+        "skipping checkpoint_000003: MANIFEST.json is missing (save did not finish)",
+    ]
+    assert ck.resolve("tiny_test") == good
+    with pytest.raises(UserError, match=r"checkpoint_000004 is unusable: model.safetensors is 1,000 bytes"):
+        ck.load(truncated, tiny_model())
+    assert ck.load(good, tiny_model())["step"] == 2
+
+
+def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout: Layout, tmp_path: Path) -> None:
+    save_steps(ck, [1])
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path[:0] = {[str(Path(__file__).parent), str(Path.cwd())]!r}
+        import engine.checkpoint as c
+        from engine.paths import Layout
+        from test_checkpoint import trained, trainer_state
+        real = c.atomic_write_bytes
+        def die_after_manifest(path, data, **kw):
+            real(path, data, **kw)
+            os.kill(os.getpid(), signal.SIGKILL)  # fully written, never renamed into place
+        c.atomic_write_bytes = die_after_manifest
+        model, opt = trained(steps=3)
+        c.Checkpointer(Layout.resolve({str(layout.root)!r}), "tiny_test").save(
+            step=3, model=model, optimizer=opt, trainer_state=trainer_state(3))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    leftovers = [p.name for p in ck.dir.iterdir() if p.name.startswith(".tmp-checkpoint_000003-")]
+    assert len(leftovers) == 1
+    assert (ck.dir / "latest").read_text().strip() == "checkpoint_000001"
+
+    logs: list[str] = []
+    fresh = Checkpointer(layout, "tiny_test", log=logs.append)
+    assert logs == [f"removed {leftovers[0]} left by an interrupted save or delete"]
+    assert fresh.newest_valid() == ck.dir / "checkpoint_000001"
+    assert fresh.load(fresh.resolve("tiny_test"), tiny_model())["step"] == 1
+
+
+def test_temporaries_of_another_live_engine_are_left_alone(layout: Layout) -> None:
+    from engine.control import EngineInfo
+    import dataclasses
+    import psutil
+
+    model_dir = layout.model_dir("tiny_test")
+    model_dir.mkdir(parents=True)
+    live_save = model_dir / ".tmp-checkpoint_000009-abcdef12"
+    live_save.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        info = EngineInfo(model="tiny_test", pid=other.pid, create_time=psutil.Process(other.pid).create_time(),
+                          run=1, log="", started=0.0)
+        layout.engine_pidfile("tiny_test").write_text(json.dumps(dataclasses.asdict(info)))
+        Checkpointer(layout, "tiny_test")
+        assert live_save.exists()
+    finally:
+        other.kill()
+        other.wait()
+    Checkpointer(layout, "tiny_test")  # the engine is gone: now it is a crash leftover
+    assert not live_save.exists()
+
+
+def test_saving_a_step_again_replaces_it_and_an_interrupted_replace_is_undone(ck: Checkpointer, layout: Layout) -> None:
+    model, opt = trained()
+    ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2, run=1))
+    ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2, run=2))
+    path = ck.dir / "checkpoint_000002"
+    assert json.loads((path / TRAINER_STATE).read_text())["run"] == 2
+    assert [p.name for p in ck.dir.iterdir() if p.name.startswith(".tmp")] == []
+
+    aside = ck.dir / f"{SUPERSEDED_PREFIX}checkpoint_000002-0123abcd"
+    os.rename(path, aside)  # the crash window: old moved aside, new not yet in place
+    logs: list[str] = []
+    Checkpointer(layout, "tiny_test", log=logs.append)
+    assert path.is_dir() and not aside.exists() and logs == ["restored checkpoint_000002 from an interrupted replace"]
+
+
+# --- rotation and the latest pointer -------------------------------------------------------------------
+
+
+def test_rotation_keeps_last_n_plus_best(layout: Layout, logs: list[str]) -> None:
+    ck = Checkpointer(layout, "tiny_test", keep_last=2, log=logs.append)
+    save_steps(ck, [1, 2, 3, 4, 5], eval_losses=[3.0, 1.0, 2.0, None, 2.5])
+    assert sorted(p.name for p in ck.dir.iterdir() if p.name.startswith("checkpoint_")) == \
+        ["checkpoint_000002", "checkpoint_000004", "checkpoint_000005"]
+    assert (ck.dir / "latest").read_text() == "checkpoint_000005\n"
+    assert "rotation: deleted checkpoint_000001" in logs and "rotation: deleted checkpoint_000003" in logs
+
+
+def test_rotation_never_deletes_what_latest_names(layout: Layout) -> None:
+    ck = Checkpointer(layout, "tiny_test", keep_last=2)
+    save_steps(ck, [5, 6, 7, 3])  # a run resumed from an older checkpoint saves below the newest
+    assert (ck.dir / "latest").read_text() == "checkpoint_000003\n"
+    assert sorted(p.name for p in ck.dir.iterdir() if p.name.startswith("checkpoint_")) == \
+        ["checkpoint_000003", "checkpoint_000006", "checkpoint_000007"]
+
+
+def test_rotation_ignores_torn_folders_when_counting(layout: Layout) -> None:
+    ck = Checkpointer(layout, "tiny_test", keep_last=2)
+    (ck.dir / "checkpoint_000009").mkdir(parents=True)  # torn: no manifest, higher step
+    save_steps(ck, [1, 2, 3])
+    assert sorted(p.name for p in ck.dir.iterdir() if p.name.startswith("checkpoint_")) == \
+        ["checkpoint_000002", "checkpoint_000003", "checkpoint_000009"]
+
+
+def test_keep_last_must_be_at_least_two(layout: Layout) -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        Checkpointer(layout, "tiny_test", keep_last=1)
+
+
+# --- resolve ----------------------------------------------------------------------------------------------
+
+
+def test_resolve_references(ck: Checkpointer, tmp_path: Path) -> None:
+    save_steps(ck, [1, 2])
+    two = ck.dir / "checkpoint_000002"
+    assert ck.resolve("tiny_test") == two
+    assert ck.resolve("latest") == two
+    assert ck.resolve("tiny_test_checkpoint_1_run_1") == ck.dir / "checkpoint_000001"
+    assert ck.resolve("checkpoint_000001") == ck.dir / "checkpoint_000001"
+    assert ck.resolve(str(two)) == two
+    for bad, message in (("tiny_test_checkpoint_1_run_7", "no checkpoint named"),
+                         ("other_checkpoint_1_run_1", "is a checkpoint of 'other'"),
+                         ("nope", "no checkpoint 'nope'")):
+        with pytest.raises(UserError, match=message):
+            ck.resolve(bad)
+    empty = Checkpointer(Layout.resolve(tmp_path / "empty"), "tiny_test")
+    with pytest.raises(UserError, match="no valid checkpoint"):
+        empty.resolve("tiny_test")
