@@ -1,0 +1,125 @@
+"""cache_metadata.json: names, loading and the manifest hash. Import-light (json + hashlib only).
+
+The metadata is the commit record of a cache: a chunk file exists for readers only once the
+metadata lists it, and the metadata is only ever replaced atomically. Its layout:
+
+    format, format_version, dataset_name, created, updated
+    source      {spec, kind, subset, split, text_column, streaming, hash, n_docs}
+    tokenizer   {spec, kind, sha256, dir}
+    seq_len, row_len, dtype, vocab_size, eos_id, docs_per_chunk, planned_chunks
+    codec ("lz4-frame"), hash_algo ("xxh3_64"), generation, manifest_hash
+    chunks      [{id, file, n_seqs, tokens, dropped, docs: [start, end], raw_bytes,
+                  compressed_bytes, hash, text_bytes, generation, doc_tokens: {min, max, hist}}]
+    builds      [{mode, started, seconds, chunks, tokens, workers, shard}]   (last few runs)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import atomic_write_json
+from engine.errors import UserError
+
+FORMAT = "packtrain.packed_cache"
+FORMAT_VERSION = 1
+METADATA_FILE = "cache_metadata.json"
+TOKENIZER_DIR = "tokenizer"
+STATS_FILE = "stats.json"
+REPORT_FILE = "report.md"
+LOCK_FILE = "build.lock"
+META_LOCK_FILE = "metadata.lock"
+CODEC = "lz4-frame"
+HASH_ALGO = "xxh3_64"
+CHUNK_RE = re.compile(r"^packed_chunk_(\d{6,})\.lz4$")
+MAX_BUILD_HISTORY = 20
+
+
+def chunk_filename(chunk_id: int) -> str:
+    return f"packed_chunk_{chunk_id:06d}.lz4"
+
+
+def chunk_id_of(filename: str) -> int | None:
+    m = CHUNK_RE.match(filename)
+    return int(m.group(1)) if m else None
+
+
+def dtype_name_for_vocab(vocab_size: int) -> str:
+    """uint16 whenever the ids fit: half the disk of uint32, an eighth of int64."""
+    if vocab_size <= 1 << 16:
+        return "uint16"
+    if vocab_size <= 1 << 32:
+        return "uint32"
+    raise UserError(f"a vocabulary of {vocab_size:,} tokens does not fit uint32 token ids")
+
+
+def manifest_hash(chunks: Iterable[dict[str, Any]]) -> str:
+    """Identity of a set of chunks: what a resume compares to know the past did not change."""
+    h = hashlib.sha256()
+    for c in sorted(chunks, key=lambda c: c["id"]):
+        h.update(f"{c['id']}:{c['hash']}\n".encode())
+    return h.hexdigest()
+
+
+def metadata_path(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / METADATA_FILE
+
+
+def load_metadata(cache_dir: str | Path) -> dict[str, Any]:
+    """Parse and sanity-check the metadata; any problem is one UserError line."""
+    path = metadata_path(cache_dir)
+    if not Path(cache_dir).is_dir():
+        raise UserError(f"cache {cache_dir} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{cache_dir} is not a packed cache (no {METADATA_FILE})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{path} is corrupt ({e}); rebuild with `cache build --force-rebuild`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not packtrain cache metadata")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has format version {meta.get('format_version')}; "
+                        f"this engine reads version {FORMAT_VERSION}")
+    missing = [k for k in ("seq_len", "dtype", "vocab_size", "eos_id", "chunks", "generation") if k not in meta]
+    if missing or meta["dtype"] not in ("uint16", "uint32") or not isinstance(meta["chunks"], list):
+        raise UserError(f"{path} is incomplete or corrupt (missing {', '.join(missing) or 'valid fields'}); "
+                        "rebuild with `cache build --force-rebuild`")
+    return meta
+
+
+def save_metadata(cache_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Recompute the derived fields and replace the file atomically (tmp, fsync, rename, fsync dir)."""
+    meta["chunks"] = sorted(meta["chunks"], key=lambda c: c["id"])
+    meta["manifest_hash"] = manifest_hash(meta["chunks"])
+    meta["builds"] = meta.get("builds", [])[-MAX_BUILD_HISTORY:]
+    atomic_write_json(metadata_path(cache_dir), meta)
+
+
+def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The few facts lists and the TUI show about a cache."""
+    chunks = meta["chunks"]
+    return {
+        "dataset_name": meta.get("dataset_name"),
+        "seq_len": meta["seq_len"],
+        "source": (meta.get("source") or {}).get("spec"),
+        "tokenizer": (meta.get("tokenizer") or {}).get("spec"),
+        "vocab_size": meta["vocab_size"],
+        "dtype": meta["dtype"],
+        "chunks": len(chunks),
+        "planned_chunks": meta.get("planned_chunks"),
+        "sequences": sum(c["n_seqs"] for c in chunks),
+        "tokens": sum(c["n_seqs"] for c in chunks) * (meta["seq_len"] + 1),
+        "compressed_bytes": sum(c["compressed_bytes"] for c in chunks),
+        "generation": meta["generation"],
+        "manifest_hash": meta.get("manifest_hash"),
+        "updated": meta.get("updated"),
+    }

@@ -1,0 +1,104 @@
+"""PackedCache: what training reads. Chunk-level random access, a small LRU, and refresh().
+
+Readers take no lock: they only ever see chunks the metadata lists, and a chunk is listed only
+after its file was written, fsynced and renamed into place, so a half-written chunk is invisible.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.cache.chunks import ChunkDamaged, np_dtype, read_chunk_file
+from engine.cache.metadata import TOKENIZER_DIR, load_metadata, manifest_hash
+from engine.errors import UserError
+
+
+class ChunkError(UserError):
+    """A listed chunk that cannot be used; `cache validate --repair` fixes it."""
+
+
+class PackedCache:
+    def __init__(self, path: str | Path, *, lru_chunks: int = 8) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self._lru: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lru_size = max(1, lru_chunks)
+        self._load(load_metadata(self.path))
+
+    def _load(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+        self.seq_len: int = int(meta["seq_len"])
+        self.vocab_size: int = int(meta["vocab_size"])
+        self.eos_id: int = int(meta["eos_id"])
+        self.dtype: np.dtype = np_dtype(meta["dtype"])
+        self.generation: int = int(meta["generation"])
+        self._records: dict[int, dict[str, Any]] = {int(c["id"]): c for c in meta["chunks"]}
+        self.chunk_ids: list[int] = sorted(self._records)
+        self.chunk_sizes: dict[int, int] = {k: int(c["n_seqs"]) for k, c in self._records.items()}
+        self.n_sequences: int = sum(self.chunk_sizes.values())
+        tok = meta.get("tokenizer") or {}
+        self.tokenizer_dir: Path = self.path / tok.get("dir", TOKENIZER_DIR)
+        self.tokenizer_sha256: str = tok.get("sha256", "")
+
+    @property
+    def dataset_name(self) -> str:
+        return str(self.meta.get("dataset_name") or self.path.name)
+
+    @property
+    def manifest(self) -> str:
+        return str(self.meta.get("manifest_hash") or manifest_hash(self._records.values()))
+
+    def __len__(self) -> int:
+        return self.n_sequences
+
+    def __repr__(self) -> str:
+        return (f"PackedCache({str(self.path)!r}, chunks={len(self.chunk_ids)}, sequences={self.n_sequences}, "
+                f"seq_len={self.seq_len}, generation={self.generation})")
+
+    def read_chunk(self, chunk_id: int) -> np.ndarray:
+        """Decoded rows of one chunk (read-only). The hash is checked on each decode, which the
+        LRU makes once per chunk while it stays hot: xxh3 costs far less than the LZ4 decode."""
+        arr = self._lru.get(chunk_id)
+        if arr is not None:
+            self._lru.move_to_end(chunk_id)
+            return arr
+        record = self._records.get(chunk_id)
+        if record is None:
+            raise ChunkError(f"chunk {chunk_id} is not committed in cache {self.path}")
+        try:
+            arr = read_chunk_file(self.path, record, seq_len=self.seq_len, dtype=self.dtype)
+        except ChunkDamaged as e:
+            raise ChunkError(f"chunk {chunk_id} of cache {self.path} is damaged: {e}; "
+                             f"run `packtrain-engine cache validate {self.path} --repair`") from None
+        self._lru[chunk_id] = arr
+        if len(self._lru) > self._lru_size:
+            self._lru.popitem(last=False)
+        return arr
+
+    def rows(self, chunk_id: int, rows: np.ndarray | list[int]) -> np.ndarray:
+        return self.read_chunk(chunk_id)[np.asarray(rows, dtype=np.int64)]
+
+    def refresh(self) -> tuple[int, int]:
+        """Pick up chunks committed since opening; returns (old n_sequences, new n_sequences)."""
+        old_n, old = self.n_sequences, self._records
+        self._load(load_metadata(self.path))
+        for k in list(self._lru):
+            if k not in self._records or self._records[k]["hash"] != old[k]["hash"]:
+                del self._lru[k]
+        return old_n, self.n_sequences
+
+    def manifest_hash(self, chunk_ids: Iterable[int] | None = None) -> str:
+        """Hash over (id, raw hash) of the given chunks (all when None); an id that is not
+        committed raises, so a resume cannot mistake a vanished chunk for an unchanged one."""
+        if chunk_ids is None:
+            return manifest_hash(self._records.values())
+        records = []
+        for k in set(int(k) for k in chunk_ids):
+            if k not in self._records:
+                raise ChunkError(f"chunk {k} is not committed in cache {self.path}")
+            records.append(self._records[k])
+        return manifest_hash(records)

@@ -1,0 +1,341 @@
+"""Document sources: the fixed, ordered document stream a cache is cut from.
+
+Chunk k holds documents [k*D, (k+1)*D) of this stream, so its order must never change: file
+lists are sorted by relative path, records keep the order `datasets` gives them. The stream's
+identity (file list with sizes and mtimes, or the hub name/subset/split/column) is hashed into
+the metadata so a rerun can refuse a source that changed under a half-built cache.
+
+`stdlib` is every .py file under sysconfig's stdlib path, sorted, without site-packages,
+dist-packages, __pycache__ and test folders (test/, tests/, idle_test/): ~12 MB of real code on
+every machine, offline. Its hash uses sizes only, so a reinstall of the same Python matches.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import os
+import re
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.cache.hub import prepare_hub_access, unreachable
+from engine.config import DataConfig
+from engine.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+RECORD_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+SUPPORTED = ", ".join((*TEXT_SUFFIXES, *RECORD_BUILDERS))
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+OFFLINE_ALTERNATIVE = f"--source stdlib or a local file, folder or glob ({SUPPORTED})"
+
+HEAD_DOCS_FOR_CHUNKING = 256
+MIN_CHUNK_TEXT_BYTES = 256 << 10
+MAX_CHUNK_TEXT_BYTES = 8 << 20
+UNKNOWN_SIZE_CHUNK_TEXT_BYTES = 4 << 20
+
+
+def read_text_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+@dataclass
+class FileList:
+    """A chunk's documents as file paths: the worker reads them, so text never crosses a pipe."""
+
+    paths: list[str]
+
+    def texts(self) -> list[str]:
+        return [read_text_file(p) for p in self.paths]
+
+
+Payload = list[str] | FileList
+
+
+def payload_texts(payload: Payload) -> list[str]:
+    return payload.texts() if isinstance(payload, FileList) else payload
+
+
+@dataclass
+class ChunkDocs:
+    chunk_id: int
+    start: int
+    end: int
+    payload: Payload
+
+
+@dataclass
+class Source:
+    spec: str  # resolved: absolute path for local sources, the name otherwise
+    kind: str  # stdlib | files | records | hub
+    n_docs: int | None  # None while a streaming source has not been read to its end
+    total_bytes: int | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, **self.options, "hash": self.fingerprint(), "n_docs": self.n_docs}
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def iter_texts(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
+        """The wanted chunk ids below `limit` (None: until the source ends), in order."""
+        raise NotImplementedError
+
+    def head(self, *, max_docs: int | None = None, max_chars: int | None = None) -> list[str]:
+        """The first documents: the tokenizer's training sample and the chunk-size estimate."""
+        out: list[str] = []
+        chars = 0
+        for text in self.iter_texts():
+            out.append(text)
+            chars += len(text)
+            if (max_docs is not None and len(out) >= max_docs) or (max_chars is not None and chars >= max_chars):
+                break
+        return out
+
+    def default_docs_per_chunk(self) -> int:
+        """About total/32 of text per chunk (256 KiB .. 8 MiB): the stdlib sample gives ~3 dozen
+        chunks, a 10B-token corpus a few thousand. Fixed in the metadata once chosen."""
+        sample = self.head(max_docs=HEAD_DOCS_FOR_CHUNKING)
+        mean = max(1.0, sum(len(t.encode("utf-8", "replace")) for t in sample) / max(1, len(sample)))
+        if self.total_bytes is None:
+            target = UNKNOWN_SIZE_CHUNK_TEXT_BYTES
+        else:
+            target = min(MAX_CHUNK_TEXT_BYTES, max(MIN_CHUNK_TEXT_BYTES, self.total_bytes / 32))
+        return max(1, round(target / mean))
+
+
+def _ranges(n_docs: int, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[tuple[int, int, int]]:
+    n_chunks = math.ceil(n_docs / docs_per_chunk)
+    for k in range(n_chunks if limit is None else min(limit, n_chunks)):
+        if wanted(k):
+            yield k, k * docs_per_chunk, min((k + 1) * docs_per_chunk, n_docs)
+
+
+@dataclass
+class FileSource(Source):
+    """One document per .txt/.md/.py file."""
+
+    paths: list[str] = field(default_factory=list)
+    fingerprint_parts: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256("\n".join([self.kind, *self.fingerprint_parts]).encode()).hexdigest()
+
+    def iter_texts(self) -> Iterator[str]:
+        return map(read_text_file, self.paths)
+
+    def chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
+        for k, start, end in _ranges(len(self.paths), docs_per_chunk, wanted, limit):
+            yield ChunkDocs(k, start, end, FileList(self.paths[start:end]))
+
+
+@dataclass
+class DatasetSource(Source):
+    """Records from `datasets`: a map-style Dataset (random access) or a streaming IterableDataset."""
+
+    dataset: Any = None
+    text_column: str = "text"
+    files_fingerprint: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        o = self.options
+        parts = [self.kind, self.spec, str(o.get("subset")), str(o.get("split")), self.text_column, *self.files_fingerprint]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+    def _texts(self, values: list[Any]) -> list[str]:
+        for v in values:
+            if v is not None and not isinstance(v, str):
+                raise UserError(f"column {self.text_column!r} of {self.spec} holds {type(v).__name__} values, not text; "
+                                "choose another --text-column")
+        return [v or "" for v in values]
+
+    def iter_texts(self) -> Iterator[str]:
+        for batch in self.dataset.iter(batch_size=1024):
+            yield from self._texts(batch[self.text_column])
+
+    def chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
+        if self.n_docs is not None and not self.options.get("streaming"):
+            for k, start, end in _ranges(self.n_docs, docs_per_chunk, wanted, limit):
+                yield ChunkDocs(k, start, end, self._texts(self.dataset[start:end][self.text_column]))
+            return
+        yield from self._stream_chunks(docs_per_chunk, wanted, limit)
+
+    def _stream_chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
+        """Read in order; unwanted chunks are skipped without tokenizing. Reaching the end fixes n_docs."""
+        k, count, buf = 0, 0, []
+        for text in self.iter_texts():
+            k = count // docs_per_chunk
+            if limit is not None and k >= limit:
+                return
+            count += 1
+            if wanted(k):
+                buf.append(text)
+                if len(buf) == docs_per_chunk:
+                    yield ChunkDocs(k, k * docs_per_chunk, count, buf)
+                    buf = []
+        self.n_docs = count
+        if buf:
+            yield ChunkDocs(k, k * docs_per_chunk, count, buf)
+
+
+# --- resolving a spec ----------------------------------------------------------------------------
+
+
+def open_source(data: DataConfig) -> Source:
+    """Resolve and check a source without writing anything; bad input is one UserError line."""
+    spec = (data.source or "").strip()
+    if not spec:
+        raise UserError("no source given: use --source stdlib, a local file/folder/glob or a hub dataset name")
+    if spec == "stdlib":
+        source: Source = _stdlib_source()
+    elif os.path.exists(os.path.expanduser(spec)) or glob.has_magic(spec):
+        source = _local_source(spec, data)
+    elif not is_hub_name(spec):
+        raise UserError(f"source {spec!r} does not exist (give stdlib, a local file/folder/glob or a hub dataset name)")
+    else:
+        source = _hub_source(spec, data)
+    if source.n_docs == 0:
+        raise UserError(f"source {spec!r} holds no documents")
+    return source
+
+
+def looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", ".", "~")) or Path(spec).suffix.lower() in (*TEXT_SUFFIXES, *RECORD_BUILDERS) \
+        or spec.count("/") > 1
+
+
+def is_hub_name(spec: str) -> bool:
+    return not looks_like_path(spec) and bool(HUB_NAME_RE.match(spec))
+
+
+def _stdlib_source() -> FileSource:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
+        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    paths.sort(key=lambda p: Path(p).relative_to(root).as_posix())
+    sizes = [os.path.getsize(p) for p in paths]
+    parts = [f"python {sys.version_info.major}.{sys.version_info.minor}"]
+    parts += [f"{Path(p).relative_to(root).as_posix()}\t{s}" for p, s in zip(paths, sizes)]
+    return FileSource(spec="stdlib", kind="stdlib", n_docs=len(paths), total_bytes=sum(sizes),
+                      paths=paths, fingerprint_parts=parts)
+
+
+def _collect_files(spec: str) -> tuple[list[Path], Path]:
+    """The files a path, folder or glob names (sorted), and the root their names are relative to."""
+    expanded = os.path.expanduser(spec)
+    if glob.has_magic(expanded):
+        found = [Path(p).resolve() for p in glob.glob(expanded, recursive=True) if os.path.isfile(p)]
+        if not found:
+            raise UserError(f"no files match {spec!r}")
+        root = Path(os.path.commonpath([str(p.parent) for p in found]))
+    elif os.path.isdir(expanded):
+        root = Path(expanded).resolve()
+        found = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (*TEXT_SUFFIXES, *RECORD_BUILDERS)
+                 and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)]
+        if not found:
+            raise UserError(f"folder {spec!r} holds no {SUPPORTED} files")
+    else:
+        found = [Path(expanded).resolve()]
+        root = found[0].parent
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix()), root
+
+
+def _local_source(spec: str, data: DataConfig) -> Source:
+    files, root = _collect_files(spec)
+    suffixes = {p.suffix.lower() for p in files}
+    unsupported = suffixes - set(TEXT_SUFFIXES) - set(RECORD_BUILDERS)
+    if unsupported:
+        raise UserError(f"unsupported file type {', '.join(sorted(unsupported))} in {spec!r} (supported: {SUPPORTED})")
+    builders = {RECORD_BUILDERS[s] for s in suffixes if s in RECORD_BUILDERS}
+    if builders and (len(builders) > 1 or suffixes & set(TEXT_SUFFIXES)):
+        raise UserError(f"{spec!r} mixes file types ({', '.join(sorted(suffixes))}); point --source at one kind")
+    stats = [p.stat() for p in files]
+    parts = [f"{p.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}" for p, st in zip(files, stats)]
+    expanded = os.path.expanduser(spec)
+    resolved = os.path.abspath(expanded) if glob.has_magic(spec) else str(Path(expanded).resolve())
+    if not builders:
+        return FileSource(spec=resolved, kind="files", n_docs=len(files), total_bytes=sum(st.st_size for st in stats),
+                          paths=[str(p) for p in files], fingerprint_parts=parts)
+    builder = builders.pop()
+    options = {"text_column": data.text_column, "streaming": bool(data.streaming)}
+    ds = _load_dataset(spec, builder, data_files=[str(p) for p in files], split="train", streaming=data.streaming)
+    return _dataset_source(ds, resolved, "records", options, data.text_column, parts)
+
+
+def _hub_source(name: str, data: DataConfig) -> Source:
+    reason = prepare_hub_access()
+    options = {"subset": data.subset, "split": data.split, "text_column": data.text_column,
+               "streaming": bool(data.streaming)}
+    try:
+        ds = _load_dataset(name, name, name=data.subset, split=data.split, streaming=data.streaming)
+    except UserError:
+        if reason is not None:
+            raise unreachable("dataset", name, reason, OFFLINE_ALTERNATIVE) from None
+        raise
+    return _dataset_source(ds, name, "hub", options, data.text_column, [])
+
+
+def _load_dataset(spec: str, path: str, **kwargs: Any) -> Any:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - the library raises many kinds; the user needs one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load dataset {spec!r}: {first}") from None
+
+
+def _dataset_source(ds: Any, spec: str, kind: str, options: dict[str, Any], column: str, files: list[str]) -> DatasetSource:
+    streaming = bool(options.get("streaming"))
+    columns = ds.column_names
+    if columns is None:  # a streaming dataset learns its columns from the first record
+        first = next(iter(ds), None)
+        if first is None:
+            raise UserError(f"source {spec!r} holds no documents")
+        columns = list(first)
+    if column not in columns:
+        raise UserError(f"text column {column!r} not found in {spec!r}; available: {', '.join(columns)} "
+                        "(set --text-column)")
+    ds = ds.select_columns([column])
+    n_docs = None if streaming else len(ds)
+    total = None if streaming else int(ds.data.nbytes)
+    source = DatasetSource(spec=spec, kind=kind, n_docs=n_docs, total_bytes=total, options=options, dataset=ds,
+                           text_column=column, files_fingerprint=files)
+    if streaming and not source.head(max_docs=1):
+        raise UserError(f"source {spec!r} holds no documents")
+    return source
+
+
+def derive_dataset_name(data: DataConfig) -> str:
+    """'stdlib' -> 'stdlib'; 'HuggingFaceFW/fineweb-edu' + subset 'sample-10BT' -> 'fineweb-edu-sample-10BT';
+    './data/stories.jsonl' -> 'stories'; always a legal folder name."""
+    if data.dataset_name:
+        return data.dataset_name
+    spec = (data.source or "data").strip().rstrip("/")
+    if spec == "stdlib":
+        return "stdlib"
+    local = os.path.exists(os.path.expanduser(spec)) or glob.has_magic(spec) or looks_like_path(spec)
+    if local:
+        path = Path(os.path.expanduser(spec))
+        while glob.has_magic(str(path)) and path != path.parent:
+            path = path.parent
+        base = path.stem if path.suffix else path.name or "data"
+    else:
+        base = spec.split("/")[-1] + (f"-{data.subset}" if data.subset else "")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-")[:64]
+    return name or "data"

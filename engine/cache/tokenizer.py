@@ -1,0 +1,203 @@
+"""Tokenizers for a cache: `bytes`, `bpe:<vocab>` (trained on the source) or any HF tokenizer.
+
+Whatever the kind, the cache keeps its own copy in `<cache>/tokenizer/` (tokenizer.json plus
+tokenizer_config.json), loadable by `AutoTokenizer.from_pretrained`, so checkpoints can copy it
+and the cache never depends on a hub or a file that may change. Its sha256 (of tokenizer.json,
+the file workers encode with) goes into the metadata. `bytes` and `bpe` need no transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.atomic import TMP_PREFIX, fsync_dir
+from engine.cache.hub import prepare_hub_access, unreachable
+from engine.cache.metadata import TOKENIZER_DIR, dtype_name_for_vocab
+from engine.cache.sources import Source, is_hub_name
+from engine.errors import UserError
+
+EOS_TOKEN = "<|endoftext|>"
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+BPE_SAMPLE_CHARS = 8_000_000  # the training sample: the first documents up to ~8 MB (~2 s on 2 cores)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class TokenizerPlan:
+    spec: str
+    kind: Literal["bytes", "bpe", "hf"]
+    bpe_vocab: int = 0
+
+
+@dataclass
+class PreparedTokenizer:
+    plan: TokenizerPlan
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_token: str
+    eos_id: int
+    vocab_size: int
+    hf: Any = None  # the transformers tokenizer to save_pretrained (kind 'hf')
+
+
+def parse_tokenizer_spec(spec: str) -> TokenizerPlan:
+    """Check a spec before anything is loaded or written."""
+    spec = (spec or "").strip()
+    if spec == "bytes":
+        return TokenizerPlan(spec, "bytes")
+    if spec.startswith("bpe:"):
+        try:
+            vocab = int(spec[4:].replace("_", "").replace(",", ""))
+        except ValueError:
+            raise UserError(f"tokenizer {spec!r}: expected bpe:<vocab size>, e.g. bpe:8192") from None
+        if vocab < 257:
+            raise UserError(f"tokenizer {spec!r}: a byte-level BPE needs at least 257 tokens (256 bytes + EOS)")
+        dtype_name_for_vocab(vocab)
+        return TokenizerPlan(spec, "bpe", vocab)
+    if not spec:
+        raise UserError("no tokenizer given: use bytes, bpe:<vocab>, a hub name, a folder or a tokenizer.json")
+    if not os.path.exists(os.path.expanduser(spec)) and not is_hub_name(spec):
+        raise UserError(f"tokenizer {spec!r} does not exist (give bytes, bpe:<vocab>, a hub name, a folder or a "
+                        "tokenizer.json)")
+    return TokenizerPlan(spec, "hf")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character map, the alphabet of ByteLevel tokenizers."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _byte_level(model: Any) -> Any:
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _bytes_tokenizer() -> Any:
+    from tokenizers import models
+
+    chars = bytes_to_unicode()
+    tok = _byte_level(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.add_special_tokens([EOS_TOKEN])
+    return tok
+
+
+def _train_bpe(vocab: int, source: Source) -> Any:
+    """Deterministic: the same source head and vocab give the same tokenizer.json."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(source.head(max_chars=BPE_SAMPLE_CHARS), trainer=trainer)
+    return tok
+
+
+def _load_hf(spec: str) -> Any:
+    """A transformers fast tokenizer from a tokenizer.json, a local folder or a hub name."""
+    path = Path(os.path.expanduser(spec))
+    reason = None if path.exists() else prepare_hub_access()
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
+        if reason is not None:
+            raise unreachable("tokenizer", spec, reason, "--tokenizer bytes, bpe:<vocab> or a local folder/"
+                              "tokenizer.json") from None
+        if path.is_dir() and (path / TOKENIZER_FILE).is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path / TOKENIZER_FILE))
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load tokenizer {spec!r}: {first}") from None
+
+
+def prepare_tokenizer(plan: TokenizerPlan, source: Source) -> PreparedTokenizer:
+    """Load or train in memory; nothing is written, so a refused tokenizer leaves no trace."""
+    hf = None
+    if plan.kind == "bytes":
+        tok, eos = _bytes_tokenizer(), EOS_TOKEN
+    elif plan.kind == "bpe":
+        tok, eos = _train_bpe(plan.bpe_vocab, source), EOS_TOKEN
+    else:
+        hf = _load_hf(plan.spec)
+        if not getattr(hf, "is_fast", False):
+            raise UserError(f"tokenizer {plan.spec!r} has no fast (tokenizers) version")
+        tok = hf.backend_tokenizer
+        vocab = tok.get_vocab(with_added_tokens=True)
+        eos = hf.eos_token if hf.eos_token in vocab else next((t for t in EOS_CANDIDATES if t in vocab), None)
+        if eos is None:
+            raise UserError(f"tokenizer {plan.spec!r} has no end-of-text token (looked for eos_token and "
+                            f"{', '.join(EOS_CANDIDATES)})")
+    vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    dtype_name_for_vocab(vocab_size)
+    return PreparedTokenizer(plan, tok, eos, tok.token_to_id(eos), vocab_size, hf)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_tokenizer(cache_dir: Path, prepared: PreparedTokenizer) -> str:
+    """Write `<cache>/tokenizer/` as a whole (tmp folder, fsync, rename); returns its sha256."""
+    target = cache_dir / TOKENIZER_DIR
+    tmp = cache_dir / f"{TMP_PREFIX}{TOKENIZER_DIR}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if prepared.hf is not None:
+            prepared.hf.save_pretrained(str(tmp))
+        else:
+            prepared.tokenizer.save(str(tmp / TOKENIZER_FILE))
+            specials = {"eos_token": prepared.eos_token, "pad_token": prepared.eos_token}
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                      "model_max_length": 1 << 30, **specials}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(cache_dir)
+    return file_sha256(target / TOKENIZER_FILE)
+
+
+def tokenizer_file(cache_dir: Path, meta: dict[str, Any]) -> Path:
+    return cache_dir / (meta.get("tokenizer") or {}).get("dir", TOKENIZER_DIR) / TOKENIZER_FILE
+
+
+def check_cache_tokenizer(cache_dir: Path, meta: dict[str, Any]) -> str | None:
+    """None when the cache's tokenizer file is the one its chunks were built with, else why not."""
+    path = tokenizer_file(cache_dir, meta)
+    if not path.is_file():
+        return f"tokenizer file {path.relative_to(cache_dir)} is missing"
+    if file_sha256(path) != (meta.get("tokenizer") or {}).get("sha256"):
+        return f"tokenizer file {path.relative_to(cache_dir)} differs from the one the chunks were built with"
+    return None

@@ -1,0 +1,98 @@
+"""The build pool's worker: tokenize one chunk's documents, pack, compress, write the file.
+
+Workers run in a forkserver pool (no inherited tokenizer threads or locks), encode on one
+thread each (W processes on W cores beats W processes x W rayon threads), and die with their
+parent: a kill -9 of the builder leaves at most a `.tmp-*` file, which the next run removes.
+The chunk file is renamed into place here; only the builder's metadata commit makes it visible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.cache.chunks import compress, doc_length_summary, np_dtype, pack, write_chunk_file
+from engine.cache.metadata import chunk_filename
+from engine.cache.sources import Payload, payload_texts
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Everything a worker needs, picklable; fixed for a cache once built."""
+
+    cache_dir: str
+    tokenizer_file: str
+    seq_len: int
+    dtype: str
+    eos_id: int
+
+
+@dataclass
+class ChunkTask:
+    chunk_id: int
+    start: int
+    end: int
+    payload: Payload
+    expect_hash: str | None = None  # a rebuild must reproduce the committed bytes exactly
+
+
+class ChunkEncoder:
+    """Tokenizer + packing for one cache; also used in-process by the benchmark."""
+
+    def __init__(self, spec: BuildSpec) -> None:
+        from tokenizers import Tokenizer
+
+        self.spec = spec
+        self.dir = Path(spec.cache_dir)
+        self.dtype = np_dtype(spec.dtype)
+        self.tokenizer = Tokenizer.from_file(spec.tokenizer_file)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not EOS
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def build(self, task: ChunkTask) -> dict[str, Any]:
+        """The chunk's metadata record; with `mismatch` set (and nothing written) when a rebuild
+        does not reproduce `expect_hash`."""
+        texts = payload_texts(task.payload)
+        packed = pack(self.encode(texts), eos_id=self.spec.eos_id, seq_len=self.spec.seq_len, dtype=self.dtype)
+        data, digest, raw_bytes = compress(packed.rows)
+        record = {
+            "id": task.chunk_id, "file": chunk_filename(task.chunk_id), "n_seqs": int(packed.rows.shape[0]),
+            "tokens": packed.tokens, "dropped": packed.dropped, "docs": [task.start, task.end],
+            "raw_bytes": raw_bytes, "compressed_bytes": len(data), "hash": digest,
+            "text_bytes": sum(len(t.encode("utf-8", "replace")) for t in texts),
+            "doc_tokens": doc_length_summary(packed.doc_lengths),
+        }
+        if task.expect_hash is not None and digest != task.expect_hash:
+            record["mismatch"] = True
+            return record
+        write_chunk_file(self.dir, task.chunk_id, data)
+        return record
+
+
+_encoder: ChunkEncoder | None = None
+
+
+def init_worker(spec: BuildSpec) -> None:
+    global _encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the builder's to handle: it commits, then stops us
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: workers notice the closed pipe instead
+    _encoder = ChunkEncoder(spec)
+
+
+def build_chunk(task: ChunkTask) -> dict[str, Any]:
+    assert _encoder is not None, "init_worker was not called"
+    return _encoder.build(task)
