@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import engine
 from engine import control, protocol
 from engine.paths import Layout
 
@@ -29,6 +30,15 @@ READ_CHUNK = 4 << 20  # bytes of log decoded per read, so attaching to a huge lo
 def engine_argv(layout: Layout, *args: str) -> list[str]:
     """The engine is run as `python -m engine` with the TUI's own interpreter and root."""
     return [sys.executable, "-m", "engine", "--root", str(layout.root), *args]
+
+
+def engine_env() -> dict[str, str]:
+    """The child imports the very engine package this TUI imported, installed or not."""
+    source_root = str(Path(engine.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    if source_root in path.split(os.pathsep):
+        return dict(os.environ)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [source_root, path])))
 
 
 def tail_lines(path: Path | None, n: int = 12) -> list[str]:
@@ -75,7 +85,7 @@ class CommandResult:
 async def run_command(layout: Layout, *args: str) -> CommandResult:
     proc = await asyncio.create_subprocess_exec(
         *engine_argv(layout, *args), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=engine_env(),
     )
     out, err = await proc.communicate()
     return CommandResult(proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
@@ -108,7 +118,7 @@ class EventStream:
     async def events(self, layout: Layout) -> AsyncIterator[protocol.Event]:
         self._proc = await asyncio.create_subprocess_exec(
             *engine_argv(layout, *self.args), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=1 << 22,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=1 << 22, env=engine_env(),
         )
         assert self._proc.stdout is not None and self._proc.stderr is not None
         stderr_task = asyncio.ensure_future(self._proc.stderr.read())
@@ -178,7 +188,7 @@ def spawn_engine(layout: Layout, model: str, *args: str) -> EngineHandle:
         out.flush()
         proc = subprocess.Popen(
             engine_argv(layout, *args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, env=engine_env(),
         )
     return EngineHandle(model=model, proc=proc, console=console)
 

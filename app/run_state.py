@@ -129,10 +129,10 @@ class RunState:
     version: int = 0  # bumped per applied batch; views redraw only when it moved
 
     def apply(self, events: list[protocol.Event]) -> None:
-        for e in events:
-            if isinstance(e, protocol.Step):
-                e = finite_step(e)
+        clean = [finite_step(e) if isinstance(e, protocol.Step) else e for e in events]
+        for e in clean:
             self._apply(e)
+        for e in clean[-LOG_LINES:]:  # older lines of a big batch would scroll away unseen
             line = event_line(e)
             if line is not None:
                 self.logs.append(line)

@@ -18,6 +18,7 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
 
+from app.draft import cache_location
 from app.engine_client import EventStream
 from app.formatting import format_count
 from engine import protocol
@@ -70,8 +71,6 @@ class CacheJob:
 
     @classmethod
     def for_new(cls, layout: Layout, cfg: RunConfig, config_file: Path) -> "CacheJob":
-        from app.draft import cache_location
-
         dataset, path = cache_location(layout, cfg)
         return cls(
             model=cfg.name, dataset=dataset, path=path, engine_args=["train", "--config", str(config_file)],

@@ -17,14 +17,14 @@ from engine import control
 
 RUNNING = "running: attach"
 REFRESH_S = 3.0
-COLUMNS = ("Checkpoint", "Step", "Loss", "Saved", "Dataset", "Seqs", "Size", "Status")
+COLUMNS = ("Checkpoint", "Status", "Step", "Loss", "Saved", "Dataset", "Seqs", "Size")
 
 
 def status_of(entry: Any, live: set[str]) -> str:
     if entry.model in live:
         return RUNNING
     if not entry.valid:
-        return f"invalid: {entry.reason}" if entry.reason else "invalid"
+        return "invalid"
     return "latest" if entry.is_latest else "valid"
 
 
@@ -50,6 +50,7 @@ class CheckpointsScreen(Screen[None]):
             table: DataTable[str] = DataTable(id="checkpoints", cursor_type="row", zebra_stripes=True)
             table.add_columns(*COLUMNS)
             yield table
+            yield Static("", id="detail", markup=False)
             yield Static(
                 "No checkpoints yet.\nPress N to start a new training.", id="empty", classes="empty-state"
             )
@@ -70,15 +71,15 @@ class CheckpointsScreen(Screen[None]):
         rows: list[tuple[str, tuple[str, ...]]] = []
         shown_live: set[str] = set()
         for model in sorted(live - {c.model for c in checkpoints}):
-            rows.append((f"live:{model}", (model, "-", "-", "-", "-", "-", "-", RUNNING)))
+            rows.append((f"live:{model}", (model, RUNNING, "-", "-", "-", "-", "-", "-")))
             shown_live.add(model)
         self.entries = {}
         for c in checkpoints:
             key = f"ckpt:{c.path}"
             self.entries[key] = c
             rows.append((key, (
-                c.display_name, format_count(c.step), format_loss(c.loss), format_time(c.saved_at),
-                c.dataset or "-", format_count(c.sequences), format_bytes(c.size_bytes), status_of(c, live),
+                c.display_name, status_of(c, live), format_count(c.step), format_loss(c.loss),
+                format_time(c.saved_at), c.dataset or "-", format_count(c.sequences), format_bytes(c.size_bytes),
             )))
         self.live = live
         self._fill(rows)
@@ -95,6 +96,25 @@ class CheckpointsScreen(Screen[None]):
         empty = not rows
         self.query_one("#empty").display = empty
         table.display = not empty
+        self._show_detail(self._current_key())
+
+    def _show_detail(self, key: str | None) -> None:
+        entry = self.entries.get(key or "")
+        if key and key.startswith("live:"):
+            text = f"An engine is training {key.removeprefix('live:')}; Enter attaches to it."
+        elif entry is None:
+            text = ""
+        else:
+            parts = [entry.path, f"dataset {entry.dataset or '?'}", f"{format_count(entry.sequences)} sequences"]
+            if entry.eval_loss is not None:
+                parts.append(f"eval loss {entry.eval_loss:.3f}")
+            if not entry.valid:
+                parts.append(f"invalid: {entry.reason}")
+            text = " · ".join(parts)
+        self.query_one("#detail", Static).update(text)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._show_detail(str(event.row_key.value) if event.row_key is not None else None)
 
     @staticmethod
     def _cells_changed(table: DataTable[str], rows: list[tuple[str, tuple[str, ...]]]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -26,8 +27,8 @@ def oldest_first(entries: list[Any]) -> list[Any]:
 def label(entry: Any, live: set[str]) -> str:
     tags = [t for t, on in (("latest", entry.is_latest), ("running", entry.model in live),
                             ("invalid", not entry.valid)) if on]
-    tag = f"  [{', '.join(tags)}]" if tags else ""
-    return f"{entry.display_name}  {format_time(entry.saved_at)}  frees {format_bytes(entry.size_bytes)}{tag}"
+    tag = f" [{', '.join(tags)}]" if tags else ""
+    return f"{format_bytes(entry.size_bytes):>9}  {entry.display_name}  {format_time(entry.saved_at)}{tag}"
 
 
 class ManageScreen(Screen[None]):
@@ -44,7 +45,7 @@ class ManageScreen(Screen[None]):
         yield Header()
         with Vertical(id="manage"):
             yield Static("Manage checkpoints (oldest first)", classes="title")
-            yield Static("Space selects · D deletes the selection · Esc goes back", classes="hint")
+            yield Static("Space selects (size = space freed) · D deletes the selection · Esc goes back", classes="hint")
             yield SelectionList[str](id="to-delete")
             yield Static("", id="selected", classes="status", markup=False)
             yield Static("", id="result", markup=False)
@@ -61,7 +62,9 @@ class ManageScreen(Screen[None]):
         self.entries = {str(c.path): c for c in entries}
         selection = self.query_one(SelectionList)
         selection.clear_options()
-        selection.add_options([Selection(label(c, live), str(c.path)) for c in entries])
+        selection.add_options([Selection(Text(label(c, live)), str(c.path)) for c in entries])
+        if entries:
+            selection.highlighted = 0
         self._show_selected()
 
     def selected(self) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from statistics import fmean
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -22,7 +23,7 @@ class MetricSparks(Vertical):
         for key, label, _ in SPARKS:
             with Horizontal(classes="spark-row"):
                 yield Label(label, classes="spark-label")
-                yield Sparkline([], id=f"spark-{key}", summary_function=max)
+                yield Sparkline([], id=f"spark-{key}", summary_function=fmean)
                 yield Label("-", id=f"value-{key}", classes="spark-value")
 
     def show(self, series: dict[str, Iterable[float]]) -> None:

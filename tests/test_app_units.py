@@ -1,0 +1,96 @@
+"""The TUI's promises that need no engine: import-light startup, bounded memory, coalesced updates."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+
+from app_testkit import REPO, fake_step
+from textual.app import App
+
+from app.app import EngineUpdate
+from app.run_state import CURVE_POINTS, LOG_LINES, SPARK_POINTS, DownsampledSeries, RunState
+from engine import protocol as P
+
+HEAVY = ("torch", "transformers", "datasets", "tokenizers")
+
+
+def test_importing_the_app_loads_no_ml_library() -> None:
+    code = (
+        "import sys, app.main, app.app\n"
+        "from app.app import PacktrainApp\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the TUI imported {out.stdout.strip()}"
+
+
+def test_series_keeps_whole_run_at_fixed_capacity() -> None:
+    series = DownsampledSeries(capacity=64)
+    for step in range(1, 100_001):
+        series.append(step, float(step))
+    xs, ys = series.points()
+    assert len(xs) <= 65 and series.stride >= 1024
+    assert xs[0] <= 2 * series.stride and xs[-1] == 100_000  # still spans the run, newest included
+    assert all(a < b for a, b in zip(xs, xs[1:]))
+    assert abs(ys[len(ys) // 2] - xs[len(xs) // 2]) < series.stride  # averages stay on the curve
+
+
+def test_a_long_run_keeps_run_state_memory_flat() -> None:
+    state = RunState(model="m")
+    batch = [fake_step(i, 1_000_000) for i in range(1, 1001)]
+
+    def feed(rounds: int, start: int) -> None:
+        for r in range(rounds):
+            for i, e in enumerate(batch):
+                e.step = start + r * 1000 + i + 1
+            state.apply(batch)
+
+    feed(20, 0)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    feed(180, 20_000)
+    growth = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert state.step is not None and state.step.step == 200_000 and len(state.logs) == LOG_LINES
+    assert len(state.loss) <= CURVE_POINTS + 1 and len(state.tok_s) == SPARK_POINTS
+    # 180,000 more steps: even 100 bytes each would be 18 MB; bounded histories stay well under 1 MB
+    assert growth < 1 << 20, f"run state grew by {growth:,} bytes over 180,000 steps"
+
+
+def test_fold_events_into_state() -> None:
+    state = RunState(model="m")
+    state.apply([
+        P.RunStarted(model="m", run=2, start_step=100, total_steps=500, resumed_from="m_checkpoint_100_run_1"),
+        P.Plan(total_steps=500, warmup_steps=10, n_sequences=4000, global_batch=8, tokens_per_step=256),
+        fake_step(101, 500),
+        P.CacheExpanded(step=101, n_before=4000, n_after=6000, total_steps_before=500, total_steps_after=750),
+        P.State(state="paused"),
+    ])
+    assert state.status == "paused" and state.total_steps == 500 and state.expanded is not None
+    assert "Dataset expanded: 4,000 → 6,000 sequences; using dynamic total steps: 750 (was 500)" in state.logs
+    state.apply([P.Error(message="out of memory", detail="Traceback\n  boom"),
+                 P.Finished(step=101, reason="error")])
+    assert state.status == "error" and state.error == "out of memory" and state.error_lines == ["Traceback", "  boom"]
+    assert not state.active
+
+
+class Counter(App[None]):
+    def __init__(self) -> None:
+        super().__init__()
+        self.handled = 0
+
+    def on_engine_update(self, message: EngineUpdate) -> None:
+        self.handled += 1
+
+
+async def test_a_burst_of_updates_costs_a_handful_of_repaints() -> None:
+    app = Counter()
+    state = RunState()
+    async with app.run_test() as pilot:
+        for _ in range(5000):
+            app.post_message(EngineUpdate(state))
+        await pilot.pause()
+        await pilot.pause()
+    assert 1 <= app.handled < 10
