@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -19,12 +18,8 @@ CONTRACT_KEYS = {"device", "device_name", "bf16", "ram_total_gb", "ram_available
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """engine.cli.main against a fresh root; stands in for the cache commands until they exist."""
+    """engine.cli.main against a fresh root (set through the environment, which is restored after)."""
     monkeypatch.setenv("PACKTRAIN_HOME", str(tmp_path))
-    try:
-        import engine.cache.commands  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "engine.cache.commands", types.SimpleNamespace(add_parsers=lambda sub: None))
     return lambda *argv: cli.main(list(argv))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from engine.paths import Layout
@@ -48,7 +49,7 @@ def run_info(args: argparse.Namespace) -> int:
     table.add_column()
     for key, value in snap.items():
         table.add_row(LABELS.get(key, key), _human(key, value))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 1000).print(table)  # piped: natural width, no ellipses
     return 0
 
 
