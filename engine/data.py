@@ -20,7 +20,6 @@ id and excluded from training for the life of the run, however the cache grows.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -238,33 +237,16 @@ def rank_slice(ids: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     return ids[rank * per:(rank + 1) * per]
 
 
-class SequenceReader:
-    """Rows by sequence id, keeping the last few decoded chunks (a window's worth) in memory."""
-
-    def __init__(self, source: ChunkSource, keep: int = 2 * WINDOW) -> None:
-        self.source = source
-        self.keep = keep
-        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def _chunk(self, c: int) -> np.ndarray:
-        arr = self._chunks.get(c)
-        if arr is None:
-            arr = self.source.read_chunk(c)
-            self._chunks[c] = arr
-            while len(self._chunks) > self.keep:
-                self._chunks.popitem(last=False)
-        else:
-            self._chunks.move_to_end(c)
-        return arr
-
-    def read(self, ids: np.ndarray) -> np.ndarray:
-        chunks, rows = split_ids(ids)
-        first = self._chunk(int(chunks[0]))
-        out = np.empty((len(ids), first.shape[1]), dtype=np.int64)
-        for c in np.unique(chunks):
-            sel = chunks == c
-            out[sel] = self._chunk(int(c))[rows[sel]]
-        return out
+def read_sequences(source: ChunkSource, ids: np.ndarray) -> np.ndarray:
+    """Rows [len(ids), seq_len + 1] as int64, in the order of `ids`; the source's chunk LRU makes
+    the windowed order decode each chunk about once."""
+    chunks, rows = split_ids(ids)
+    parts = {int(c): source.read_chunk(int(c)) for c in np.unique(chunks)}
+    out = np.empty((len(ids), next(iter(parts.values())).shape[1]), dtype=np.int64)
+    for c, arr in parts.items():
+        sel = chunks == c
+        out[sel] = arr[rows[sel]]
+    return out
 
 
 def check_resume_cache(saved: Mapping[str, Any], cache: Any, consumed_hash: str) -> None:

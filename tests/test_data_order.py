@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.data import DataOrder, SequenceReader, from_ranges, rank_slice, split_ids, to_ranges
+from engine.data import DataOrder, from_ranges, rank_slice, read_sequences, split_ids, to_ranges
 from engine.errors import UserError
 
 SIZES = {c: 5 + (c * 7) % 11 for c in range(20)}  # uneven chunk sizes, like real packed chunks
@@ -144,24 +144,20 @@ class ArraySource:
 
     def __init__(self, sizes: dict[int, int], width: int = 4) -> None:
         self.chunk_sizes = sizes
-        self.reads = 0
         self.width = width
 
     def read_chunk(self, c: int) -> np.ndarray:
-        self.reads += 1
         rows = np.arange(self.chunk_sizes[c])
         return np.stack([np.full(self.width, c * 1000 + r, dtype=np.uint16) for r in rows])
 
 
-def test_reader_returns_rows_by_id_and_keeps_recent_chunks() -> None:
+def test_read_sequences_returns_rows_by_id_in_order() -> None:
     src = ArraySource(SIZES)
     order = DataOrder.start(2, SIZES, eval_chunks=0)
-    reader = SequenceReader(src, keep=order.window)
     ids = order.epoch_order(0)
     for start in range(0, len(ids), 8):
         batch = ids[start:start + 8]
-        got = reader.read(batch)
+        got = read_sequences(src, batch)
         chunks, rows = split_ids(batch)
-        assert got.dtype == np.int64
+        assert got.dtype == np.int64 and got.shape == (len(batch), 4)
         assert np.array_equal(got[:, 0], chunks * 1000 + rows)
-    assert src.reads <= len(SIZES) + order.window  # windowed order: each chunk decoded about once

@@ -1,5 +1,83 @@
-"""Placeholder until its owner lands it."""
+"""`train`, `resume` and `demo`: the engine process that trains, streams events and obeys control.
+
+Every config field is a flag named after it (engine.config), so a TUI form, a YAML file, run.json
+and a shell line all say the same thing. Training imports torch lazily: `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from engine.config import RunConfig, add_config_flags, apply_config_flags
+from engine.paths import Layout
+
+DEMO = {
+    "model": {"preset": "5M"},
+    "data": {"source": "stdlib", "tokenizer": "bpe:4096", "seq_len": 128, "eval_chunks": 1},
+    "train": {"micro_batch": 16, "grad_accum": 1, "lr": 3e-3, "warmup_steps": 30, "max_steps": 300,
+              "schedule": "cosine", "log_interval": 10, "eval_interval": 100, "eval_batches": 4,
+              "save_interval": 100, "precision": "auto"},
+}
 
 
-def add_parsers(sub) -> None:
-    pass
+def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("train", help="train a model from a packed cache (building the cache first if needed)",
+                       description="Train a new model. Flags mirror the config fields and override --config.")
+    p.add_argument("--config", default=None, help="YAML or JSON run config (checkpoints/<name>/run.json works)")
+    _common(p)
+    add_config_flags(p)
+    p.set_defaults(handler=cmd_train)
+
+    r = sub.add_parser("resume", help="continue a run from its newest valid checkpoint (or a given one)",
+                       description="Resume NAME (newest valid checkpoint), a display name "
+                                   "<model>_checkpoint_<step>_run_<k>, or a checkpoint folder. Only settings that "
+                                   "keep the computation the same may change (length, intervals, precision, "
+                                   "device, micro_batch x grad_accum at the same global batch).")
+    r.add_argument("ref", metavar="NAME|CHECKPOINT")
+    _common(r)
+    add_config_flags(r)
+    r.set_defaults(handler=cmd_resume)
+
+    d = sub.add_parser("demo", help="offline end to end: stdlib sample, BPE tokenizer, cache, a small model, a checkpoint",
+                       description="Train a ~5M model on the bundled Python stdlib sample for a few minutes on CPU. "
+                                   "Any config flag overrides the demo's settings.")
+    _common(d)
+    add_config_flags(d)
+    d.set_defaults(handler=cmd_demo)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", action="store_true", help="print engine events as JSON lines instead of progress lines")
+    p.add_argument("--workers", type=int, default=None, help="processes for building a missing cache")
+    p.add_argument("--trace-data", default=None, metavar="FILE",
+                   help="append the sequence ids each step trains on to FILE (one JSON line per step; "
+                        "'.rank<r>' is added under torchrun)")
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from engine.train import Options
+
+    return Options(events=args.events, trace_data=args.trace_data)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engine.train import new_run, run_to_end
+
+    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    cfg = apply_config_flags(cfg, args).validate()
+    return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine.train import resume_run, run_to_end
+
+    return run_to_end(lambda: resume_run(args.ref, Layout.resolve(), _options(args),
+                                         override=lambda cfg: apply_config_flags(cfg, args)))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.train import new_run, run_to_end
+
+    cfg = apply_config_flags(RunConfig.from_dict(DEMO), args).validate()
+    return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers, name_prefix="demo_"))

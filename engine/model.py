@@ -1,0 +1,83 @@
+"""The model: a transformers LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, SDPA attention) from a preset
+or any LlamaConfig JSON, so every checkpoint is a plain HF folder that `from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine.config import ModelConfig
+from engine.errors import UserError
+from engine.presets import get_preset
+
+
+def llama_config(model: ModelConfig, vocab_size: int, seq_len: int) -> LlamaConfig:
+    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read."""
+    if model.model_config is None:
+        kwargs = get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
+    else:
+        try:
+            kwargs = json.loads(Path(model.model_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read model config {model.model_config}: {e}") from None
+        if not isinstance(kwargs, dict):
+            raise UserError(f"model config {model.model_config} must be a JSON object of LlamaConfig fields")
+        kwargs = {k: v for k, v in kwargs.items() if k not in {"architectures", "model_type", "transformers_version"}}
+        kwargs.setdefault("vocab_size", vocab_size)
+        if kwargs["vocab_size"] < vocab_size:
+            raise UserError(f"model config vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+        if kwargs.get("max_position_embeddings", seq_len) < seq_len:
+            raise UserError(f"model config max_position_embeddings {kwargs['max_position_embeddings']} < seq_len {seq_len}")
+    try:
+        config = LlamaConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"invalid model config: {e}") from None
+    return finish_config(config)
+
+
+def finish_config(config: LlamaConfig) -> LlamaConfig:
+    """Training settings that are not part of the shape: SDPA attention, no KV cache."""
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    return config
+
+
+def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    """Random init that depends only on the seed (the global torch RNG is reseeded here)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters: tied input/output embeddings count once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def param_groups(model: LlamaForCausalLM, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay the projection matrices only.
+
+    Norm gains and biases are scales and offsets that decay would pull towards zero for no
+    regularising benefit; the token embedding is excluded too, because decay shrinks the rows of
+    rare tokens, which get few gradient updates to push back.
+    """
+    embedding = model.get_input_embeddings().weight
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and p is not embedding else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of packed rows [batch, seq_len + 1]: x = row[:-1], y = row[1:]."""
+    logits = model(input_ids=rows[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
