@@ -119,8 +119,16 @@ def _check_foreign(path: Path) -> None:
                             "choose another folder")
 
 
-def _try_metadata(path: Path) -> dict[str, Any] | None:
-    return load_metadata(path) if metadata_path(path).exists() else None
+def _try_metadata(path: Path, *, tolerate_corrupt: bool = False) -> dict[str, Any] | None:
+    """None when there is no metadata; corrupt metadata is an error unless we are starting over."""
+    if not metadata_path(path).exists():
+        return None
+    try:
+        return load_metadata(path)
+    except UserError:
+        if tolerate_corrupt:
+            return None
+        raise
 
 
 def _check_compatible(meta: dict[str, Any], path: Path, data: DataConfig, plan: TokenizerPlan,
@@ -284,7 +292,7 @@ def build_cache(data: DataConfig, layout: Layout, *, workers: int | None = None,
         with builder_lock(path, shard):
             with metadata_lock(path):
                 _check_foreign(path)
-                previous = _try_metadata(path)
+                previous = _try_metadata(path, tolerate_corrupt=force_rebuild)
                 if previous is not None and not force_rebuild:
                     _check_compatible(previous, path, data, plan, source)
                     meta = previous
@@ -420,7 +428,8 @@ class _Run:
             return
         tasks = (ChunkTask(c.chunk_id, c.start, c.end, c.payload, expect.get(c.chunk_id))
                  for c in source.chunks(self.meta["docs_per_chunk"], wanted, planned))
-        pool = ProcessPoolExecutor(n_workers, mp_context=_pool_context(), initializer=init_worker, initargs=(spec,))
+        pool = ProcessPoolExecutor(n_workers, mp_context=_pool_context(), initializer=init_worker,
+                                   initargs=(spec, os.getpid()))
         try:
             self._drive(pool, tasks, n_workers)
         except BrokenProcessPool:

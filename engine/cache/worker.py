@@ -1,16 +1,19 @@
 """The build pool's worker: tokenize one chunk's documents, pack, compress, write the file.
 
-Workers run in a forkserver pool (no inherited tokenizer threads or locks), encode on one
-thread each (W processes on W cores beats W processes x W rayon threads), and die with their
-parent: a kill -9 of the builder leaves at most a `.tmp-*` file, which the next run removes.
+Workers run in a forkserver pool (no inherited tokenizer threads or locks) and encode on one
+thread each (W processes on W cores beats W processes x W rayon threads). They watch the
+builder and exit when it is gone: forkserver children are not the builder's children, hold its
+pipes open themselves and would otherwise wait forever after a kill -9 (and keep the forkserver
+alive). A killed build leaves at most a `.tmp-*` or unlisted chunk file, which the next run removes.
 The chunk file is renamed into place here; only the builder's metadata commit makes it visible.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from engine.cache.chunks import compress, doc_length_summary, np_dtype, pack, wr
 from engine.cache.metadata import chunk_filename
 from engine.cache.sources import Payload, payload_texts
 
-PR_SET_PDEATHSIG = 1
+BUILDER_CHECK_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,31 @@ class ChunkEncoder:
 _encoder: ChunkEncoder | None = None
 
 
-def init_worker(spec: BuildSpec) -> None:
+def _builder_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"  # a zombie is dead, just not reaped yet
+    except OSError:
+        return True
+
+
+def _watch_builder(pid: int) -> None:
+    while _builder_alive(pid):
+        time.sleep(BUILDER_CHECK_INTERVAL_S)
+    os._exit(1)
+
+
+def init_worker(spec: BuildSpec, builder_pid: int) -> None:
     global _encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the builder's to handle: it commits, then stops us
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: workers notice the closed pipe instead
+    threading.Thread(target=_watch_builder, args=(builder_pid,), daemon=True, name="watch-builder").start()
     _encoder = ChunkEncoder(spec)
 
 
