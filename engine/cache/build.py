@@ -34,8 +34,8 @@ from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, LOC
 from engine.cache.registry import register_cache
 from engine.cache.sources import Source, derive_dataset_name, open_source
 from engine.cache.stats import write_stats
-from engine.cache.tokenizer import (TokenizerPlan, check_cache_tokenizer, parse_tokenizer_spec, prepare_tokenizer,
-                                    tokenizer_file, write_tokenizer)
+from engine.cache.tokenizer import (TokenizerPlan, check_cache_tokenizer, check_hub_tokenizer, parse_tokenizer_spec,
+                                    prepare_tokenizer, tokenizer_file, write_tokenizer)
 from engine.cache.worker import BuildSpec, ChunkTask, build_chunk, init_worker
 from engine.config import DataConfig
 from engine.errors import UserError
@@ -278,12 +278,17 @@ def build_cache(data: DataConfig, layout: Layout, *, workers: int | None = None,
     existing = None if force_rebuild else _try_metadata(path)
     if existing is not None:
         _check_compatible(existing, path, data, plan, None)
+    else:
+        check_hub_tokenizer(plan)
     source = open_source(data)
     if existing is not None:
         _check_source(existing, path, source)
     _check_writable(path)
     _check_foreign(path)
-    created = not path.exists()
+    created = path  # the topmost folder this build creates: removed again if the first build fails
+    while not created.parent.exists():
+        created = created.parent
+    created_any = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -306,8 +311,8 @@ def build_cache(data: DataConfig, layout: Layout, *, workers: int | None = None,
             run.execute(source, lambda k: wanted_shard(k) and (k not in committed or k in gaps),
                         _planned(meta, data, source), gaps)
     except BaseException:
-        if created and not metadata_path(path).exists():
-            shutil.rmtree(path, ignore_errors=True)  # a refused or interrupted first build leaves nothing
+        if created_any and not metadata_path(path).exists():
+            shutil.rmtree(created, ignore_errors=True)  # a refused or interrupted first build leaves nothing
         raise
     run.raise_mismatches()
     _finish(path, layout, on_event)

@@ -205,7 +205,7 @@ def open_source(data: DataConfig) -> Source:
         raise UserError(f"source {spec!r} does not exist (give stdlib, a local file/folder/glob or a hub dataset name)")
     else:
         source = _hub_source(spec, data)
-    if source.n_docs == 0:
+    if source.n_docs == 0 or source.total_bytes == 0:
         raise UserError(f"source {spec!r} holds no documents")
     return source
 
@@ -269,6 +269,8 @@ def _local_source(spec: str, data: DataConfig) -> Source:
     if not builders:
         return FileSource(spec=resolved, kind="files", n_docs=len(files), total_bytes=sum(st.st_size for st in stats),
                           paths=[str(p) for p in files], fingerprint_parts=parts)
+    if not sum(st.st_size for st in stats):
+        raise UserError(f"source {spec!r} holds no documents")
     builder = builders.pop()
     options = {"text_column": data.text_column, "streaming": bool(data.streaming)}
     ds = _load_dataset(spec, builder, data_files=[str(p) for p in files], split="train", streaming=data.streaming)

@@ -27,6 +27,7 @@ EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
 BPE_SAMPLE_CHARS = 8_000_000  # the training sample: the first documents up to ~8 MB (~2 s on 2 cores)
 TOKENIZER_FILE = "tokenizer.json"
+OFFLINE_TOKENIZERS = "--tokenizer bytes, bpe:<vocab> or a local folder/tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,22 @@ def _train_bpe(vocab: int, source: Source) -> Any:
     return tok
 
 
+def check_hub_tokenizer(plan: TokenizerPlan) -> None:
+    """Fail before any work when a hub tokenizer can be neither downloaded nor found in the HF cache."""
+    if plan.kind != "hf" or os.path.exists(os.path.expanduser(plan.spec)):
+        return
+    reason = prepare_hub_access()
+    if reason is None:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not any(isinstance(try_to_load_from_cache(plan.spec, f), str) for f in (TOKENIZER_FILE, "tokenizer_config.json")):
+        raise unreachable("tokenizer", plan.spec, reason, OFFLINE_TOKENIZERS)
+
+
 def _load_hf(spec: str) -> Any:
     """A transformers fast tokenizer from a tokenizer.json, a local folder or a hub name."""
     path = Path(os.path.expanduser(spec))
-    reason = None if path.exists() else prepare_hub_access()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
@@ -121,9 +134,6 @@ def _load_hf(spec: str) -> Any:
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else spec)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
-        if reason is not None:
-            raise unreachable("tokenizer", spec, reason, "--tokenizer bytes, bpe:<vocab> or a local folder/"
-                              "tokenizer.json") from None
         if path.is_dir() and (path / TOKENIZER_FILE).is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(path / TOKENIZER_FILE))
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
