@@ -15,6 +15,7 @@ re-sharded or loaded after the parameter order changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -61,6 +62,10 @@ class SavedCheckpoint:
     display_name: str
     bytes: int
     seconds: float
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,9 +165,10 @@ class Checkpointer:
             if name.startswith(SUPERSEDED_PREFIX):
                 target = self.dir / name[len(SUPERSEDED_PREFIX):].rsplit("-", 1)[0]
                 if CHECKPOINT_RE.match(target.name) and not target.exists():
-                    os.rename(entry, target)  # crashed between moving the old one aside and the new one in
-                    self.log(f"restored {target.name} from an interrupted replace")
-                    continue
+                    with contextlib.suppress(OSError):  # crashed between moving the old one aside and the new in
+                        os.rename(entry, target)
+                        self.log(f"restored {target.name} from an interrupted replace")
+                    continue  # restored, or kept for the next start if the rename failed
             if name.startswith((f"{TMP_PREFIX}checkpoint_", DELETE_PREFIX, SUPERSEDED_PREFIX, f"{TMP_PREFIX}latest")):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
@@ -171,6 +177,9 @@ class Checkpointer:
                 self.log(f"removed {name} left by an interrupted save or delete")
 
     def _may_clean(self) -> bool:
+        """Rank 0 of the engine that holds (or could take) the lock; never a viewer beside a live engine."""
+        if is_distributed() and torch.distributed.get_rank() != 0:
+            return False
         engine = live_engine(self.layout, self.model_name)
         if engine is not None:
             return engine.pid == os.getpid()
@@ -181,7 +190,7 @@ class Checkpointer:
              trainer_state: dict[str, Any], tokenizer_dir: Path | None = None,
              eval_loss: float | None = None) -> SavedCheckpoint:
         """Commit one checkpoint at an optimizer-step boundary. Only rank 0 calls this."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        if is_distributed() and torch.distributed.get_rank() != 0:
             raise RuntimeError("only rank 0 saves checkpoints")
         started = time.perf_counter()
         net = unwrap(model)

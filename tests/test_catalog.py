@@ -14,7 +14,7 @@ from engine import catalog, protocol
 from engine.checkpoint import MODEL_FILE, Checkpointer
 from engine.control import EngineLock
 from engine.paths import Layout
-from test_checkpoint import trained, trainer_state
+from test_checkpoint import trained_once, trainer_state
 
 HEAVY = ("torch", "transformers", "tokenizers", "datasets", "safetensors")
 
@@ -27,7 +27,7 @@ def layout(tmp_path: Path) -> Layout:
 @pytest.fixture
 def saved(layout: Layout) -> Layout:
     """Model `alpha` with steps 1..3 (step 3 torn by truncation) and model `beta` with step 10."""
-    model, opt = trained()
+    model, opt = trained_once()
     alpha = Checkpointer(layout, "alpha", keep_last=3)
     for step in (1, 2, 3):
         alpha.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step), eval_loss=0.5 * step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -60,6 +61,12 @@ def trained(steps: int = 2, **overrides) -> tuple[LlamaForCausalLM, torch.optim.
     return model, opt
 
 
+@functools.cache
+def trained_once() -> tuple[LlamaForCausalLM, torch.optim.AdamW]:
+    """A shared trained pair for tests that only save it; never step it."""
+    return trained()
+
+
 def trainer_state(step: int, run: int = 1, eval_loss: float | None = None) -> dict:
     return {"run": run, "step": step, "loss": 4.0 - step / 10, "eval_loss": eval_loss, "tokens_seen": step * 32,
             "saved_at": 1_700_000_000.0 + step, "cursor": step * 2,
@@ -68,7 +75,7 @@ def trainer_state(step: int, run: int = 1, eval_loss: float | None = None) -> di
 
 
 def save_steps(ck: Checkpointer, steps, eval_losses=None, **kw) -> None:
-    model, opt = trained()
+    model, opt = trained_once()
     for i, step in enumerate(steps):
         loss = eval_losses[i] if eval_losses else None
         ck.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step), eval_loss=loss, **kw)
@@ -261,19 +268,23 @@ def test_newest_valid_skips_torn_checkpoints_with_reasons(ck: Checkpointer, layo
 def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout: Layout, tmp_path: Path) -> None:
     save_steps(ck, [1])
     script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path[:0] = {[str(Path(__file__).parent), str(Path.cwd())]!r}
+        import os, signal, sys, types
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        import torch
         import engine.checkpoint as c
         from engine.paths import Layout
-        from test_checkpoint import trained, trainer_state
+
+        class Net(torch.nn.Linear):  # no transformers import: the child only has to die mid-save
+            config = types.SimpleNamespace(to_json_string=lambda: "{{}}")
+
         real = c.atomic_write_bytes
         def die_after_manifest(path, data, **kw):
             real(path, data, **kw)
             os.kill(os.getpid(), signal.SIGKILL)  # fully written, never renamed into place
         c.atomic_write_bytes = die_after_manifest
-        model, opt = trained(steps=3)
+        net = Net(4, 4)
         c.Checkpointer(Layout.resolve({str(layout.root)!r}), "tiny_test").save(
-            step=3, model=model, optimizer=opt, trainer_state=trainer_state(3))
+            step=3, model=net, optimizer=torch.optim.AdamW(net.parameters()), trainer_state={{"run": 1}})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr

@@ -16,7 +16,7 @@ from engine import catalog, protocol
 from engine.checkpoint import Checkpointer
 from engine.control import EngineLock
 from engine.paths import Layout
-from test_checkpoint import trained, trainer_state
+from test_checkpoint import trained_once, trainer_state
 from test_cli_info import run_cli  # noqa: F401 - fixture
 
 
@@ -24,7 +24,7 @@ from test_cli_info import run_cli  # noqa: F401 - fixture
 def layout(tmp_path: Path, run_cli) -> Layout:  # noqa: F811 - run_cli points PACKTRAIN_HOME here first
     """`alpha` with steps 1..4 (latest 4, step 1 torn) and `beta` with step 7."""
     layout = Layout.resolve(tmp_path)
-    model, opt = trained()
+    model, opt = trained_once()
     alpha = Checkpointer(layout, "alpha", keep_last=5)
     for step in (1, 2, 3, 4):
         alpha.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step))
