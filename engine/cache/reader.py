@@ -18,15 +18,21 @@ from engine.cache.metadata import TOKENIZER_DIR, load_metadata, manifest_hash
 from engine.errors import UserError
 
 
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
 class ChunkError(UserError):
     """A listed chunk that cannot be used; `cache validate --repair` fixes it."""
 
 
 class PackedCache:
-    def __init__(self, path: str | Path, *, lru_chunks: int = 8) -> None:
+    def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        """`cache_bytes` bounds the decoded chunks kept in memory (the most recent one always stays):
+        the stdlib sample fits whole, a large corpus keeps a window of chunks hot."""
         self.path = Path(path).expanduser().resolve()
         self._lru: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._lru_size = max(1, lru_chunks)
+        self._lru_budget = max(0, cache_bytes)
+        self._lru_bytes = 0
         self._load(load_metadata(self.path))
 
     def _load(self, meta: dict[str, Any]) -> None:
@@ -60,8 +66,8 @@ class PackedCache:
                 f"seq_len={self.seq_len}, generation={self.generation})")
 
     def read_chunk(self, chunk_id: int) -> np.ndarray:
-        """Decoded rows of one chunk (read-only). The hash is checked on each decode, which the
-        LRU makes once per chunk while it stays hot: xxh3 costs far less than the LZ4 decode."""
+        """Decoded rows of one chunk (read-only). The hash is checked on every decode (once per chunk
+        while it stays in the LRU); xxh3 costs a fraction of the LZ4 decode."""
         arr = self._lru.get(chunk_id)
         if arr is not None:
             self._lru.move_to_end(chunk_id)
@@ -75,8 +81,9 @@ class PackedCache:
             raise ChunkError(f"chunk {chunk_id} of cache {self.path} is damaged: {e}; "
                              f"run `packtrain-engine cache validate {self.path} --repair`") from None
         self._lru[chunk_id] = arr
-        if len(self._lru) > self._lru_size:
-            self._lru.popitem(last=False)
+        self._lru_bytes += arr.nbytes
+        while self._lru_bytes > self._lru_budget and len(self._lru) > 1:
+            self._lru_bytes -= self._lru.popitem(last=False)[1].nbytes
         return arr
 
     def rows(self, chunk_id: int, rows: np.ndarray | list[int]) -> np.ndarray:
@@ -88,7 +95,7 @@ class PackedCache:
         self._load(load_metadata(self.path))
         for k in list(self._lru):
             if k not in self._records or self._records[k]["hash"] != old[k]["hash"]:
-                del self._lru[k]
+                self._lru_bytes -= self._lru.pop(k).nbytes
         return old_n, self.n_sequences
 
     def manifest_hash(self, chunk_ids: Iterable[int] | None = None) -> str:
