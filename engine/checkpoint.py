@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -33,8 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir
 from engine.catalog import (
-    DELETE_PREFIX, MANIFEST, TRAINER_STATE, TRAINER_STATE_FORMAT, DISPLAY_RE, InvalidCheckpoint,
-    check_sizes, checkpoint_dirs, checkpoint_problem, display_name, read_latest, read_manifest,
+    DELETE_PREFIX, MANIFEST, TRAINER_STATE, TRAINER_STATE_FORMAT, InvalidCheckpoint, check_sizes,
+    checkpoint_dirs, checkpoint_problem, display_name, find_checkpoint, read_latest, read_manifest,
     read_trainer_state, remove_checkpoint_dir, write_latest,
 )
 from engine.control import engine_lock_held, live_engine
@@ -71,8 +72,9 @@ def is_distributed() -> bool:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, torch.nn.Module):
+        inner = next((m for attr in ("module", "_orig_mod")
+                      if isinstance(m := getattr(model, attr, None), torch.nn.Module)), None)
+        if inner is None:
             return model
         model = inner
 
@@ -139,9 +141,10 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
 class Checkpointer:
     """Saves, validates, rotates and loads the checkpoints of one model.
 
-    Construct it after taking the EngineLock: construction removes the temporaries a crashed save
-    or delete left behind, and only does so when this process is the live engine of the model or
-    no engine holds its lock, so a viewer or a second process can never remove a live save.
+    Construction removes the temporaries a crashed save or delete left behind, but only on rank 0
+    and only when this process is the model's live engine or no engine holds its lock. So it is safe
+    to construct anywhere: a viewer, a second engine refused by the lock or another rank never
+    removes a save in progress. The engine normally creates it after taking the EngineLock.
     """
 
     def __init__(self, layout: Layout, model_name: str, *, keep_last: int = 3,
@@ -259,7 +262,8 @@ class Checkpointer:
         intact = [(step, path) for step, path in checkpoint_dirs(self.dir) if checkpoint_problem(path) is None]
         keep = {path for _, path in intact[: self.keep_last]}
         scored = [(loss, step, path) for step, path in intact
-                  if isinstance(loss := (read_trainer_state(path) or {}).get("eval_loss"), (int, float))]
+                  if isinstance(loss := (read_trainer_state(path) or {}).get("eval_loss"), (int, float))
+                  and math.isfinite(loss)]
         if scored:
             keep.add(min(scored)[2])
         latest = read_latest(self.layout, self.model_name)
@@ -296,8 +300,8 @@ class Checkpointer:
         return problem
 
     def resolve(self, ref: str) -> Path:
-        """A checkpoint folder from the model name (newest valid), `latest`, a display name,
-        a folder name like checkpoint_000762, or a path."""
+        """A checkpoint folder from the model name (newest valid), `latest`, a folder name like
+        checkpoint_000762, a display name or a path inside checkpoints/<model>/."""
         if ref == self.model_name:
             found = self.newest_valid()
             if found is None:
@@ -308,21 +312,12 @@ class Checkpointer:
             if name is None:
                 raise UserError(f"{self.model_name!r} has no latest checkpoint")
             return self.dir / name
-        m = DISPLAY_RE.match(ref)
-        if m and not os.path.exists(ref):
-            if m.group("model") != self.model_name:
-                raise UserError(f"{ref!r} is a checkpoint of {m.group('model')!r}, not {self.model_name!r}")
-            path = self.layout.checkpoint_dir(self.model_name, int(m.group("step")))
-            state = read_trainer_state(path)
-            if state is None or state.get("run") != int(m.group("run")):
-                raise UserError(f"no checkpoint named {ref!r} in {self.dir}")
-            return path
         if CHECKPOINT_RE.match(ref) and (self.dir / ref).is_dir():
             return self.dir / ref
-        path = Path(ref).expanduser()
-        if path.is_dir():
-            return path.resolve()
-        raise UserError(f"no checkpoint {ref!r}: give the model name, a display name or a checkpoint folder")
+        path = find_checkpoint(self.layout, ref)  # a display name or a folder inside checkpoints/
+        if path.parent != self.dir.resolve():
+            raise UserError(f"{ref!r} is a checkpoint of {path.parent.name!r}, not {self.model_name!r}")
+        return path
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
         """Restore weights (and optimizer state) after the full check; returns trainer_state.

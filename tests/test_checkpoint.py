@@ -382,10 +382,13 @@ def test_resolve_references(ck: Checkpointer, tmp_path: Path) -> None:
     assert ck.resolve("checkpoint_000001") == ck.dir / "checkpoint_000001"
     assert ck.resolve(str(two)) == two
     for bad, message in (("tiny_test_checkpoint_1_run_7", "no checkpoint named"),
-                         ("other_checkpoint_1_run_1", "is a checkpoint of 'other'"),
+                         ("other_checkpoint_1_run_1", "no checkpoint named"),
                          ("nope", "no checkpoint 'nope'")):
         with pytest.raises(UserError, match=message):
             ck.resolve(bad)
+    save_steps(Checkpointer(ck.layout, "other"), [1])
+    with pytest.raises(UserError, match="is a checkpoint of 'other', not 'tiny_test'"):
+        ck.resolve("other_checkpoint_1_run_1")
     empty = Checkpointer(Layout.resolve(tmp_path / "empty"), "tiny_test")
     with pytest.raises(UserError, match="no valid checkpoint"):
         empty.resolve("tiny_test")
