@@ -22,6 +22,9 @@ def test_rows_lru_and_manifest(tiny_cache: Path) -> None:
     assert cache.read_chunk(3) is chunk
     np.testing.assert_array_equal(cache.rows(3, [2, 0]), chunk[[2, 0]])
     np.testing.assert_array_equal(cache.rows(3, np.array([1])), chunk[1:2])
+    batch = cache.gather([3, 0, 3], [1, 2, 0])
+    np.testing.assert_array_equal(batch, np.stack([chunk[1], cache.read_chunk(0)[2], chunk[0]]))
+    assert batch.dtype == cache.dtype and batch.flags.writeable
     tight = PackedCache(tiny_cache, cache_bytes=0)
     first = tight.read_chunk(3)
     tight.read_chunk(4)

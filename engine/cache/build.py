@@ -324,7 +324,7 @@ def fill_cache(path: str | Path, *, workers: int | None = None, on_event: EventS
     """Build only the missing chunks of the planned range (and listed chunks whose file is gone or
     truncated) from the metadata's own source and tokenizer; returns the chunk ids built."""
     path = resolve_cache_path(path, layout)
-    meta = load_metadata(path)
+    load_metadata(path)  # refuse a folder that is not a cache before creating lock files in it
     with builder_lock(path):
         with metadata_lock(path):
             meta = load_metadata(path)
@@ -435,8 +435,9 @@ class _Run:
                  for c in source.chunks(self.meta["docs_per_chunk"], wanted, planned))
         pool = ProcessPoolExecutor(n_workers, mp_context=_pool_context(), initializer=init_worker,
                                    initargs=(spec, os.getpid()))
+        inflight: dict[Future[dict[str, Any]], ChunkTask] = {}
         try:
-            self._drive(pool, tasks, n_workers)
+            self._drive(pool, tasks, n_workers, inflight)
         except BrokenProcessPool:
             raise UserError("a build worker died (out of memory?); rerun the same command to continue") from None
         except OSError as e:
@@ -444,11 +445,14 @@ class _Run:
             raise UserError(f"building cache {self.path} failed: {e.strerror or e}{where}") from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            for future in inflight:  # chunks that finished while we were stopping count too
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self._record(future.result())
             self._commit(final=True, n_workers=n_workers)  # whatever finished stays, even on Ctrl-C
         self._progress(force=True)
 
-    def _drive(self, pool: ProcessPoolExecutor, tasks: Iterable[ChunkTask], n_workers: int) -> None:
-        inflight: dict[Future[dict[str, Any]], ChunkTask] = {}
+    def _drive(self, pool: ProcessPoolExecutor, tasks: Iterable[ChunkTask], n_workers: int,
+               inflight: dict[Future[dict[str, Any]], ChunkTask]) -> None:
         todo = iter(tasks)
         exhausted = False
         while True:

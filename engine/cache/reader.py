@@ -7,7 +7,7 @@ after its file was written, fsynced and renamed into place, so a half-written ch
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,16 @@ class PackedCache:
 
     def rows(self, chunk_id: int, rows: np.ndarray | list[int]) -> np.ndarray:
         return self.read_chunk(chunk_id)[np.asarray(rows, dtype=np.int64)]
+
+    def gather(self, chunk_ids: Sequence[int], rows: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """Row rows[i] of chunk chunk_ids[i] into out[i]: one training batch, [len(rows), seq_len+1]."""
+        if out is None:
+            out = np.empty((len(rows), self.seq_len + 1), dtype=self.dtype)
+        lru = self._lru
+        for i, (k, r) in enumerate(zip(chunk_ids, rows)):
+            arr = lru.get(k)
+            out[i] = (self.read_chunk(k) if arr is None else arr)[r]
+        return out
 
     def refresh(self) -> tuple[int, int]:
         """Pick up chunks committed since opening; returns (old n_sequences, new n_sequences)."""

@@ -63,7 +63,10 @@ def parse_tokenizer_spec(spec: str) -> TokenizerPlan:
         return TokenizerPlan(spec, "bpe", vocab)
     if not spec:
         raise UserError("no tokenizer given: use bytes, bpe:<vocab>, a hub name, a folder or a tokenizer.json")
-    if not os.path.exists(os.path.expanduser(spec)) and not is_hub_name(spec):
+    local = os.path.expanduser(spec)
+    if os.path.exists(local):
+        return TokenizerPlan(str(Path(local).resolve()), "hf")
+    if not is_hub_name(spec):
         raise UserError(f"tokenizer {spec!r} does not exist (give bytes, bpe:<vocab>, a hub name, a folder or a "
                         "tokenizer.json)")
     return TokenizerPlan(spec, "hf")
