@@ -333,12 +333,9 @@ def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def list_caches(layout: Layout) -> list[dict[str, Any]]:
-    """Caches from engine.cache.registry; empty until that module exists (imported lazily so the
-    catalog keeps working without it)."""
-    try:
-        from engine.cache.registry import list_caches as registry_list
-    except ImportError:
-        return []
+    """The cache registry (engine.cache.registry), imported on first use to keep this module small."""
+    from engine.cache.registry import list_caches as registry_list
+
     return registry_list(layout)
 
 

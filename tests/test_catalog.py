@@ -141,3 +141,8 @@ def test_catalog_never_imports_the_training_stack(saved: Layout) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr
+
+
+def test_list_caches_comes_from_the_cache_registry(root: Path, tiny_cache: Path) -> None:
+    caches = catalog.list_caches(Layout.resolve(root))
+    assert [(c["path"], c["status"]) for c in caches] == [(str(tiny_cache), "ok")]
