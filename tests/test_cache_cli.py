@@ -121,7 +121,7 @@ def test_validate_info_list_json(tmp_path: Path, inputs: Path) -> None:
     assert "c  " in engine(root, "cache", "list").stdout
 
 
-def test_registry_is_import_light() -> None:
-    code = ("import sys, engine.cache.registry, engine.cache.metadata; "
+def test_modules_the_tui_imports_are_light() -> None:
+    code = ("import sys, engine.cache.registry, engine.cache.metadata, engine.cache.sources; "
             "print([m for m in ('torch', 'tokenizers', 'datasets', 'transformers', 'numpy') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

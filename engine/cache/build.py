@@ -235,7 +235,7 @@ def _create(path: Path, data: DataConfig, source: Source, plan: TokenizerPlan, p
     sha = write_tokenizer(path, prepared)
     now = time.time()
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dataset_name": path.name,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dataset_name": derive_dataset_name(data),
         "created": now, "updated": now,
         "source": source.identity(),
         "tokenizer": {"spec": plan.spec, "kind": plan.kind, "sha256": sha, "dir": TOKENIZER_DIR,

@@ -56,6 +56,10 @@ class CacheReporter:
                   "eta": format_eta(e.eta_s) if e.eta_s is None or e.eta_s >= 60 else f"{e.eta_s:.0f}s"}
         task = self._tasks.get(e.stage)
         if task is None:
+            for stage, other in list(self._tasks.items()):  # an open-ended stage (the tokenizer) is over
+                if self._progress.tasks[other].total is None:
+                    self._progress.remove_task(other)
+                    del self._tasks[stage]
             task = self._tasks[e.stage] = self._progress.add_task(STAGE_LABELS.get(e.stage, e.stage),
                                                                   total=e.chunks_total or None, **fields)
         self._progress.update(task, completed=e.chunks_done, total=e.chunks_total or None, **fields)
