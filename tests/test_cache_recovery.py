@@ -163,3 +163,21 @@ def test_corrupt_metadata_is_one_line_and_force_rebuild_recovers(tiny_cache: Pat
         assert len(proc.stderr.strip().splitlines()) == 1
     engine(root, *build_args, "--force-rebuild")
     assert PackedCache(tiny_cache).manifest_hash() == manifest
+
+
+def test_one_builder_per_cache(tiny_cache: Path, tiny_corpus: Path, root: Path) -> None:
+    from engine.cache.build import build_cache, fill_cache
+    from engine.cache.locks import builder_lock
+    from engine.config import DataConfig
+    from engine.paths import Layout
+
+    data = DataConfig(source=str(tiny_corpus), dataset_name="tiny", tokenizer="bytes", seq_len=32, docs_per_chunk=4)
+    with builder_lock(tiny_cache):
+        with pytest.raises(UserError, match="another builder is working on cache"):
+            build_cache(data, Layout.resolve(root))
+        with pytest.raises(UserError, match="another builder is working on cache"):
+            fill_cache(tiny_cache)
+        with pytest.raises(UserError, match="an unsharded build, fill or repair is running"):
+            build_cache(data, Layout.resolve(root), shard=(0, 2))
+        assert validate_cache(tiny_cache).building
+    assert validate_cache(tiny_cache).ok
