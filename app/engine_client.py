@@ -87,7 +87,13 @@ async def run_command(layout: Layout, *args: str) -> CommandResult:
         *engine_argv(layout, *args), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=engine_env(),
     )
-    out, err = await proc.communicate()
+    try:
+        out, err = await proc.communicate()
+    except asyncio.CancelledError:  # the screen went away: do not leave the child behind
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     return CommandResult(proc.returncode or 0, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
 
 

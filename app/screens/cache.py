@@ -166,7 +166,7 @@ class CacheScreen(Screen[None]):
         self.query_one("#cache-progress", ProgressBar).update(total=max(ready.chunks, 1), progress=max(ready.chunks, 1))
         self.bad = list(ready.bad)
         if not ready.ok or self.bad:
-            self._set("cache-result", f"✗ {len(self.bad)} bad chunk(s) of {ready.chunks:,}:\n"
+            self._set("cache-result", f"✗ {len(self.bad)} bad chunk(s) ({ready.chunks:,} good):\n"
                                       + bad_chunks_text(self.bad))
             self._set("cache-hint", "R repairs exactly these chunks · Esc goes back")
             return

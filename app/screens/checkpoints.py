@@ -88,7 +88,8 @@ class CheckpointsScreen(Screen[None]):
         table = self.query_one(DataTable)
         current = self._current_key()
         if [str(k.value) for k in table.rows] != [k for k, _ in rows] or self._cells_changed(table, rows):
-            table.clear()
+            table.clear(columns=True)  # columns too, so their widths shrink back to the content
+            table.add_columns(*COLUMNS)
             for key, cells in rows:
                 table.add_row(*cells, key=key)
             if current is not None and current in table.rows:
@@ -114,7 +115,7 @@ class CheckpointsScreen(Screen[None]):
         self.query_one("#detail", Static).update(text)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self._show_detail(str(event.row_key.value) if event.row_key is not None else None)
+        self._show_detail(self._current_key())
 
     @staticmethod
     def _cells_changed(table: DataTable[str], rows: list[tuple[str, tuple[str, ...]]]) -> bool:

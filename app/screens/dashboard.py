@@ -59,16 +59,18 @@ def plan_text(state: RunState) -> str:
     lines = []
     if state.plan is not None:
         p = state.plan
-        lines.append(f"Plan: {p.epochs:g} epoch(s), {p.total_steps:,} steps, warmup {p.warmup_steps:,}")
-        lines.append(f"Data: {p.n_sequences:,} seqs, batch {p.global_batch}, {p.schedule}")
+        lines.append(f"Plan: {p.total_steps:,} steps · {p.epochs:g} ep · warmup {p.warmup_steps:,}")
+        lines.append(f"Data: {p.n_sequences:,} seqs · batch {p.global_batch} · {p.schedule}")
     if state.expanded is not None:
         x = state.expanded
         lines.append(f"Dataset expanded: {x.n_before:,} → {x.n_after:,} sequences")
     if state.step is not None:
         lines.append(f"LR {state.step.lr:.2e} · grad norm {state.step.grad_norm:.3f}")
     c = state.last_checkpoint
-    lines.append(f"Last checkpoint: {c.display_name} ({format_bytes(c.bytes)}, {format_time(c.ts)})"
-                 if c else "Last checkpoint: none yet")
+    if c is None:
+        lines.append("Last checkpoint: none yet")
+    else:
+        lines += [f"Last checkpoint ({format_bytes(c.bytes)}, {format_time(c.ts)}):", c.display_name]
     return "\n".join(lines)
 
 
@@ -111,8 +113,8 @@ class DashboardScreen(Screen[None]):
     def update_view(self) -> None:
         s = self.state
         self.query_one("#headline", Static).update(headline(s))
-        self.query_one("#progress", ProgressBar).update(total=s.total_steps or None,
-                                                        progress=s.step.step if s.step else 0)
+        total = s.total_steps or (None if s.active else 1)  # no endless animation once it ended
+        self.query_one("#progress", ProgressBar).update(total=total, progress=s.step.step if s.step else 0)
         self.query_one(MetricSparks).show({"tok_s": s.tok_s, "rss_gb": s.rss_gb, "device_gb": s.device_gb})
         self.query_one("#plan", Static).update(plan_text(s))
         self.query_one("#status", Static).update(status_line(s))
