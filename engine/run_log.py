@@ -23,7 +23,7 @@ def human(event: P.Event) -> str | None:
     if isinstance(event, P.Eval):
         return f"Eval at step {event.step:,}: loss {event.loss:.3f} | perplexity {event.perplexity:,.2f}"
     if isinstance(event, P.CheckpointSaved):
-        return f"Saved {event.display_name} ({event.bytes / 1e6:,.1f} MB in {event.seconds:.1f}s) -> {event.path}"
+        return f"Saved {event.display_name} ({event.bytes / 1e6:,.1f} MB in {event.seconds:.2f}s) -> {event.path}"
     if isinstance(event, P.RunStarted):
         where = f"resumed from {event.resumed_from}" if event.resumed_from else "new run"
         return f"Run {event.run} of {event.model} ({where}), step {event.start_step:,}, world size {event.world_size}"

@@ -34,7 +34,7 @@ from engine.atomic import atomic_write_json, read_json
 from engine.catalog import DISPLAY_RE, TRAINER_STATE_FORMAT, display_name
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
-from engine.data import WINDOW, DataOrder, check_resume_cache, rank_slice, read_sequences, split_ids
+from engine.data import DataOrder, check_resume_cache, rank_slice, read_sequences, split_ids
 from engine.errors import UserError
 from engine.model import build_model, count_params, finish_config, llama_config, lm_loss, param_groups
 from engine.names import existing_names, suggest_names
@@ -308,12 +308,15 @@ class Trainer:
                  "stop_at_checkpoint" in cmds]
         return tuple(D.any_flags(self.dist, flags))  # type: ignore[return-value]
 
-    def pause(self) -> bool:
-        """Hold between steps until resumed; True when a stop arrived while paused."""
+    def pause(self, loss: float | None) -> bool:
+        """Hold between steps until resumed (saving on request meanwhile); True if a stop arrived."""
         self.log.emit(P.State(state="paused", reason="requested"))
         while True:
             time.sleep(0.2)
-            stop, _, _, resume, _ = self.control()
+            stop, save, _, resume, stop_at_ckpt = self.control()
+            self.stop_at_checkpoint |= stop_at_ckpt
+            if save:
+                self.save(loss)
             if stop:
                 return True
             if resume:
@@ -424,7 +427,7 @@ class Trainer:
                 self.save(last_loss)
             if pause and not stop:
                 t_pause = time.perf_counter()
-                stop = self.pause()
+                stop = self.pause(last_loss)
                 t_log += time.perf_counter() - t_pause  # paused time is neither training nor elapsed
             if stop and not done:
                 self.log.emit(P.State(state="stopping", reason="signal" if self.signalled else "requested"))
@@ -515,7 +518,7 @@ def open_cache(cfg: RunConfig, layout: Layout, dist: D.Dist, log: RunLog, *, wor
             log.info(f"Building cache {path} from {d.source} ...")
             build_cache(d, layout, workers=workers, on_event=log.emit)
         D.barrier(dist)
-    return PackedCache(path, lru_chunks=2 * WINDOW)
+    return PackedCache(path)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch.optim.Optimizer:
@@ -613,7 +616,7 @@ def model_of(ref: str, layout: Layout) -> str:
 
 def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None) -> Trainer:
     """Rebuild the exact training state a checkpoint holds; refuse if its data changed underneath."""
-    from engine.checkpoint import Checkpointer
+    from engine.checkpoint import Checkpointer, verify
 
     name = model_of(ref, layout)
     history = read_run_json(layout, name)
@@ -628,10 +631,13 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None) ->
     log = RunLog(events=opts.events, enabled=dist.is_main)
     checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
     path = Path(D.broadcast(dist, str(checkpointer.resolve(ref)) if dist.is_main else None))
+    problem = verify(path)  # before reading its config: a torn or foreign folder goes no further
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is unusable: {problem}")
     from transformers import LlamaConfig
 
     try:
-        config = finish_config(LlamaConfig.from_pretrained(str(path)))
+        config = finish_config(LlamaConfig.from_json_file(str(path / "config.json")))
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} has no usable config.json: {e}") from None
     model = prepare_model(config, cfg, device, dist)

@@ -1,0 +1,158 @@
+"""The engine process: control commands from another process, signals, the lock, and bad input
+refused with one line and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.control import live_engine, send_command
+from engine.paths import Layout
+from tests.train_support import (
+    build_tiny_cache, data_flags, read_log, run_engine, start_engine, train_flags, wait_event, write_corpus,
+)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    corpus = write_corpus(root)
+    build_tiny_cache(root, corpus)
+    done = run_engine(root, "train", "--name", "done", *data_flags(corpus), *train_flags(max_steps=6, save_interval=3))
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if "__pycache__" not in p.parts}
+
+
+def refused(root: Path, capsys: pytest.CaptureFixture, *argv: str) -> str:
+    before = snapshot(root)
+    rc = main(["--root", str(root), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert snapshot(root) == before, "a refused command wrote something"
+    return err
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--lr", "-1"], "train.lr"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--name", "../escape"], "invalid model name"),
+    (["--name", "a/b"], "invalid model name"),
+    (["--micro-batch", "zero"], "expected int"),
+    (["--cache", "/nonexistent/cache"], "no packed cache"),
+    (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    (["--name", "done"], "already exists"),
+])
+def test_bad_train_input_is_one_line_and_writes_nothing(root: Path, capsys: pytest.CaptureFixture,
+                                                        argv: list[str], match: str) -> None:
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=2)]
+    assert match in refused(root, capsys, "train", *flags, *argv)
+
+
+def test_bad_config_file(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lerning_rate: 1\n")
+    assert "lerning_rate" in refused(root, capsys, "train", "--config", str(bad))
+
+
+def test_resume_refusals(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert "finished" in refused(root, capsys, "resume", "done")
+    assert "cannot change train.lr" in refused(root, capsys, "resume", "done", "--lr", "1")
+    assert "global batch" in refused(root, capsys, "resume", "done", "--micro-batch", "3", "--max-steps", "9")
+    assert "no run named" in refused(root, capsys, "resume", "nobody")
+    foreign = root / "checkpoints" / "done" / "checkpoint_000099"
+    foreign.mkdir()
+    (foreign / "trainer_state.json").write_text("{}")
+    try:
+        refused(root, capsys, "resume", str(foreign), "--max-steps", "9")
+    finally:
+        shutil.rmtree(foreign)
+
+
+def test_torn_newest_checkpoint_falls_back_and_a_torn_explicit_one_is_refused(root: Path, capsys) -> None:
+    model = root / "checkpoints" / "done"
+    copy = root / "checkpoints" / "tornrun"
+    shutil.copytree(model, copy)
+    try:
+        (copy / "checkpoint_000006" / "model.safetensors").write_bytes(b"torn")
+        err = refused(root, capsys, "resume", str(copy / "checkpoint_000006"), "--max-steps", "9")
+        assert "unusable" in err or "torn" in err or "mismatch" in err
+        done = run_engine(root, "resume", "tornrun", "--max-steps", "4")  # newest valid is step 3
+        assert "finished at step 3 of 4" not in done.stderr
+        assert done.returncode == 0, done.stderr
+        assert read_log(root, "tornrun", 2)[0]["start_step"] == 3
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_resume_refuses_a_cache_whose_used_chunks_changed(root: Path, capsys: pytest.CaptureFixture) -> None:
+    meta_path = root / "cache" / "packed_sequences" / "32" / "docs" / "cache_metadata.json"
+    original = meta_path.read_text()
+    meta = json.loads(original)
+    meta["chunks"][0]["hash"] = "0" * len(meta["chunks"][0]["hash"])
+    meta_path.write_text(json.dumps(meta))
+    try:
+        err = refused(root, capsys, "resume", "done", "--max-steps", "9")
+        assert "changed" in err or "damaged" in err or "invalid" in err
+    finally:
+        meta_path.write_text(original)
+
+
+@pytest.mark.slow
+def test_control_channel_and_lock(root: Path) -> None:
+    layout = Layout.resolve(root)
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=7)]
+    proc = start_engine(root, "train", "--name", "steer", *flags)
+    try:
+        wait_event(proc, lambda e: e["event"] == "step" and e["step"] >= 2)
+        info = live_engine(layout, "steer")
+        assert info is not None and info.pid == proc.pid
+
+        send_command(layout, "steer", "pause")
+        paused = wait_event(proc, lambda e: e["event"] == "state" and e["state"] == "paused")
+        send_command(layout, "steer", "save")
+        saved = wait_event(proc, lambda e: e["event"] == "checkpoint_saved")
+        time.sleep(0.6)
+        logged = [e for e in read_log(root, "steer", 1) if e["event"] == "step"]
+        assert all(e["ts"] <= paused["ts"] + 0.01 for e in logged), "stepped while paused"
+        assert logged[-1]["step"] == saved["step"]
+
+        second = run_engine(root, "resume", "steer")  # a second engine on the same model
+        assert second.returncode != 0 and "another engine" in second.stderr
+
+        send_command(layout, "steer", "resume")
+        wait_event(proc, lambda e: e["event"] == "state" and e["state"] == "running")
+        wait_event(proc, lambda e: e["event"] == "step" and e["step"] > saved["step"])
+        send_command(layout, "steer", "stop_at_checkpoint")
+        last = wait_event(proc, lambda e: e["event"] == "checkpoint_saved" and e["step"] > saved["step"])
+        finished = wait_event(proc, lambda e: e["event"] == "finished")
+        assert last["step"] % 7 == 0 and finished["reason"] == "stopped" and finished["step"] == last["step"]
+        assert proc.wait(timeout=60) == 0
+        assert live_engine(layout, "steer") is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_sigint_finishes_the_step_saves_and_exits_zero(root: Path) -> None:
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=1000)]
+    proc = start_engine(root, "train", "--name", "interrupted", *flags)
+    wait_event(proc, lambda e: e["event"] == "step" and e["step"] >= 3)
+    os.kill(proc.pid, signal.SIGINT)
+    saved = wait_event(proc, lambda e: e["event"] == "checkpoint_saved")
+    finished = wait_event(proc, lambda e: e["event"] == "finished")
+    assert proc.wait(timeout=60) == 0
+    assert finished["reason"] == "stopped" and finished["step"] == saved["step"]
+    assert (root / "checkpoints" / "interrupted" / f"checkpoint_{saved['step']:06d}" / "MANIFEST.json").exists()
