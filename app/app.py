@@ -118,6 +118,9 @@ class PacktrainApp(App[None]):
         except EngineGone as e:
             state.fail(str(e), e.lines)
             self.post_message(EngineUpdate(state))
+        except (OSError, ValueError) as e:  # an unreadable log: say so rather than freeze the dashboard
+            state.fail(f"cannot follow the engine's log: {e}", [])
+            self.post_message(EngineUpdate(state))
 
     def on_engine_update(self, message: EngineUpdate) -> None:
         for screen in self.screen_stack:

@@ -23,6 +23,10 @@ def format_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
+def format_clock(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
 def format_loss(loss: float | None) -> str:
     return "-" if loss is None else f"{loss:.3f}"
 

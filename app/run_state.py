@@ -73,9 +73,8 @@ def event_line(event: protocol.Event) -> str | None:
         was = f" (was {e.previous_total_steps:,})" if e.previous_total_steps else ""
         return (f"Plan: {e.total_steps:,} steps{was}, warmup {e.warmup_steps:,}, {e.epochs:g} epoch(s), "
                 f"{e.n_sequences:,} sequences, global batch {e.global_batch}, {e.schedule}")
-    if isinstance(e, protocol.CacheExpanded):
-        return (f"Dataset expanded: {e.n_before:,} → {e.n_after:,} sequences; "
-                f"using dynamic total steps: {e.total_steps_after:,} (was {e.total_steps_before:,})")
+    if isinstance(e, protocol.CacheExpanded):  # the engine logs "Dataset expanded: A → B" itself
+        return f"Using dynamic total steps: {e.total_steps_after:,} (was {e.total_steps_before:,})"
     if isinstance(e, protocol.CheckpointSaved):
         return f"Saved {e.display_name} ({e.bytes / 1e6:,.1f} MB in {e.seconds:.1f}s)"
     if isinstance(e, protocol.Eval):

@@ -122,7 +122,7 @@ async def test_new_training_flow_end_to_end(layout: Layout, tmp_path: Path) -> N
         await wait_for(pilot, lambda: step_of(app) > first, 60, "a later step")
         assert "Step " in screen_text(app) and "/16 (" in screen_text(app) and " tok/s | ETA " in screen_text(app)
         await wait_for(pilot, lambda: "Finished (completed) at step 16" in screen_text(app), 90, "the end")
-        assert "Last checkpoint (" in screen_text(app) and "tui_run_checkpoint_16_run_1" in screen_text(app)
+        assert "Saved step 16 · " in screen_text(app) and "tui_run_checkpoint_16_run_1" in screen_text(app)
 
         await pilot.press("escape")
         await wait_for(pilot, lambda: "tui_run_checkpoint_16_run_1" in screen_text(app), 10, "the new checkpoint")
@@ -220,7 +220,9 @@ async def test_resume_from_the_list_notices_the_grown_cache(layout: Layout, tmp_
         assert state.started.start_step == start_step and state.started.resumed_from
         await wait_for(pilot, lambda: state.finished is not None, 90, "the resumed run to finish")
         assert state.finished.reason == "completed" and state.finished.step > start_step
-        assert any(line.startswith("Dataset expanded: ") for line in state.logs) or state.expanded is not None
+        assert state.expanded is not None and state.expanded.n_after > state.expanded.n_before
+        assert f"Dataset expanded: {state.expanded.n_before:,} → {state.expanded.n_after:,} sequences" in str(notice)
+        assert "Dataset expanded: " in screen_text(app)  # the dashboard's plan panel says it too
 
 
 async def test_delete_with_confirm_and_cancel(layout: Layout, tmp_path: Path) -> None:

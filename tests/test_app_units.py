@@ -69,7 +69,7 @@ def test_fold_events_into_state() -> None:
         P.State(state="paused"),
     ])
     assert state.status == "paused" and state.total_steps == 500 and state.expanded is not None
-    assert "Dataset expanded: 4,000 → 6,000 sequences; using dynamic total steps: 750 (was 500)" in state.logs
+    assert "Using dynamic total steps: 750 (was 500)" in state.logs
     state.apply([P.Error(message="out of memory", detail="Traceback\n  boom"),
                  P.Finished(step=101, reason="error")])
     assert state.status == "error" and state.error == "out of memory" and state.error_lines == ["Traceback", "  boom"]

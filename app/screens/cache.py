@@ -7,7 +7,7 @@ progress bar, so the TUI shows the engine's own verdicts (bad chunks and their r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class CacheJob:
     engine_args: list[str]
     build_args: list[str] | None = None
     expected_sequences: int | None = None  # what the checkpoint trained on (resume only)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def verb(self) -> str:

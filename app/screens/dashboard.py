@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Log, ProgressBar, Static
 
-from app.formatting import format_bytes, format_time
+from app.formatting import format_bytes, format_clock
 from app.run_state import LOG_LINES, RunState
 from app.screens.modals import ConfirmScreen, HelpScreen
 from app.widgets.loss_plot import LossPlot
@@ -56,21 +56,21 @@ def status_line(state: RunState) -> str:
 
 
 def plan_text(state: RunState) -> str:
+    """Short lines for the side panel (34 columns at 80x24)."""
     lines = []
     if state.plan is not None:
         p = state.plan
-        lines.append(f"Plan: {p.total_steps:,} steps · {p.epochs:g} ep · warmup {p.warmup_steps:,}")
-        lines.append(f"Data: {p.n_sequences:,} seqs · batch {p.global_batch} · {p.schedule}")
+        lines += [f"Plan  {p.total_steps:,} steps · warmup {p.warmup_steps:,}",
+                  f"      {p.epochs:g} epoch(s) · {p.schedule}",
+                  f"Data  {p.n_sequences:,} seqs · batch {p.global_batch}"]
     if state.expanded is not None:
         x = state.expanded
         lines.append(f"Dataset expanded: {x.n_before:,} → {x.n_after:,} sequences")
-    if state.step is not None:
-        lines.append(f"LR {state.step.lr:.2e} · grad norm {state.step.grad_norm:.3f}")
     c = state.last_checkpoint
     if c is None:
-        lines.append("Last checkpoint: none yet")
+        lines.append("Saved none yet")
     else:
-        lines += [f"Last checkpoint ({format_bytes(c.bytes)}, {format_time(c.ts)}):", c.display_name]
+        lines += [f"Saved step {c.step:,} · {format_bytes(c.bytes)} · {format_clock(c.ts)}", c.display_name]
     return "\n".join(lines)
 
 
@@ -115,7 +115,8 @@ class DashboardScreen(Screen[None]):
         self.query_one("#headline", Static).update(headline(s))
         total = s.total_steps or (None if s.active else 1)  # no endless animation once it ended
         self.query_one("#progress", ProgressBar).update(total=total, progress=s.step.step if s.step else 0)
-        self.query_one(MetricSparks).show({"tok_s": s.tok_s, "rss_gb": s.rss_gb, "device_gb": s.device_gb})
+        self.query_one(MetricSparks).show({"tok_s": s.tok_s, "rss_gb": s.rss_gb, "device_gb": s.device_gb,
+                                           "lr": s.lr, "grad_norm": s.grad_norm})
         self.query_one("#plan", Static).update(plan_text(s))
         self.query_one("#status", Static).update(status_line(s))
         error = self.query_one("#error", Static)

@@ -1,4 +1,4 @@
-"""Sparklines for throughput and memory on one time axis, with the latest values beside them."""
+"""Sparklines for throughput, memory, LR and grad norm on one step axis, latest values beside them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ SPARKS = (
     ("tok_s", "tok/s", "{:,.0f}"),
     ("rss_gb", "RAM", "{:.2f} GB"),
     ("device_gb", "device", "{:.2f} GB"),
+    ("lr", "LR", "{:.2e}"),
+    ("grad_norm", "grad", "{:.3f}"),
 )
 
 
