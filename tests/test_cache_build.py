@@ -12,7 +12,7 @@ import pytest
 
 from conftest import corpus_texts, write_txt_corpus
 from engine.cache.build import build_cache, derive_dataset_name, fill_cache
-from engine.cache.metadata import chunk_filename, load_metadata
+from engine.cache.metadata import chunk_filename
 from engine.cache.reader import PackedCache
 from engine.cache.validate import validate_cache
 from engine.config import DataConfig

@@ -392,7 +392,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     """forkserver: workers never inherit the builder's tokenizer threads, locks or open files, and
     start in milliseconds once the server has imported the worker module."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["engine.cache.worker"])
+    ctx.set_forkserver_preload(["engine.cache.worker", "tokenizers"])
     return ctx
 
 

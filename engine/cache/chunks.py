@@ -8,7 +8,6 @@ byte for byte. numpy + lz4 + xxhash only: the reader imports this, not the token
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -18,7 +17,7 @@ import lz4.frame
 import numpy as np
 import xxhash
 
-from engine.atomic import tmp_name
+from engine.atomic import atomic_write_bytes
 from engine.cache.metadata import chunk_filename
 
 HIST_BITS = 6  # doc-length histogram keeps the top 6 bits: exact below 64 tokens, within 3% above
@@ -78,16 +77,7 @@ def compress(rows: np.ndarray) -> tuple[bytes, str, int]:
 def write_chunk_file(cache_dir: Path, chunk_id: int, data: bytes) -> Path:
     """tmp -> fsync -> rename. The directory fsync comes with the metadata commit that lists it."""
     target = cache_dir / chunk_filename(chunk_id)
-    tmp = tmp_name(target)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data, sync_dir=False)
     return target
 
 
