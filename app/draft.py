@@ -36,18 +36,17 @@ def default_config(hardware: dict[str, Any] | None, base: RunConfig | None = Non
     return cfg
 
 
-def vocab_guess(tokenizer: str) -> int:
+def vocab_guess(tokenizer: str) -> int | None:
+    """The vocabulary a tokenizer spec implies, or None when only loading it would tell."""
     match = re.fullmatch(r"bpe:(\d+)", tokenizer.strip())
     if match:
         return int(match.group(1))
-    if tokenizer.strip() == "bytes":
-        return 256
-    return UNKNOWN_VOCAB
+    return 257 if tokenizer.strip() == "bytes" else None  # 256 byte values + end of text
 
 
 def param_count(cfg: RunConfig) -> int:
     preset = PRESETS.get(cfg.model.preset)
-    return preset.n_params(vocab_guess(cfg.data.tokenizer)) if preset else 0
+    return preset.n_params(vocab_guess(cfg.data.tokenizer) or UNKNOWN_VOCAB) if preset else 0
 
 
 def dataset_label(cfg: RunConfig) -> str:

@@ -25,6 +25,7 @@ from engine.paths import Layout
 
 POLL_S = 0.25
 READ_CHUNK = 4 << 20  # bytes of log decoded per read, so attaching to a huge log never spikes memory
+CONSOLE_MARK = "--- packtrain-engine "
 
 
 def engine_argv(layout: Layout, *args: str) -> list[str]:
@@ -42,7 +43,8 @@ def engine_env() -> dict[str, str]:
 
 
 def tail_lines(path: Path | None, n: int = 12) -> list[str]:
-    """The last lines of a text file (an engine's console output), for error reports."""
+    """The last lines an engine printed to its console file since it was started (the file
+    collects every TUI-started run of a model, each after a CONSOLE_MARK line)."""
     if path is None:
         return []
     try:
@@ -52,6 +54,7 @@ def tail_lines(path: Path | None, n: int = 12) -> list[str]:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return []
+    text = text.rsplit(CONSOLE_MARK, 1)[-1].split("\n", 1)[-1] if CONSOLE_MARK in text else text
     return [line for line in text.splitlines() if line.strip()][-n:]
 
 
@@ -166,6 +169,7 @@ class EngineHandle:
     proc: subprocess.Popen[bytes] | None = None
     console: Path | None = None
     info: control.EngineInfo | None = None
+    log: Path | None = None
 
     def alive(self) -> bool:
         if self.proc is not None:
@@ -178,11 +182,19 @@ class EngineHandle:
             return self.proc.pid
         return self.info.pid if self.info else None
 
-    def log_path(self, layout: Layout) -> Path | None:
-        if self.info is None:
-            return None
-        log = Path(self.info.log)
-        return log if log.is_absolute() else layout.root / log
+
+def run_log_of(layout: Layout, model: str, pid: int) -> Path | None:
+    """The run log an engine process wrote, by the pid in its first line: how a run is found even
+    when the engine came and went between two looks at engine.json."""
+    logs = sorted(layout.logs_root.glob(f"{model}_run_*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for log in logs[:3]:
+        try:
+            with open(log, encoding="utf-8") as f:
+                if json.loads(f.readline()).get("pid") == pid:
+                    return log
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 def spawn_engine(layout: Layout, model: str, *args: str) -> EngineHandle:
@@ -190,7 +202,7 @@ def spawn_engine(layout: Layout, model: str, *args: str) -> EngineHandle:
     layout.ensure()
     console = console_log(layout, model)
     with open(console, "ab") as out:
-        out.write(f"--- packtrain-engine {' '.join(args)}\n".encode())
+        out.write(f"{CONSOLE_MARK}{' '.join(args)}\n".encode())
         out.flush()
         proc = subprocess.Popen(
             engine_argv(layout, *args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -201,9 +213,7 @@ def spawn_engine(layout: Layout, model: str, *args: str) -> EngineHandle:
 
 def attach_handle(layout: Layout, model: str) -> EngineHandle | None:
     info = control.live_engine(layout, model)
-    if info is None:
-        return None
-    return EngineHandle(model=model, info=info, console=console_log(layout, model))
+    return EngineHandle(model=model, info=info) if info is not None else None
 
 
 class EngineGone(Exception):
@@ -214,29 +224,31 @@ class EngineGone(Exception):
         self.lines = lines
 
 
-async def wait_for_engine(layout: Layout, handle: EngineHandle, poll: float = POLL_S) -> control.EngineInfo:
-    """Wait until the engine we spawned has taken its lock and published where it logs."""
-    while True:
-        if handle.info is not None:
-            return handle.info
-        info = control.live_engine(layout, handle.model)
+async def wait_for_engine(layout: Layout, handle: EngineHandle, poll: float = POLL_S) -> Path:
+    """Wait until the engine has taken its lock and published its run log; return that log."""
+    while handle.log is None:
+        info = handle.info or control.live_engine(layout, handle.model)
         if info is not None and (handle.proc is None or info.pid == handle.proc.pid):
             handle.info = info
-            return info
-        if not handle.alive():
-            lines = tail_lines(handle.console)
-            code = handle.proc.returncode if handle.proc else None
-            raise EngineGone(error_line("\n".join(lines)) if lines else f"the engine exited with code {code}", lines)
-        await asyncio.sleep(poll)
+            log = Path(info.log)
+            handle.log = log if log.is_absolute() else layout.root / log
+        elif not handle.alive():
+            handle.log = run_log_of(layout, handle.model, handle.pid or 0)
+            if handle.log is None:
+                lines = tail_lines(handle.console)
+                code = handle.proc.returncode if handle.proc else None
+                raise EngineGone(error_line("\n".join(lines)) if lines else f"the engine exited with code {code}",
+                                 lines)
+        else:
+            await asyncio.sleep(poll)
+    return handle.log
 
 
 async def tail_events(
     layout: Layout, handle: EngineHandle, poll: float = POLL_S
 ) -> AsyncIterator[list[protocol.Event]]:
     """Yield batches of events from the engine's run log until it finishes or disappears."""
-    await wait_for_engine(layout, handle, poll)
-    log = handle.log_path(layout)
-    assert log is not None
+    log = await wait_for_engine(layout, handle, poll)
     offset = 0
     while True:
         try:
@@ -256,7 +268,9 @@ async def tail_events(
                     return
             code = handle.proc.returncode if handle.proc else None
             why = f"exit code {code}" if code is not None else "no finished event"
-            raise EngineGone(f"the engine process ended unexpectedly ({why})", tail_lines(handle.console))
+            # only an engine we started wrote to our console file; for others the run log tells more
+            lines = tail_lines(handle.console) if handle.proc is not None else []
+            raise EngineGone(f"the engine process ended unexpectedly ({why})", lines)
         await asyncio.sleep(poll)
 
 

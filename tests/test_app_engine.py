@@ -25,6 +25,7 @@ from app.screens.modals import ConfirmScreen, QuitScreen
 from app.screens.naming import NamingScreen
 from app.screens.runs import RunsScreen
 from engine import control
+from engine.catalog import list_runs
 from engine.config import RunConfig
 from engine.paths import Layout
 
@@ -54,7 +55,7 @@ def tiny(corpus: Path, name: str = "", **train: Any) -> RunConfig:
 
 
 def cli_flags(cfg: RunConfig) -> list[str]:
-    path = Path(cfg.data.source or "") .parent / f"{cfg.name}.yaml"
+    path = Path(cfg.data.source or "").parent / f"{cfg.name}.yaml"
     path.write_text(cfg.dump_yaml(), encoding="utf-8")
     return ["--config", str(path)]
 
@@ -188,8 +189,6 @@ async def test_detach_then_reattach_from_a_new_app(layout: Layout, tmp_path: Pat
 
 
 def step_of_log(layout: Layout, model: str) -> int:
-    from engine.catalog import list_runs
-
     runs = [r for r in list_runs(layout) if r.model == model]
     return runs[0].last_step or 0
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
-from app_testkit import REPO, fake_step
+import pytest
+from app_testkit import REPO, fake_events, fake_step, write_log
 from textual.app import App
 
 from app.app import EngineUpdate
+from app.engine_client import CONSOLE_MARK, EngineGone, EngineHandle, tail_events
 from app.run_state import CURVE_POINTS, LOG_LINES, SPARK_POINTS, DownsampledSeries, RunState
 from engine import protocol as P
+from engine.paths import Layout
 
 HEAVY = ("torch", "transformers", "datasets", "tokenizers")
 
@@ -94,3 +98,31 @@ async def test_a_burst_of_updates_costs_a_handful_of_repaints() -> None:
         await pilot.pause()
         await pilot.pause()
     assert 1 <= app.handled < 10
+
+
+async def test_an_engine_that_came_and_went_is_still_followed(tmp_path: Path) -> None:
+    """A fast engine can take its lock, train and exit between two looks at engine.json; its run
+    log (found by the pid in its first line) still tells the whole story."""
+    layout = Layout(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    events = fake_events("quick", steps=5, total=5, finished=True)
+    events[0].pid = proc.pid
+    write_log(layout, "quick", events)
+    handle = EngineHandle(model="quick", proc=proc)
+    batches = [batch async for batch in tail_events(layout, handle, poll=0.01)]
+    assert isinstance(batches[-1][-1], P.Finished) and sum(len(b) for b in batches) == len(events)
+
+
+async def test_an_engine_that_refused_to_start_reports_its_error_line(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.ensure()
+    console = tmp_path / "console.log"
+    console.write_text(f"{CONSOLE_MARK}train old\nerror: an older failure\n{CONSOLE_MARK}train new\n"
+                       "Traceback...\nerror: another engine is already training 'm' (pid 7)\n")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    proc.wait()
+    with pytest.raises(EngineGone, match=r"another engine is already training 'm' \(pid 7\)") as gone:
+        async for _ in tail_events(layout, EngineHandle(model="m", proc=proc, console=console), poll=0.01):
+            pass
+    assert "error: an older failure" not in gone.value.lines

@@ -22,6 +22,7 @@ from app.draft import cache_location
 from app.engine_client import EventStream
 from app.formatting import format_count
 from engine import protocol
+from engine.cache.metadata import METADATA_FILE
 from engine.config import RunConfig
 from engine.paths import Layout
 
@@ -103,7 +104,6 @@ class CacheScreen(Screen[None]):
         self.job = job
         self.ready = False
         self.bad: list[dict[str, Any]] = []
-        self.sequences: int | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -130,7 +130,7 @@ class CacheScreen(Screen[None]):
     async def prepare(self, repair: bool = False) -> None:
         self.ready = False
         job = self.job
-        exists = job.path is not None and (job.path / "cache_metadata.json").is_file()
+        exists = job.path is not None and (job.path / METADATA_FILE).is_file()
         if exists:
             self._set("cache-title", f"{'Repairing' if repair else 'Validating'} cache: {self._where()}")
             args = ["cache", "validate", str(job.path), "--events", *(["--repair"] if repair else [])]
@@ -174,7 +174,6 @@ class CacheScreen(Screen[None]):
         self._finish_ok(ready.sequences)
 
     def _finish_ok(self, sequences: int | None) -> None:
-        self.sequences = sequences
         if sequences is not None:
             self._set("cache-notice", expansion_notice(self.job.expected_sequences, sequences))
         self.ready = True

@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
-from app.draft import param_count, save_config, vocab_guess
+from app.draft import UNKNOWN_VOCAB, save_config, vocab_guess
 from engine.config import PRECISIONS, SCHEDULES, RunConfig
 from engine.errors import UserError
 from engine.presets import PRESETS
@@ -101,7 +101,7 @@ class ConfigFormScreen(Screen[None]):
             for spec in DATA_FIELDS:
                 yield _row(spec.label, self._input(spec))
             yield _row("Model preset", Select(
-                preset_options(vocab_guess(d.tokenizer)), value=self.draft.model.preset, allow_blank=False,
+                preset_options(vocab_guess(d.tokenizer) or UNKNOWN_VOCAB), value=self.draft.model.preset, allow_blank=False,
                 compact=True, id="f-model-preset",
             ))
             yield Static("", id="params", classes="hint")
@@ -151,16 +151,12 @@ class ConfigFormScreen(Screen[None]):
             self.query_one(field_id, Input).disabled = kind != "hub"
 
     def _show_params(self) -> None:
-        try:
-            cfg = self.collect()
-        except UserError:
+        preset = PRESETS.get(str(self.query_one("#f-model-preset", Select).value))
+        if preset is None:
             return
-        vocab = vocab_guess(cfg.data.tokenizer)
-        known = "" if vocab != 32_000 or cfg.data.tokenizer.startswith("bpe:") else " (vocabulary assumed 32k)"
-        self.query_one("#params", Static).update(
-            f"≈ {param_count(cfg):,} parameters{known}; global batch "
-            f"{cfg.train.micro_batch * cfg.train.grad_accum} × {cfg.data.seq_len} tokens"
-        )
+        vocab = vocab_guess(self.query_one("#f-data-tokenizer", Input).value)
+        note = "" if vocab is not None else f" (vocabulary taken as {UNKNOWN_VOCAB:,} until the engine loads it)"
+        self.query_one("#params", Static).update(f"≈ {preset.n_params(vocab or UNKNOWN_VOCAB):,} parameters{note}")
 
     def collect(self) -> RunConfig:
         """The form's values as a validated RunConfig; raises UserError with the first problem."""
