@@ -1,0 +1,90 @@
+"""Loop pieces: optimizer groups, loss, precision choice, RNG round trip; and live cache growth."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import UserError
+from engine.model import build_model, count_params, llama_config, lm_loss, param_groups
+from engine.presets import PRESETS
+from engine.train import pick_precision, rng_state, set_rng_state
+from tests.train_support import build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_model(llama_config(ModelConfig(preset="tiny"), 300, 32), seed=3)
+
+
+def test_model_matches_the_preset_and_uses_sdpa(model: torch.nn.Module) -> None:
+    assert count_params(model) == PRESETS["tiny"].n_params(300)
+    assert model.config._attn_implementation == "sdpa"
+    again = build_model(llama_config(ModelConfig(preset="tiny"), 300, 32), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_no_weight_decay_on_norms_biases_or_embeddings(model: torch.nn.Module) -> None:
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed and all("proj" in n for n in decayed)
+    assert not any("norm" in n or "embed" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_loss_is_next_token_cross_entropy_over_packed_rows(model: torch.nn.Module) -> None:
+    rows = torch.randint(0, 300, (3, 33))
+    with torch.no_grad():
+        ours = lm_loss(model, rows)
+        hf = model(input_ids=rows, labels=rows).loss  # HF shifts inside: same targets, same mean
+    assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
+
+
+def test_fp16_is_refused_without_cuda_and_auto_is_explicit() -> None:
+    with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
+        pick_precision("fp16", "cpu")
+    assert pick_precision("auto", "cpu") in {"bf16", "fp32"}
+    assert pick_precision("fp32", "cpu") == "fp32"
+
+
+def test_rng_state_is_json_and_restores_exactly() -> None:
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    state = json.loads(json.dumps(rng_state()))
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    set_rng_state(state)
+    got = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+@pytest.mark.slow
+def test_live_growth_is_picked_up_at_a_step_boundary(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path)
+    build_tiny_cache(tmp_path, corpus, "--max-chunks", "4")
+    flags = [*data_flags(corpus), *train_flags(growth_check_interval=2, save_interval=1000, micro_batch=2,
+                                               grad_accum=1)]
+    proc = start_engine(tmp_path, "train", "--name", "live", *flags)
+    try:
+        plan = wait_event(proc, lambda e: e["event"] == "plan")
+        wait_event(proc, lambda e: e["event"] == "step" and e["step"] >= 2)
+        build_tiny_cache(tmp_path, corpus, "--max-chunks", "7")
+        grown = wait_event(proc, lambda e: e["event"] == "cache_expanded")
+        new_plan = wait_event(proc, lambda e: e["event"] == "plan")
+        assert grown["step"] % 2 == 0 and grown["n_after"] > grown["n_before"]
+        assert new_plan["previous_total_steps"] == plan["total_steps"] < new_plan["total_steps"]
+        after = wait_event(proc, lambda e: e["event"] == "step")
+        assert after["total_steps"] == new_plan["total_steps"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    messages = [e["message"] for e in read_log(tmp_path, "live", 1) if e["event"] == "log"]
+    assert any(m.startswith("Dataset expanded: ") for m in messages)
+    assert any(m.startswith("Using dynamic total steps: ") for m in messages)
