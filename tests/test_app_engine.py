@@ -74,6 +74,26 @@ async def enter_home(pilot: Any) -> None:
     await wait_for(pilot, lambda: isinstance(pilot.app.screen, CheckpointsScreen), 10, "the checkpoint list")
 
 
+async def accept_defaults_until(pilot: Any, cache_text: str) -> None:
+    """Home, N, then Enter on the suggested name and Enter on the form: the Enter-Enter path."""
+    await enter_home(pilot)
+    await pilot.press("n", "enter")
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ConfigFormScreen), 10, "the config form")
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: cache_text in screen_text(pilot.app), 60, repr(cache_text))
+
+
+def endless(corpus: Path, name: str) -> RunConfig:
+    """A run that trains until told to stop (saving only when asked)."""
+    return tiny(corpus, name, max_steps=100_000, save_interval=100_000)
+
+
+async def start_training(pilot: Any) -> None:
+    await accept_defaults_until(pilot, "Cache ready")
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: step_of(pilot.app) >= 2, 90, "training to start")
+
+
 async def test_environment_checks_complete_from_the_engine(layout: Layout) -> None:
     app = PacktrainApp(layout)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -138,15 +158,9 @@ async def test_new_training_flow_end_to_end(layout: Layout, tmp_path: Path) -> N
 
 async def test_detach_then_reattach_from_a_new_app(layout: Layout, tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "corpus", 200)
-    app = PacktrainApp(layout, base_config=tiny(corpus, "long_run", max_steps=100_000, save_interval=100_000))
+    app = PacktrainApp(layout, base_config=endless(corpus, "long_run"))
     async with app.run_test(size=SIZE) as pilot:
-        await enter_home(pilot)
-        await pilot.press("n", "enter")  # the suggested name
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfigFormScreen))
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "Cache ready" in screen_text(app), 60, "the cache")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: step_of(app) >= 2, 90, "training to start")
+        await start_training(pilot)
         model = dashboard(app).state.model
 
         await pilot.press("p")
@@ -273,11 +287,7 @@ async def test_engine_error_is_shown_with_its_message(layout: Layout, tmp_path: 
     message = refused.stderr.strip().splitlines()[-1].removeprefix("error: ")
     app = PacktrainApp(layout, base_config=cfg)
     async with app.run_test(size=SIZE) as pilot:
-        await enter_home(pilot)
-        await pilot.press("n", "enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfigFormScreen))
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "Cache validated: 1 chunks" in screen_text(app), 60)
+        await accept_defaults_until(pilot, "Cache validated: 1 chunks")
         await pilot.press("enter")
         await wait_for(pilot, lambda: "Engine error:" in screen_text(app), 90, "the error panel")
         assert dashboard(app).state.error == message  # the engine's own words, as the CLI prints them
@@ -288,15 +298,9 @@ async def test_engine_error_is_shown_with_its_message(layout: Layout, tmp_path: 
 
 async def test_killed_engine_is_reported_not_frozen(layout: Layout, tmp_path: Path) -> None:
     corpus = make_corpus(tmp_path / "corpus", 200)
-    app = PacktrainApp(layout, base_config=tiny(corpus, "victim", max_steps=100_000, save_interval=100_000))
+    app = PacktrainApp(layout, base_config=endless(corpus, "victim"))
     async with app.run_test(size=SIZE) as pilot:
-        await enter_home(pilot)
-        await pilot.press("n", "enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfigFormScreen))
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "Cache ready" in screen_text(app), 60)
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: step_of(app) >= 2, 90, "training")
+        await start_training(pilot)
         os.kill(app.handle.pid, signal.SIGKILL)
         await wait_for(pilot, lambda: "Engine error:" in screen_text(app), 30, "the error panel")
         assert "ended unexpectedly" in screen_text(app) and "Step " in screen_text(app)
@@ -311,11 +315,7 @@ async def test_bad_cache_chunk_is_named_and_repaired(layout: Layout, tmp_path: P
 
     app = PacktrainApp(layout, base_config=cfg)
     async with app.run_test(size=SIZE) as pilot:
-        await enter_home(pilot)
-        await pilot.press("n", "enter")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfigFormScreen))
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: "✗ 1 bad chunk(s)" in screen_text(app), 60, "the validation report")
+        await accept_defaults_until(pilot, "✗ 1 bad chunk(s)")
         assert "chunk 3:" in screen_text(app) and "R repairs exactly these chunks" in screen_text(app)
         await pilot.press("enter")
         assert isinstance(app.screen, CacheScreen)  # a bad cache does not start training
