@@ -12,10 +12,19 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from app.formatting import format_bytes, format_count, format_loss, format_time
 from app.screens.manage import ManageScreen
+from app.screens.modals import HelpScreen
 from app.screens.runs import RunsScreen
 from engine import control
 
 RUNNING = "running: attach"
+HELP = [
+    ("Enter", "resume the highlighted checkpoint, or attach to its running engine"),
+    ("n", "start a new training"),
+    ("x", "manage checkpoints: select and delete, oldest first"),
+    ("l", "runs and logs: curves and summaries of past runs"),
+    ("r", "refresh now (the list also refreshes every few seconds)"),
+    ("q", "quit (asks first while attached to a training engine)"),
+]
 REFRESH_S = 3.0
 COLUMNS = ("Checkpoint", "Status", "Step", "Loss", "Saved", "Dataset", "Seqs", "Size")
 
@@ -35,6 +44,7 @@ class CheckpointsScreen(Screen[None]):
         Binding("x", "manage", "Manage"),
         Binding("l", "runs", "Runs & logs"),
         Binding("r", "reload", "Refresh"),
+        Binding("question_mark", "help", "Help"),
         Binding("q", "app.quit", "Quit"),
     ]
 
@@ -164,3 +174,6 @@ class CheckpointsScreen(Screen[None]):
 
     def action_reload(self) -> None:
         self.reload()
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen("Checkpoint list keys", HELP))

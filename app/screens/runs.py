@@ -65,10 +65,6 @@ def summary(state: RunState) -> str:
 class RunsScreen(Screen[None]):
     BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("r", "reload", "Refresh")]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.runs: dict[str, Any] = {}
-
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="runs"):
@@ -89,10 +85,14 @@ class RunsScreen(Screen[None]):
         self.query_one(DataTable).focus()
 
     def action_reload(self) -> None:
+        self.load_runs()
+
+    @work(exclusive=True, group="run-list", exit_on_error=False)
+    async def load_runs(self) -> None:
+        """list_runs reads the tail of every log: off the UI thread, so keys stay responsive."""
+        runs = await asyncio.to_thread(self.app.catalog.list_runs, self.app.layout)
         table = self.query_one(DataTable)
         table.clear()
-        runs = self.app.catalog.list_runs(self.app.layout)
-        self.runs = {str(r.log): r for r in runs}
         for r in runs:
             steps = f"{format_count(r.last_step)}/{format_count(r.total_steps)}"
             table.add_row(r.model, str(r.run), format_time(r.started), steps, format_loss(r.last_loss),
