@@ -416,6 +416,7 @@ class _Run:
     _planned: int | None = None
     _started: float = field(default_factory=time.time)
     _last_commit: float = 0.0
+    _commit_cost: float = 0.0  # seconds the last commit took: commits stay under ~5% of the builder's time
     _last_progress: float = 0.0
 
     def execute(self, source: Source, wanted: Callable[[int], bool], planned: int | None, expect: dict[int, str]) -> None:
@@ -468,7 +469,7 @@ class _Run:
             for future in done:
                 del inflight[future]
                 self._record(future.result())
-            if self._pending and time.time() - self._last_commit >= COMMIT_INTERVAL_S:
+            if self._pending and time.time() - self._last_commit >= max(COMMIT_INTERVAL_S, 20 * self._commit_cost):
                 self._commit()
             self._progress()
 
@@ -486,6 +487,7 @@ class _Run:
     def _commit(self, *, final: bool = False, n_workers: int = 0) -> None:
         if not self._pending and not final:
             return
+        started = time.time()
         with metadata_lock(self.path):
             meta = load_metadata(self.path)
             chunks = {c["id"]: c for c in meta["chunks"]}
@@ -511,6 +513,7 @@ class _Run:
             self.meta = meta
         self._pending = []
         self._last_commit = time.time()
+        self._commit_cost = self._last_commit - started
 
     def _progress(self, force: bool = False) -> None:
         now = time.time()

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json
+from engine.atomic import atomic_write_text
 from engine.errors import UserError
 
 FORMAT = "packtrain.packed_cache"
@@ -101,7 +101,15 @@ def save_metadata(cache_dir: str | Path, meta: dict[str, Any]) -> None:
     meta["chunks"] = sorted(meta["chunks"], key=lambda c: c["id"])
     meta["manifest_hash"] = manifest_hash(meta["chunks"])
     meta["builds"] = meta.get("builds", [])[-MAX_BUILD_HISTORY:]
-    atomic_write_json(metadata_path(cache_dir), meta)
+    atomic_write_text(metadata_path(cache_dir), dumps(meta))
+
+
+def dumps(meta: dict[str, Any]) -> str:
+    """Indented header, one compact line per chunk: readable, and encoded by json's C encoder
+    (indent= falls back to pure Python, which made commits of large caches cost seconds)."""
+    head = json.dumps({k: v for k, v in meta.items() if k != "chunks"}, indent=1, sort_keys=True)
+    chunks = "".join(f"\n  {json.dumps(c, sort_keys=True, separators=(',', ':'))}," for c in meta["chunks"])
+    return f'{head[:-2]},\n "chunks": [{chunks[:-1]}\n ]\n}}\n'
 
 
 def summary(meta: dict[str, Any]) -> dict[str, Any]:

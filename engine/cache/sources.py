@@ -243,8 +243,11 @@ def _collect_files(spec: str) -> tuple[list[Path], Path]:
         root = Path(os.path.commonpath([str(p.parent) for p in found]))
     elif os.path.isdir(expanded):
         root = Path(expanded).resolve()
-        found = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (*TEXT_SUFFIXES, *RECORD_BUILDERS)
-                 and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(root).parts)]
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+            found += [Path(dirpath, f) for f in filenames
+                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in (*TEXT_SUFFIXES, *RECORD_BUILDERS)]
         if not found:
             raise UserError(f"folder {spec!r} holds no {SUPPORTED} files")
     else:
