@@ -254,9 +254,13 @@ class Command:
 
 
 def format_eta(seconds: float | None) -> str:
-    """HH:MMh, the way people read long training runs; '--:--' while unknown."""
+    """HH:MMh for long runs (`04:23h`), MM:SSm under an hour (`07:05m`), '--:--' while unknown:
+    a short cache build or the end of a run would otherwise read as a frozen 00:00h."""
     if seconds is None or seconds != seconds or seconds < 0 or seconds == float("inf"):
         return "--:--"
+    if seconds < 3600:
+        whole = int(round(seconds))
+        return f"{whole // 60:02d}:{whole % 60:02d}m"
     minutes = int(round(seconds / 60))
     return f"{minutes // 60:02d}:{minutes % 60:02d}h"
 

@@ -131,7 +131,7 @@ def test_dashboard_snapshot(tmp_path: Path, size: tuple[int, int]) -> None:
             and screen.state.step.step == 300 and screen._plotted == screen.state.version
 
     text = render(app, ["enter", "enter"], size=size, ready=drawn)
-    assert "Step 300/1,000 (30.0%) | Loss 2.398 | 20,900 tok/s | ETA 00:23h" in text
+    assert "Step 300/1,000 (30.0%) | Loss 2.398 | 20,900 tok/s | ETA 23:20m" in text
     assert_snapshot(f"dashboard_{size[0]}x{size[1]}", text)
 
 

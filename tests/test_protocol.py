@@ -69,7 +69,8 @@ def test_commands_validate_their_kind() -> None:
 
 
 @pytest.mark.parametrize(
-    ("seconds", "text"), [(None, "--:--"), (float("nan"), "--:--"), (0, "00:00h"), (4 * 3600 + 23 * 60, "04:23h")]
+    ("seconds", "text"), [(None, "--:--"), (float("nan"), "--:--"), (0, "00:00m"), (425, "07:05m"), (3599.4, "59:59m"),
+     (4 * 3600 + 23 * 60, "04:23h")]
 )
 def test_format_eta(seconds, text) -> None:
     assert p.format_eta(seconds) == text
