@@ -43,7 +43,7 @@ def frozen(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     monkeypatch.setattr(environment, "run_json", fake_info)
     monkeypatch.setattr(environment, "local_checks", lambda root: {
-        "python": "3.11.7", "ram": "20.0 GiB free of 24.0 GiB", "root": "/data (100.0 GB free)"})
+        "python": "3.11.7", "ram": "20.0 GiB free of 24.0 GiB", "root": "/data (100.0 GiB free)"})
     yield
     monkeypatch.undo()
     time.tzset()

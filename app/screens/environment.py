@@ -50,7 +50,7 @@ def local_checks(root: str) -> dict[str, str]:
     return {
         "python": platform.python_version(),
         "ram": f"{vm.available / GIB:.1f} GiB free of {vm.total / GIB:.1f} GiB",
-        "root": f"{root} ({free / 1e9:,.1f} GB free{created})",
+        "root": f"{root} ({free / GIB:,.1f} GiB free{created})",
     }
 
 
@@ -64,7 +64,7 @@ def engine_checks(info: dict[str, Any]) -> dict[str, str]:
         "ram": f"{info.get('ram_available_gb', 0):.1f} GiB free of {info.get('ram_total_gb', 0):.1f} GiB; "
                + (f"VRAM {vram:.1f} GiB" if vram else "no VRAM"),
         "libs": f"torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}",
-        "root": f"{info.get('root', '')} ({info.get('disk_free_gb', 0):,.1f} GB free)",
+        "root": f"{info.get('root', '')} ({info.get('disk_free_gb', 0):,.1f} GiB free)",
     }
 
 
