@@ -343,7 +343,7 @@ def fill_cache(path: str | Path, *, workers: int | None = None, on_event: EventS
         run.execute(source, lambda k: k not in committed or k in gaps, planned, gaps)
     run.raise_mismatches()
     _finish(path, layout or Layout.resolve(), on_event)
-    return run.built
+    return sorted(run.built)
 
 
 def rebuild_chunks(path: Path, chunk_ids: Iterable[int], *, workers: int | None = None,
@@ -361,7 +361,7 @@ def rebuild_chunks(path: Path, chunk_ids: Iterable[int], *, workers: int | None 
             source = _source_from_meta(meta, path)
             run.execute(source, lambda k: k in expect, max(expect) + 1, expect)
     _finish(path, layout or Layout.resolve(), on_event, ready=False)
-    return run.built, run.mismatched
+    return sorted(run.built), sorted(run.mismatched)
 
 
 def _finish(path: Path, layout: Layout, on_event: EventSink | None, *, ready: bool = True) -> None:
