@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import TMP_PREFIX, fsync_dir
-from engine.cache.locks import builder_lock, metadata_lock
-from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, LOCK_FILE, META_LOCK_FILE,
-                                   METADATA_FILE, REPORT_FILE, STATS_FILE, TOKENIZER_DIR, chunk_id_of,
-                                   dtype_name_for_vocab, load_metadata, metadata_path, save_metadata)
+from engine.cache.locks import builder_lock, is_lock_file, metadata_lock
+from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, METADATA_FILE, REPORT_FILE, STATS_FILE,
+                                   TOKENIZER_DIR, chunk_id_of, dtype_name_for_vocab, load_metadata, metadata_path,
+                                   save_metadata)
 from engine.cache.registry import register_cache
 from engine.cache.sources import Source, derive_dataset_name, open_source
 from engine.cache.stats import write_stats
@@ -48,7 +48,7 @@ __all__ = ["build_cache", "fill_cache", "rebuild_chunks", "cache_path_for", "der
 EventSink = Callable[[Event], None]
 COMMIT_INTERVAL_S = 1.0  # the first chunk is committed at once, then at most once a second
 PROGRESS_INTERVAL_S = 0.25
-OWN_NAMES = {METADATA_FILE, TOKENIZER_DIR, STATS_FILE, REPORT_FILE, LOCK_FILE, META_LOCK_FILE}
+OWN_NAMES = {METADATA_FILE, TOKENIZER_DIR, STATS_FILE, REPORT_FILE}
 
 
 def cache_path_for(data: DataConfig, layout: Layout) -> Path:
@@ -106,8 +106,7 @@ def _check_writable(path: Path) -> None:
 
 
 def _is_own(name: str) -> bool:
-    return (name in OWN_NAMES or name.startswith(TMP_PREFIX) or chunk_id_of(name) is not None
-            or (name.startswith("build-shard-") and name.endswith(".lock")))
+    return name in OWN_NAMES or name.startswith(TMP_PREFIX) or chunk_id_of(name) is not None or is_lock_file(name)
 
 
 def _check_foreign(path: Path) -> None:
@@ -230,7 +229,7 @@ def _create(path: Path, data: DataConfig, source: Source, plan: TokenizerPlan, p
         metadata_path(path).unlink()
         fsync_dir(path)
     for p in path.iterdir():
-        if _is_own(p.name) and p.name not in (LOCK_FILE, META_LOCK_FILE) and not p.name.startswith("build-shard-"):
+        if _is_own(p.name) and not is_lock_file(p.name):
             _remove(p)
     sha = write_tokenizer(path, prepared)
     now = time.time()

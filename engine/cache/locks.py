@@ -36,6 +36,10 @@ def shard_lock_name(shard: tuple[int, int]) -> str:
     return f"build-shard-{shard[0]}-of-{shard[1]}.lock"
 
 
+def is_lock_file(name: str) -> bool:
+    return name in (LOCK_FILE, META_LOCK_FILE) or (name.startswith("build-shard-") and name.endswith(".lock"))
+
+
 @contextmanager
 def builder_lock(cache_dir: Path, shard: tuple[int, int] | None = None) -> Iterator[None]:
     if shard is None:
