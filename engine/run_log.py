@@ -17,7 +17,8 @@ from engine import protocol as P
 
 
 def human(event: P.Event) -> str | None:
-    """One line for a person, or None for events that are only for machines."""
+    """One line for a person, or None for events that are only for machines (errors included: the
+    CLI prints those itself, once, on stderr)."""
     if isinstance(event, P.Step):
         return P.format_step(event)
     if isinstance(event, P.Eval):
@@ -38,8 +39,6 @@ def human(event: P.Event) -> str | None:
         return event.message
     if isinstance(event, P.Warning):
         return f"warning: {event.message}"
-    if isinstance(event, P.Error):
-        return f"error: {event.message}"
     if isinstance(event, P.Finished):
         tail = f", checkpoint {event.checkpoint}" if event.checkpoint else ""
         return f"Finished ({event.reason}) at step {event.step:,}{tail}"

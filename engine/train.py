@@ -339,22 +339,24 @@ class Trainer:
         log_path = self.layout.run_log(s.model_name, s.run)
         if dist.is_main:
             lock.acquire(s.run, log_path)
+        previous: dict[int, Any] = {}
         try:
             if dist.is_main:
                 self.write_run_json(log_path)
                 self.log.attach(log_path, self.header())
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
+                previous[sig] = signal.signal(sig, self._on_signal)
             if s.rng is not None:
                 set_rng_state(s.rng)
             self.log.emit(P.State(state="running", reason="started"))
             return self.loop()
-        except BaseException as e:
-            if isinstance(e, UserError):
-                self.log.emit(P.Error(message=str(e)))
-                self.log.emit(P.Finished(step=s.step, reason="error", checkpoint=self.last_checkpoint))
+        except Exception as e:  # the log says how the run ended; the CLI reports the error itself
+            self.log.emit(P.Error(message=str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
+            self.log.emit(P.Finished(step=s.step, reason="error", checkpoint=self.last_checkpoint))
             raise
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.log.close()
             if dist.is_main:
                 lock.release()
@@ -364,10 +366,9 @@ class Trainer:
         mb, accum = t.micro_batch, t.grad_accum
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         loss_sum = torch.zeros((), device=self.device)
-        steps_since_log, excluded = 0, 0.0
+        steps_since_log, excluded, paused = 0, 0.0, 0.0  # excluded: eval, saves, control, pauses
         last_loss: float | None = None
         t_log = time.perf_counter()
-        step_time: float | None = None
         while s.step < s.schedule.total_steps:
             lr = s.schedule.lr(s.step)
             for group in self.optimizer.param_groups:
@@ -403,15 +404,14 @@ class Trainer:
                 last_loss = mean_loss / dist.world_size
                 now = time.perf_counter()
                 train_time = max(now - t_log - excluded, 1e-9)
-                step_time = train_time / steps_since_log
-                s.elapsed_s += now - t_log
+                s.elapsed_s += now - t_log - paused
                 self.log.emit(self.step_event(last_loss, lr, float(grad_norm) if grad_norm is not None else 0.0,
                                               steps_since_log, train_time))
                 loss_sum.zero_()
-                steps_since_log, excluded, t_log = 0, 0.0, time.perf_counter()
+                steps_since_log, excluded, paused, t_log = 0, 0.0, 0.0, time.perf_counter()
             t_boundary = time.perf_counter()
             done = s.step >= s.schedule.total_steps
-            if t.eval_interval and s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
+            if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()
             if s.step % t.save_interval == 0 or done:
                 self.save(last_loss)
@@ -428,7 +428,7 @@ class Trainer:
             if pause and not stop:
                 t_pause = time.perf_counter()
                 stop = self.pause(last_loss)
-                t_log += time.perf_counter() - t_pause  # paused time is neither training nor elapsed
+                paused += time.perf_counter() - t_pause  # neither training time nor elapsed time
             if stop and not done:
                 self.log.emit(P.State(state="stopping", reason="signal" if self.signalled else "requested"))
                 self.save(last_loss)

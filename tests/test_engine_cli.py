@@ -156,3 +156,18 @@ def test_sigint_finishes_the_step_saves_and_exits_zero(root: Path) -> None:
     assert proc.wait(timeout=60) == 0
     assert finished["reason"] == "stopped" and finished["step"] == saved["step"]
     assert (root / "checkpoints" / "interrupted" / f"checkpoint_{saved['step']:06d}" / "MANIFEST.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_end_to_end(tmp_path: Path) -> None:
+    """The demo's own path (stdlib source, cache build, suggested name, checkpoint), made tiny."""
+    done = run_engine(tmp_path, "demo", "--preset", "tiny", "--tokenizer", "bytes", "--seq-len", "32",
+                      "--max-chunks", "3", "--max-steps", "4", "--micro-batch", "2", "--log-interval", "1",
+                      "--eval-interval", "4", "--save-interval", "4")
+    assert done.returncode == 0, done.stderr
+    [model] = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert model.startswith("demo_") and "Stdlib_32" in model
+    assert (tmp_path / "checkpoints" / model / "checkpoint_000004" / "MANIFEST.json").exists()
+    assert "Step 4/4 (100.0%) | Loss: " in done.stdout
+    events = read_log(tmp_path, model, 1)
+    assert [e["event"] for e in events][0] == "run" and events[-1]["event"] == "finished"

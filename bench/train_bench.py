@@ -1,0 +1,168 @@
+"""Training-engine benchmark: the engine's tokens/s against a bare PyTorch loop in the same run.
+
+Fixed model (vocab 8192, 6 layers, d_model 384, 6 heads, ffn 1024, tied embeddings, seq 256,
+micro-batch 8): ~13.8M parameters, ~89.7 MFLOP/token. Both sides train the same initial weights on
+the same batches, with the same AdamW groups, clipping and autocast; the difference is what the
+engine adds (data order and reads, LR function, logging, control polling, growth checks).
+
+Prints, per precision: engine tok/s, bare tok/s, overhead (target <= 5%), and MFU against the
+matmul peak measured in this run; then the checkpoint save time and the resume-to-first-step
+time of a `packtrain-engine resume` process. Engine and bare runs alternate, and each figure is
+taken over 10-step windows: the best window of each side (the one least disturbed by other
+processes on the machine) gives the ratio, and the medians are printed beside it.
+
+    python bench/train_bench.py [--steps 20] [--reps 3] [--precisions fp32,bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from engine.config import RunConfig  # noqa: E402
+from engine.data import read_sequences, rank_slice  # noqa: E402
+from engine.model import build_model, llama_config, lm_loss, param_groups  # noqa: E402
+from engine.paths import Layout  # noqa: E402
+from engine.train import Options, autocast, new_run  # noqa: E402
+
+SEQ, MICRO, LOG_EVERY = 256, 8, 10
+MODEL = {"vocab_size": 8192, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
+         "num_attention_heads": 6, "num_key_value_heads": 6, "max_position_embeddings": SEQ,
+         "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+def matmul_peak(dtype: torch.dtype) -> float:
+    """Best GFLOP/s over the shapes a step of this model runs (square, MLP, LM head)."""
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (2048, 384, 1536), (2048, 384, 8192)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        reps = 10
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def run_config(root: Path, name: str, precision: str, steps: int) -> RunConfig:
+    cfg = RunConfig.from_dict({
+        "name": name,
+        "model": {"model_config": str(root / "model.json")},
+        "data": {"source": "stdlib", "tokenizer": "bytes", "seq_len": SEQ, "eval_chunks": 1},
+        "train": {"micro_batch": MICRO, "grad_accum": 1, "max_steps": steps, "precision": precision,
+                  "device": "cpu", "log_interval": LOG_EVERY, "save_interval": steps, "eval_interval": 10 ** 9,
+                  "warmup_steps": 2, "seed": 1},
+    })
+    return cfg
+
+
+def engine_run(root: Path, name: str, precision: str, steps: int) -> tuple[list[float], float, list[dict]]:
+    """(tok/s of each log window after the first, checkpoint save seconds, events)."""
+    cfg = run_config(root, name, precision, steps)
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = new_run(cfg, Layout.resolve(root), Options())
+        trainer.run()
+    events = [json.loads(line) for line in (root / "training_logs" / f"{name}_run_1.jsonl").read_text().splitlines()]
+    logged = [e for e in events if e["event"] == "step"]  # the first window holds warm-up: skipped
+    windows = [(b["step"] - a["step"]) * MICRO * SEQ / (b["ts"] - a["ts"]) for a, b in zip(logged, logged[1:])]
+    save = next(e["seconds"] for e in events if e["event"] == "checkpoint_saved")
+    return windows, save, events
+
+
+def bare_run(root: Path, precision: str, steps: int) -> list[float]:
+    """The same model, batches and update rule as a plain loop: no engine around it."""
+    from engine.cache.reader import PackedCache
+    from engine.data import DataOrder
+
+    cfg = run_config(root, "bare", precision, steps)
+    cache = PackedCache(next((root / "cache" / "packed_sequences" / str(SEQ)).iterdir()))
+    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks)
+    batches, epoch, cursor = [], 0, 0
+    for _ in range(steps):
+        ids, epoch, cursor = order.take(epoch, cursor, MICRO)
+        batches.append(torch.from_numpy(read_sequences(cache, rank_slice(ids, 0, 1))))
+    model = build_model(llama_config(cfg.model, cache.vocab_size, SEQ), cfg.train.seed)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    device = torch.device("cpu")
+    marks = []
+    for rows in batches:
+        with autocast(device, precision):
+            loss = lm_loss(model, rows)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+    ends = marks[LOG_EVERY - 1::LOG_EVERY]  # the same windows the engine logs
+    return [LOG_EVERY * MICRO * SEQ / (b - a) for a, b in zip(ends, ends[1:])]
+
+
+def resume_to_first_step(root: Path, name: str) -> float:
+    """Seconds from launching `packtrain-engine resume` to its first step event (imports included)."""
+    env = {**os.environ, "PACKTRAIN_HOME": str(root), "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "resume", name, "--max-steps", "1000000",
+                             "--log-interval", "1", "--events"], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "step":
+            elapsed = time.perf_counter() - started
+            break
+    proc.terminate()
+    proc.wait()
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=50, help="steps per run; the first 10 are warm-up")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = Path(tempfile.mkdtemp(prefix="packtrain-train-bench-"))
+    (root / "model.json").write_text(json.dumps(MODEL))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, root {root}")
+
+    n_params = None
+    save_times = []
+    for precision in args.precisions.split(","):
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        peak = matmul_peak(dtype)
+        engine, bare = [], []
+        for rep in range(args.reps):
+            windows, save, events = engine_run(root, f"bench_{precision}_{rep}", precision, args.steps)
+            engine += windows
+            save_times.append(save)
+            bare += bare_run(root, precision, args.steps)
+            n_params = n_params or next(e for e in events if e["event"] == "run")["hardware"]["n_params"]
+        flop_per_token = 6 * n_params + 12 * MODEL["num_hidden_layers"] * MODEL["hidden_size"] * SEQ
+        e, b = max(engine), max(bare)
+        print(f"{precision}: engine {e:,.0f} tok/s | bare loop {b:,.0f} tok/s | overhead {100 * (b - e) / b:+.1f}% | "
+              f"MFU engine {100 * flop_per_token * e / (peak * 1e9):.1f}% bare {100 * flop_per_token * b / (peak * 1e9):.1f}% "
+              f"(peak {peak:,.0f} GFLOP/s, {flop_per_token / 1e6:.1f} MFLOP/token, {n_params / 1e6:.1f}M params)")
+        print(f"  {LOG_EVERY}-step windows: engine median {statistics.median(engine):,.0f} of {len(engine)}, "
+              f"bare median {statistics.median(bare):,.0f} of {len(bare)}")
+    print(f"checkpoint save: median {statistics.median(save_times):.2f}s over {len(save_times)} saves")
+    times = [resume_to_first_step(root, f"bench_{args.precisions.split(',')[0]}_0") for _ in range(2)]
+    print(f"resume to first step (new process, imports included): {min(times):.1f}s (best of {len(times)})")
+
+
+if __name__ == "__main__":
+    main()
