@@ -33,6 +33,8 @@ def human(event: P.Event) -> str | None:
                 f"tokens/step) over {event.n_sequences:,} training sequences, {event.schedule} schedule, "
                 f"warmup {event.warmup_steps:,}, {event.n_params:,} parameters")
     if isinstance(event, P.State):
+        if event.state == "running" and event.reason == "started":
+            return None  # the run header already said so
         return {"paused": "Paused", "running": "Running"}.get(event.state, "Stopping") + (
             f" ({event.reason})" if event.reason else "")
     if isinstance(event, P.Log):
@@ -106,7 +108,9 @@ class RunLog:
 
     def _drop_stdout(self) -> None:
         """The reader left: keep training, point stdout at /dev/null so exit-time flushes are quiet."""
-        self.stream = None
+        was_stdout, self.stream = self.stream is sys.stdout, None
+        if not was_stdout:
+            return
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

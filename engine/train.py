@@ -439,7 +439,11 @@ class Trainer:
     def step_event(self, loss: float, lr: float, grad_norm: float, steps: int, train_time: float) -> P.Step:
         s = self.s
         total = s.schedule.total_steps
-        dev_mem = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else 0.0
+        dev_mem = 0.0
+        if self.device.type == "cuda":
+            dev_mem = torch.cuda.max_memory_allocated(self.device) / 1e9
+        elif self.device.type == "mps":
+            dev_mem = torch.mps.current_allocated_memory() / 1e9
         return P.Step(
             step=s.step, total_steps=total, loss=loss, lr=lr, grad_norm=grad_norm,
             tokens_per_sec=steps * self.global_batch * self.seq_len / train_time,

@@ -171,3 +171,24 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path) -> None:
     assert "Step 4/4 (100.0%) | Loss: " in done.stdout
     events = read_log(tmp_path, model, 1)
     assert [e["event"] for e in events][0] == "run" and events[-1]["event"] == "finished"
+
+
+@pytest.mark.slow
+def test_engine_keeps_training_when_its_reader_goes_away(root: Path) -> None:
+    """A TUI that quits closes the pipe: the engine carries on, logging to its run log."""
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=1000)]
+    proc = start_engine(root, "train", "--name", "detached", *flags)
+    try:
+        seen = wait_event(proc, lambda e: e["event"] == "step" and e["step"] >= 2)["step"]
+        proc.stdout.close()
+        deadline = time.monotonic() + 60
+        while max(e.get("step", 0) for e in read_log(root, "detached", 1)) < seen + 20:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the engine stopped training without its reader"
+            time.sleep(0.2)
+        send_command(Layout.resolve(root), "detached", "stop")
+        assert proc.wait(timeout=60) == 0
+        assert read_log(root, "detached", 1)[-1]["event"] == "finished"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -88,3 +88,31 @@ def test_live_growth_is_picked_up_at_a_step_boundary(tmp_path: Path) -> None:
     messages = [e["message"] for e in read_log(tmp_path, "live", 1) if e["event"] == "log"]
     assert any(m.startswith("Dataset expanded: ") for m in messages)
     assert any(m.startswith("Using dynamic total steps: ") for m in messages)
+
+
+def test_run_log_writes_the_header_first_and_survives_a_closed_pipe(tmp_path: Path) -> None:
+    import io
+
+    from engine import protocol as P
+    from engine.run_log import RunLog
+
+    out = io.StringIO()
+    log = RunLog(events=False, stream=out)
+    log.info("Dataset expanded: 1 → 2 sequences")  # before the log exists: shown now, written later
+    log.attach(tmp_path / "m_run_1.jsonl", P.RunStarted(model="m", run=1))
+    log.emit(P.Step(step=770, total_steps=26235, loss=5.583, lr=1e-3, grad_norm=1.0, tokens_per_sec=106212,
+                    eta_s=4 * 3600 + 23 * 60, progress_pct=2.935, rss_gb=1.0))
+    out.close()  # the reader went away: training must go on, the file still gets every event
+    log.emit(P.Finished(step=770, reason="stopped"))
+    log.close()
+    kinds = [json.loads(line)["event"] for line in (tmp_path / "m_run_1.jsonl").read_text().splitlines()]
+    assert kinds == ["run", "log", "step", "finished"]
+
+
+def test_human_progress_line_format() -> None:
+    from engine import protocol as P
+    from engine.run_log import human
+
+    line = human(P.Step(step=770, total_steps=26235, loss=5.583, lr=1e-3, grad_norm=1.0, tokens_per_sec=106212,
+                        eta_s=4 * 3600 + 23 * 60, progress_pct=2.935, rss_gb=1.0))
+    assert line == "Step 770/26,235 (2.9%) | Loss: 5.583 | 106,212 tok/s | ETA: 04:23h"
