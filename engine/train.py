@@ -509,20 +509,29 @@ def open_cache(cfg: RunConfig, layout: Layout, dist: D.Dist, log: RunLog, *, wor
     """The run's cache: an explicit path, else the one its data config names; a missing cache is
     built first when the config names a source (rank 0 builds, the others wait)."""
     from engine.cache.build import build_cache, cache_path_for
+    from engine.cache.metadata import METADATA_FILE
     from engine.cache.reader import PackedCache
+    from engine.cache.tokenizer import parse_tokenizer_spec
 
     d = cfg.data
     path = Path(d.cache).expanduser() if d.cache else cache_path_for(d, layout)
-    if recorded and not (path / "cache_metadata.json").is_file() and Path(recorded).is_dir():
+    if recorded and not (path / METADATA_FILE).is_file() and Path(recorded).is_dir():
         path = Path(recorded)  # the root moved or was renamed: the checkpoint knows where it trained
-    if not (path / "cache_metadata.json").is_file():
+    if not (path / METADATA_FILE).is_file():
         if d.cache or not d.source or recorded:
             raise UserError(f"no packed cache at {path}; build it with `packtrain-engine cache build`")
         if dist.is_main:
             log.info(f"Building cache {path} from {d.source} ...")
             build_cache(d, layout, workers=workers, on_event=log.emit)
         D.barrier(dist)
-    return PackedCache(path)
+    cache = PackedCache(path)
+    spec = str((cache.meta.get("tokenizer") or {}).get("spec", ""))
+    if d.cache:  # an explicit cache decides what the data is; the saved config says so too
+        d.seq_len, d.tokenizer = cache.seq_len, spec or d.tokenizer
+    elif not recorded and spec and spec != parse_tokenizer_spec(d.tokenizer).spec:
+        raise UserError(f"cache {path} was built with tokenizer {spec!r}, not {d.tokenizer!r}: pass "
+                        f"--tokenizer {spec} to train on it, or another --dataset-name to build a new one")
+    return cache
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch.optim.Optimizer:

@@ -53,6 +53,7 @@ def refused(root: Path, capsys: pytest.CaptureFixture, *argv: str) -> str:
     (["--cache", "/nonexistent/cache"], "no packed cache"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
     (["--name", "done"], "already exists"),
+    (["--tokenizer", "bpe:300"], "built with tokenizer"),
 ])
 def test_bad_train_input_is_one_line_and_writes_nothing(root: Path, capsys: pytest.CaptureFixture,
                                                         argv: list[str], match: str) -> None:
