@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import sysconfig
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ class ChunkDocs:
 
 
 @dataclass
-class Source:
+class Source(ABC):
     spec: str  # resolved: absolute path for local sources, the name otherwise
     kind: str  # stdlib | files | records | hub
     n_docs: int | None  # None while a streaming source has not been read to its end
@@ -82,15 +83,17 @@ class Source:
     def identity(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, **self.options, "hash": self.fingerprint(), "n_docs": self.n_docs}
 
+    @abstractmethod
     def fingerprint(self) -> str:
-        raise NotImplementedError
+        """Identity of the ordered document stream, recorded as the metadata's source hash."""
 
+    @abstractmethod
     def iter_texts(self) -> Iterator[str]:
-        raise NotImplementedError
+        """Every document in stream order."""
 
+    @abstractmethod
     def chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
         """The wanted chunk ids below `limit` (None: until the source ends), in order."""
-        raise NotImplementedError
 
     def head(self, *, max_docs: int | None = None, max_chars: int | None = None) -> list[str]:
         """The first documents: the tokenizer's training sample and the chunk-size estimate."""
