@@ -611,27 +611,27 @@ def check_overrides(saved: RunConfig, wanted: RunConfig) -> None:
                                 "it would change what the run computes; start a new run instead")
 
 
-def model_of(ref: str, layout: Layout) -> str:
-    """The model a resume reference belongs to: a model name, a display name or a checkpoint folder."""
+def model_of(ref: str, layout: Layout) -> tuple[str, str]:
+    """(model, checkpoint reference) for a model name or folder, a display name or a checkpoint folder."""
     m = DISPLAY_RE.match(ref)
     path = Path(ref).expanduser()
     if path.is_dir() and (path / "trainer_state.json").exists():
         path = path.resolve()
         if path.parent.parent != layout.checkpoints_root:
             raise UserError(f"{path} is not under {layout.checkpoints_root}; pass --root to its packtrain root")
-        return path.parent.name
+        return path.parent.name, str(path)
     if path.is_dir() and (path / "run.json").exists():
-        return path.resolve().name
+        return path.resolve().name, path.resolve().name
     if m and not layout.run_json(ref).exists():
-        return m.group("model")
-    return check_name(ref, "model name")
+        return m.group("model"), ref
+    return check_name(ref, "model name"), ref
 
 
 def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None) -> Trainer:
     """Rebuild the exact training state a checkpoint holds; refuse if its data changed underneath."""
     from engine.checkpoint import Checkpointer, verify
 
-    name = model_of(ref, layout)
+    name, ref = model_of(ref, layout)
     history = read_run_json(layout, name)
     saved_cfg = RunConfig.from_dict(history)
     saved_cfg.name = saved_cfg.name or name

@@ -89,7 +89,7 @@ def test_torn_newest_checkpoint_falls_back_and_a_torn_explicit_one_is_refused(ro
         (copy / "checkpoint_000006" / "model.safetensors").write_bytes(b"torn")
         err = refused(root, capsys, "resume", str(copy / "checkpoint_000006"), "--max-steps", "9")
         assert "unusable" in err or "torn" in err or "mismatch" in err
-        done = run_engine(root, "resume", "tornrun", "--max-steps", "4")  # newest valid is step 3
+        done = run_engine(root, "resume", str(copy), "--max-steps", "4")  # the model folder: newest valid is 3
         assert "finished at step 3 of 4" not in done.stderr
         assert done.returncode == 0, done.stderr
         assert read_log(root, "tornrun", 2)[0]["start_step"] == 3
