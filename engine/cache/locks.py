@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from engine.cache.metadata import LOCK_FILE, META_LOCK_FILE
+from engine.control import flock_held
 from engine.errors import UserError
 
 
@@ -58,14 +59,4 @@ def metadata_lock(cache_dir: Path) -> AbstractContextManager[None]:
 
 def builder_active(cache_dir: Path) -> bool:
     """True while any builder holds the cache (its unlisted files are then work in progress)."""
-    try:
-        fd = os.open(cache_dir / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return flock_held(cache_dir / LOCK_FILE)
