@@ -8,8 +8,9 @@ engine adds (data order and reads, LR function, logging, control polling, growth
 Prints, per precision: engine tok/s, bare tok/s, overhead (target <= 5%), and MFU against the
 matmul peak measured in this run; then the checkpoint save time and the resume-to-first-step
 time of a `packtrain-engine resume` process. Engine and bare runs alternate, and each figure is
-taken over 10-step windows: the best window of each side (the one least disturbed by other
-processes on the machine) gives the ratio, and the medians are printed beside it.
+taken over 5-step windows. Two views of the overhead: wall-clock tok/s of the best window of
+each side (the one least disturbed by other processes), and the median tokens per CPU-second of
+this process, which other processes on the machine barely move.
 
     python bench/train_bench.py [--steps 20] [--reps 3] [--precisions fp32,bf16]
 """
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +41,7 @@ from engine.model import build_model, llama_config, lm_loss, param_groups  # noq
 from engine.paths import Layout  # noqa: E402
 from engine.train import Options, autocast, new_run  # noqa: E402
 
-SEQ, MICRO, LOG_EVERY = 256, 8, 10
+SEQ, MICRO, LOG_EVERY = 256, 8, 5
 MODEL = {"vocab_size": 8192, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
          "num_attention_heads": 6, "num_key_value_heads": 6, "max_position_embeddings": SEQ,
          "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
@@ -72,20 +74,40 @@ def run_config(root: Path, name: str, precision: str, steps: int) -> RunConfig:
     return cfg
 
 
-def engine_run(root: Path, name: str, precision: str, steps: int) -> tuple[list[float], float, list[dict]]:
-    """(tok/s of each log window after the first, checkpoint save seconds, events)."""
+Window = tuple[float, float]  # (tokens per wall second, tokens per CPU second) over LOG_EVERY steps
+
+
+def windows(marks: list[tuple[float, float]]) -> list[Window]:
+    """Per-window rates from (wall, cpu) clock readings taken after every LOG_EVERY-th step."""
+    tokens = LOG_EVERY * MICRO * SEQ
+    return [(tokens / (b[0] - a[0]), tokens / (b[1] - a[1])) for a, b in zip(marks, marks[1:])]
+
+
+def engine_run(root: Path, name: str, precision: str, steps: int) -> tuple[list[Window], float, list[dict]]:
+    """(rates of each log window after the first, checkpoint save seconds, events).
+
+    The clocks are read when the engine emits a step event, so the windows cover everything the
+    engine does between logs: data, LR, control polling, the log line itself.
+    """
     cfg = run_config(root, name, precision, steps)
+    marks: list[tuple[float, float]] = []
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = new_run(cfg, Layout.resolve(root), Options())
+        emit = trainer.log.emit
+
+        def timed(event: Any) -> None:
+            if event.kind == "step":
+                marks.append((time.perf_counter(), time.process_time()))
+            emit(event)
+
+        trainer.log.emit = timed  # type: ignore[method-assign]
         trainer.run()
     events = [json.loads(line) for line in (root / "training_logs" / f"{name}_run_1.jsonl").read_text().splitlines()]
-    logged = [e for e in events if e["event"] == "step"]  # the first window holds warm-up: skipped
-    windows = [(b["step"] - a["step"]) * MICRO * SEQ / (b["ts"] - a["ts"]) for a, b in zip(logged, logged[1:])]
     save = next(e["seconds"] for e in events if e["event"] == "checkpoint_saved")
-    return windows, save, events
+    return windows(marks), save, events
 
 
-def bare_run(root: Path, precision: str, steps: int) -> list[float]:
+def bare_run(root: Path, precision: str, steps: int) -> list[Window]:
     """The same model, batches and update rule as a plain loop: no engine around it."""
     from engine.cache.reader import PackedCache
     from engine.data import DataOrder
@@ -101,16 +123,16 @@ def bare_run(root: Path, precision: str, steps: int) -> list[float]:
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
     device = torch.device("cpu")
     marks = []
-    for rows in batches:
+    for i, rows in enumerate(batches, start=1):
         with autocast(device, precision):
             loss = lm_loss(model, rows)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        marks.append(time.perf_counter())
-    ends = marks[LOG_EVERY - 1::LOG_EVERY]  # the same windows the engine logs
-    return [LOG_EVERY * MICRO * SEQ / (b - a) for a, b in zip(ends, ends[1:])]
+        if i % LOG_EVERY == 0:
+            marks.append((time.perf_counter(), time.process_time()))
+    return windows(marks)
 
 
 def resume_to_first_step(root: Path, name: str) -> float:
@@ -131,7 +153,7 @@ def resume_to_first_step(root: Path, name: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=50, help="steps per run; the first 10 are warm-up")
+    ap.add_argument("--steps", type=int, default=30, help=f"steps per run; the first {LOG_EVERY} are warm-up")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,bf16")
     args = ap.parse_args()
@@ -145,23 +167,26 @@ def main() -> None:
     for precision in args.precisions.split(","):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         peak = matmul_peak(dtype)
-        engine, bare = [], []
+        engine: list[Window] = []
+        bare: list[Window] = []
         for rep in range(args.reps):
-            windows, save, events = engine_run(root, f"bench_{precision}_{rep}", precision, args.steps)
-            engine += windows
+            got, save, events = engine_run(root, f"bench_{precision}_{rep}", precision, args.steps)
+            engine += got
             save_times.append(save)
             bare += bare_run(root, precision, args.steps)
             n_params = n_params or next(e for e in events if e["event"] == "run")["hardware"]["n_params"]
         flop_per_token = 6 * n_params + 12 * MODEL["num_hidden_layers"] * MODEL["hidden_size"] * SEQ
-        e, b = max(engine), max(bare)
-        print(f"{precision}: engine {e:,.0f} tok/s | bare loop {b:,.0f} tok/s | overhead {100 * (b - e) / b:+.1f}% | "
+        e, b = max(w for w, _ in engine), max(w for w, _ in bare)
+        ec, bc = statistics.median(c for _, c in engine), statistics.median(c for _, c in bare)
+        print(f"{precision}: engine {e:,.0f} tok/s | bare loop {b:,.0f} tok/s | overhead {100 * (b - e) / b:+.1f}% "
+              f"(wall, best {LOG_EVERY}-step window of {len(engine)}) | {100 * (bc - ec) / bc:+.1f}% (CPU time, median) | "
               f"MFU engine {100 * flop_per_token * e / (peak * 1e9):.1f}% bare {100 * flop_per_token * b / (peak * 1e9):.1f}% "
               f"(peak {peak:,.0f} GFLOP/s, {flop_per_token / 1e6:.1f} MFLOP/token, {n_params / 1e6:.1f}M params)")
-        print(f"  {LOG_EVERY}-step windows: engine median {statistics.median(engine):,.0f} of {len(engine)}, "
-              f"bare median {statistics.median(bare):,.0f} of {len(bare)}")
+        print(f"  wall medians: engine {statistics.median(w for w, _ in engine):,.0f} bare "
+              f"{statistics.median(w for w, _ in bare):,.0f} tok/s; per CPU-second: engine {ec:,.0f} bare {bc:,.0f}")
     print(f"checkpoint save: median {statistics.median(save_times):.2f}s over {len(save_times)} saves")
-    times = [resume_to_first_step(root, f"bench_{args.precisions.split(',')[0]}_0") for _ in range(2)]
-    print(f"resume to first step (new process, imports included): {min(times):.1f}s (best of {len(times)})")
+    took = resume_to_first_step(root, f"bench_{args.precisions.split(',')[0]}_0")
+    print(f"resume to first step (new process, imports included): {took:.1f}s")
 
 
 if __name__ == "__main__":

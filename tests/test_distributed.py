@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "engine", *args]
-    return subprocess.run(cmd, cwd=root, env=engine_env(root), capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, cwd=root, env=engine_env(root), capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:

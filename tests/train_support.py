@@ -58,7 +58,7 @@ def engine_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "engine", *args]
 
 
-def run_engine(root: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_engine(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(engine_cmd(*args), cwd=root, env=engine_env(root), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -69,7 +69,7 @@ def start_engine(root: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_event(proc: subprocess.Popen, pred: Any, timeout: float = 120) -> dict:
+def wait_event(proc: subprocess.Popen, pred: Any, timeout: float = 300) -> dict:
     """Read events from the engine's stdout until one matches `pred`."""
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
