@@ -23,6 +23,7 @@ from engine.presets import PRESETS
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_SEQ_LEN = 1 << 20
 
 
 @dataclass
@@ -143,7 +144,7 @@ class RunConfig:
         if d.dataset_name is not None:
             check_name(d.dataset_name, "dataset name")
         _require(d.seq_len >= 2, f"data.seq_len must be at least 2, got {d.seq_len}")
-        _require(d.seq_len <= 1 << 20, f"data.seq_len {d.seq_len} is unreasonably large")
+        _require(d.seq_len <= MAX_SEQ_LEN, f"data.seq_len {d.seq_len} is unreasonably large (at most {MAX_SEQ_LEN:,})")
         for key in ("docs_per_chunk", "max_docs", "max_chunks"):
             v = getattr(d, key)
             _require(v is None or v >= 1, f"data.{key} must be positive, got {v}")

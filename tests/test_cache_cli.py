@@ -48,6 +48,7 @@ ERRORS = [
     (["--source", "{d}/wrong_column.jsonl"], "text column 'text' not found in"),
     (["--source", "{d}/numbers.jsonl"], "holds int values, not text"),
     (["--source", "{d}/corpus", "--seq-len", "1"], "seq_len must be at least 2"),
+    (["--source", "{d}/corpus", "--seq-len", "99999999999"], "seq_len 99,999,999,999 is unreasonably large"),
     (["--source", "{d}/corpus", "--tokenizer", "bpe:5000000000"], "does not fit uint32"),
     (["--source", "{d}/corpus", "--tokenizer", "bpe:100"], "at least 257"),
     (["--source", "{d}/corpus", "--tokenizer", "{d}/broken_tokenizer.json"], "cannot load tokenizer"),

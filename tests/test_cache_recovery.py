@@ -181,3 +181,42 @@ def test_one_builder_per_cache(tiny_cache: Path, tiny_corpus: Path, root: Path) 
             build_cache(data, Layout.resolve(root), shard=(0, 2))
         assert validate_cache(tiny_cache).building
     assert validate_cache(tiny_cache).ok
+
+
+WRONG_SHAPES = [
+    (lambda m: m.update(seq_len="64"), "seq_len is '64'"),
+    (lambda m: m.update(planned_chunks=10**20), "planned_chunks is"),
+    (lambda m: m.pop("tokenizer"), "tokenizer is missing"),
+    (lambda m: m["tokenizer"].update(dir="../../elsewhere"), "tokenizer dir is '../../elsewhere'"),
+    (lambda m: m["source"].update(spec=["a"]), "source spec is ['a']"),
+    (lambda m: m["chunks"].__setitem__(0, [1, 2]), "chunk record 0 is not a mapping"),
+    (lambda m: m["chunks"][1].update(file="../../../../etc/passwd"), "chunk record 1 names file '../../../../etc/passwd'"),
+    (lambda m: m["chunks"][1].pop("n_seqs"), "chunk record 1 has n_seqs None"),
+    (lambda m: m["chunks"].__setitem__(2, dict(m["chunks"][0])), "chunk 0 is listed twice"),
+    (lambda m: m["chunks"][0]["doc_tokens"].pop("max"), "malformed doc_tokens"),
+]
+
+
+@pytest.mark.parametrize("mutate, problem", WRONG_SHAPES, ids=[p for _, p in WRONG_SHAPES])
+def test_metadata_of_the_wrong_shape_is_one_line_everywhere(tiny_cache: Path, root: Path, mutate, problem: str) -> None:
+    """Valid JSON, wrong shape: every command names the problem in one line, and a chunk `file` or
+    tokenizer `dir` pointing outside the cache is refused before anything reads or cleans by it."""
+    meta_file = tiny_cache / "cache_metadata.json"
+    meta = json.loads(meta_file.read_text())
+    mutate(meta)
+    meta_file.write_text(json.dumps(meta))
+    before = chunk_files(tiny_cache)
+    with pytest.raises(UserError, match="incomplete or corrupt"):
+        PackedCache(tiny_cache)
+    for args in (["info"], ["validate"], ["validate", "--repair"], ["fill"]):
+        proc = engine(root, "cache", *args, str(tiny_cache), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith(f"error: {meta_file} is incomplete or corrupt (") and problem in lines[0]
+    assert chunk_files(tiny_cache) == before
+
+
+def test_a_file_is_not_a_cache_folder(tmp_path: Path, root: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    proc = engine(root, "cache", "info", str(tmp_path / "a_file"), check=False)
+    assert proc.returncode == 2 and proc.stderr == f"error: cache {tmp_path / 'a_file'} is a file, not a cache folder\n"

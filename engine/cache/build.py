@@ -37,7 +37,7 @@ from engine.cache.stats import write_stats
 from engine.cache.tokenizer import (TokenizerPlan, check_cache_tokenizer, check_hub_tokenizer, parse_tokenizer_spec,
                                     prepare_tokenizer, tokenizer_file, write_tokenizer)
 from engine.cache.worker import BuildSpec, ChunkTask, build_chunk, init_worker
-from engine.config import DataConfig
+from engine.config import MAX_SEQ_LEN, DataConfig
 from engine.errors import UserError
 from engine.paths import Layout, check_name
 from engine.protocol import CacheProgress, CacheReady, Event
@@ -85,6 +85,8 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
 def _check_data(data: DataConfig) -> None:
     if data.seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {data.seq_len}")
+    if data.seq_len > MAX_SEQ_LEN:
+        raise UserError(f"seq_len {data.seq_len:,} is unreasonably large (at most {MAX_SEQ_LEN:,})")
     for key in ("docs_per_chunk", "max_docs", "max_chunks"):
         value = getattr(data, key)
         if value is not None and value < 1:

@@ -1,4 +1,4 @@
-"""cache_metadata.json: names, loading and the manifest hash. Import-light (json + hashlib only).
+"""cache_metadata.json: names, loading, shape checks and the manifest hash. Import-light (no numpy).
 
 The metadata is the commit record of a cache: a chunk file exists for readers only once the
 metadata lists it, and the metadata is only ever replaced atomically. Its layout:
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import atomic_write_text
+from engine.config import MAX_SEQ_LEN
 from engine.errors import UserError
 
 FORMAT = "packtrain.packed_cache"
@@ -73,6 +74,8 @@ def load_metadata(cache_dir: str | Path) -> dict[str, Any]:
     """Parse and sanity-check the metadata; any problem is one UserError line."""
     path = metadata_path(cache_dir)
     if not Path(cache_dir).is_dir():
+        if Path(cache_dir).exists():
+            raise UserError(f"cache {cache_dir} is a file, not a cache folder")
         raise UserError(f"cache {cache_dir} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
@@ -89,11 +92,87 @@ def load_metadata(cache_dir: str | Path) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format version {meta.get('format_version')}; "
                         f"this engine reads version {FORMAT_VERSION}")
-    missing = [k for k in ("seq_len", "dtype", "vocab_size", "eos_id", "chunks", "generation") if k not in meta]
-    if missing or meta["dtype"] not in ("uint16", "uint32") or not isinstance(meta["chunks"], list):
-        raise UserError(f"{path} is incomplete or corrupt (missing {', '.join(missing) or 'valid fields'}); "
-                        "rebuild with `cache build --force-rebuild`")
+    problem = shape_problem(meta)
+    if problem:
+        raise UserError(f"{path} is incomplete or corrupt ({problem}); rebuild with `cache build --force-rebuild`")
     return meta
+
+
+def _is_int(value: Any, low: int = 0, high: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+
+MAX_CHUNKS = 10_000_000  # ~40 TB of text at the smallest chunk size: anything above is a corrupt number
+HEADER_INTS = {"seq_len": (2, MAX_SEQ_LEN), "vocab_size": (1, 1 << 32), "eos_id": (0, None), "generation": (0, None),
+               "docs_per_chunk": (1, None)}
+CHUNK_INTS = ("id", "n_seqs", "tokens", "raw_bytes", "compressed_bytes")
+
+
+def shape_problem(meta: dict[str, Any]) -> str | None:
+    """Why parsed metadata cannot be trusted, or None. Valid JSON of the wrong shape must be one
+    error line, not a KeyError deep in a reader; and a chunk's `file` or the tokenizer `dir` naming
+    anything but our own file names would let a crafted cache read or clean outside its folder."""
+    for key, (low, high) in HEADER_INTS.items():
+        if not _is_int(meta.get(key), low, high):
+            return f"{key} is {meta.get(key)!r}" if key in meta else f"{key} is missing"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype is {meta.get('dtype')!r}"
+    if meta["eos_id"] >= meta["vocab_size"]:
+        return f"eos_id {meta['eos_id']} is outside the vocabulary of {meta['vocab_size']}"
+    if meta.get("planned_chunks") is not None and not _is_int(meta["planned_chunks"], 0, MAX_CHUNKS):
+        return f"planned_chunks is {meta['planned_chunks']!r}"
+    for key, strings in (("source", ("spec",)), ("tokenizer", ("spec", "sha256"))):
+        record = meta.get(key)
+        if not isinstance(record, dict):
+            return f"{key} is not a mapping" if key in meta else f"{key} is missing"
+        for name in strings:
+            if not isinstance(record.get(name), str):
+                return f"{key} {name} is {record.get(name)!r}"
+    for name in ("subset", "split", "text_column"):
+        if not isinstance(meta["source"].get(name, ""), (str, type(None))):
+            return f"source {name} is {meta['source'][name]!r}"
+    if meta["tokenizer"].get("dir", TOKENIZER_DIR) != TOKENIZER_DIR:
+        return f"tokenizer dir is {meta['tokenizer']['dir']!r}, not {TOKENIZER_DIR!r}"
+    builds = meta.get("builds", [])
+    if not isinstance(builds, list) or not all(isinstance(b, dict) for b in builds):
+        return "builds is not a list of records"
+    chunks = meta.get("chunks")
+    if not isinstance(chunks, list):
+        return "chunks is missing" if "chunks" not in meta else "chunks is not a list"
+    seen: set[int] = set()
+    for i, c in enumerate(chunks):
+        problem = _chunk_problem(c)
+        if problem:
+            return f"chunk record {i} {problem}"
+        if c["id"] in seen:
+            return f"chunk {c['id']} is listed twice"
+        seen.add(c["id"])
+    return None
+
+
+def _chunk_problem(c: Any) -> str | None:
+    if not isinstance(c, dict):
+        return "is not a mapping"
+    for key in CHUNK_INTS:
+        if not _is_int(c.get(key), 0, MAX_CHUNKS if key == "id" else None):
+            return f"has {key} {c.get(key)!r}"
+    if c.get("file") != chunk_filename(c["id"]):
+        return f"names file {c.get('file')!r}, not {chunk_filename(c['id'])!r}"
+    if not isinstance(c.get("hash"), str):
+        return "has no hash"
+    docs = c.get("docs")
+    if not (isinstance(docs, list) and len(docs) == 2 and all(_is_int(d) for d in docs) and docs[0] <= docs[1]):
+        return f"has docs {docs!r}"
+    if "text_bytes" in c and not _is_int(c["text_bytes"]):
+        return f"has text_bytes {c['text_bytes']!r}"
+    summary = c.get("doc_tokens", {})
+    hist = summary.get("hist", []) if isinstance(summary, dict) else None
+    if not isinstance(hist, list) or not all(isinstance(h, list) and len(h) == 2 and all(_is_int(x) for x in h)
+                                             for h in hist) \
+            or not (summary.get("min") is summary.get("max") is None
+                    or _is_int(summary.get("min")) and _is_int(summary.get("max"))):
+        return "has a malformed doc_tokens summary"
+    return None
 
 
 def save_metadata(cache_dir: str | Path, meta: dict[str, Any]) -> None:

@@ -47,7 +47,7 @@ def compute_stats(meta: dict[str, Any]) -> dict[str, Any]:
     kept = sequences * (meta["seq_len"] + 1)
     tokens = sum(c["tokens"] for c in chunks)
     compressed = sum(c["compressed_bytes"] for c in chunks)
-    builds = [b for b in meta.get("builds", []) if b.get("tokens") and b.get("seconds")]
+    builds = [b for b in meta.get("builds", []) if _positive(b.get("tokens")) and _positive(b.get("seconds"))]
     last = builds[-1] if builds else None
     return {
         "dataset_name": meta.get("dataset_name"),
@@ -69,11 +69,15 @@ def compute_stats(meta: dict[str, Any]) -> dict[str, Any]:
         "compressed_bytes": compressed,
         "ratio_vs_uint16": compressed / (kept * 2) if kept else None,
         "build": None if last is None else {
-            "mode": last["mode"], "seconds": last["seconds"], "tokens": last["tokens"], "workers": last["workers"],
+            "mode": last.get("mode"), "seconds": last["seconds"], "tokens": last["tokens"], "workers": last.get("workers"),
             "tokens_per_s": last["tokens"] / last["seconds"]},
         "generation": meta["generation"],
         "manifest_hash": meta.get("manifest_hash"),
     }
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
 
 
 def _n(v: Any) -> str:
