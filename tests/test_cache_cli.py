@@ -34,6 +34,9 @@ def inputs(tmp_path: Path) -> Path:
     (d / "numbers.jsonl").write_text('{"text": 5}\n')
     (d / "broken_tokenizer.json").write_text("{not json")
     (d / "a_file").write_text("")
+    (d / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (d / "bad" / "not.parquet").parent.mkdir()
+    (d / "bad" / "not.parquet").write_text("not parquet")
     return d
 
 
@@ -47,6 +50,10 @@ ERRORS = [
     (["--source", "{d}/empty.jsonl"], "holds no documents"),
     (["--source", "{d}/wrong_column.jsonl"], "text column 'text' not found in"),
     (["--source", "{d}/numbers.jsonl"], "holds int values, not text"),
+    (["--source", "{d}/broken.jsonl"], "Failed to load JSON from file '{d}/broken.jsonl': JSON parse error"),
+    (["--source", "{d}/broken.jsonl", "--streaming"], "Failed to load JSON from file '{d}/broken.jsonl': JSON parse"),
+    (["--source", "{d}/bad/not.parquet"], "Failed to read schema from '{d}/bad/not.parquet': Parquet magic"),
+    (["--source", "{d}/a_file"], "unsupported file type (no extension) in"),
     (["--source", "{d}/corpus", "--seq-len", "1"], "seq_len must be at least 2"),
     (["--source", "{d}/corpus", "--seq-len", "99999999999"], "seq_len 99,999,999,999 is unreasonably large"),
     (["--source", "{d}/corpus", "--tokenizer", "bpe:5000000000"], "does not fit uint32"),
@@ -68,7 +75,8 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path: Path, inputs: 
     proc = engine(root, "cache", "build", "--tokenizer", "bytes", *[a.replace("{d}", str(inputs)) for a in args])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.replace("{d}", str(inputs)) in lines[0], \
+        proc.stderr
     assert not root.exists() and files_under(inputs) == before
 
 

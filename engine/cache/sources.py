@@ -21,6 +21,7 @@ import sys
 import sysconfig
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,13 +165,16 @@ class DatasetSource(Source):
         return [v or "" for v in values]
 
     def iter_texts(self) -> Iterator[str]:
-        for batch in self.dataset.iter(batch_size=1024):
-            yield from self._texts(batch[self.text_column])
+        with dataset_errors(self.spec):
+            for batch in self.dataset.iter(batch_size=1024):
+                yield from self._texts(batch[self.text_column])
 
     def chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
         if self.n_docs is not None and not self.options.get("streaming"):
             for k, start, end in _ranges(self.n_docs, docs_per_chunk, wanted, limit):
-                yield ChunkDocs(k, start, end, self._texts(self.dataset[start:end][self.text_column]))
+                with dataset_errors(self.spec):
+                    texts = self._texts(self.dataset[start:end][self.text_column])
+                yield ChunkDocs(k, start, end, texts)
             return
         yield from self._stream_chunks(docs_per_chunk, wanted, limit)
 
@@ -264,7 +268,8 @@ def _local_source(spec: str, data: DataConfig) -> Source:
     suffixes = {p.suffix.lower() for p in files}
     unsupported = suffixes - set(TEXT_SUFFIXES) - set(RECORD_BUILDERS)
     if unsupported:
-        raise UserError(f"unsupported file type {', '.join(sorted(unsupported))} in {spec!r} (supported: {SUPPORTED})")
+        kinds = ", ".join(s or "(no extension)" for s in sorted(unsupported))
+        raise UserError(f"unsupported file type {kinds} in {spec!r} (supported: {SUPPORTED})")
     builders = {RECORD_BUILDERS[s] for s in suffixes if s in RECORD_BUILDERS}
     if builders and (len(builders) > 1 or suffixes & set(TEXT_SUFFIXES)):
         raise UserError(f"{spec!r} mixes file types ({', '.join(sorted(suffixes))}); point --source at one kind")
@@ -299,20 +304,55 @@ def _hub_source(name: str, data: DataConfig) -> Source:
 def _load_dataset(spec: str, path: str, **kwargs: Any) -> Any:
     import datasets
 
+    with dataset_errors(spec):
+        return datasets.load_dataset(path, **kwargs)
+
+
+@contextmanager
+def dataset_errors(spec: str) -> Iterator[None]:
+    """One error line for a file `datasets` cannot read, at load time or (streaming) mid-build.
+
+    The library reports a bad file twice: an ERROR log line on stderr, which names the file, and an
+    exception whose message is often generic ("An error occurred while generating the dataset").
+    The log line is captured instead of printed and becomes the reason."""
+    import logging
+
+    import datasets
+
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    captured: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: captured.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("datasets")
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [handler], False
     try:
-        return datasets.load_dataset(path, **kwargs)
+        yield
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - the library raises many kinds; the user needs one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load dataset {spec!r}: {first}") from None
+        raise UserError(f"cannot load dataset {spec!r}: {_dataset_error_reason(e, captured)}") from None
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+def _dataset_error_reason(e: BaseException, logged: list[str]) -> str:
+    if logged:  # "Failed to load JSON from file 'x.jsonl' with error <class '...ArrowInvalid'>: JSON parse error ..."
+        text = re.sub(r" with error (?:<class '[\w.]+'>|\w+): ", ": ", logged[-1])
+    else:
+        if type(e).__name__ == "DatasetGenerationError" and e.__cause__ is not None:
+            e = e.__cause__
+        text = str(e)
+    return (text.strip().splitlines() or [type(e).__name__])[0]
 
 
 def _dataset_source(ds: Any, spec: str, kind: str, options: dict[str, Any], column: str, files: list[str]) -> DatasetSource:
     streaming = bool(options.get("streaming"))
     columns = ds.column_names
     if columns is None:  # a streaming dataset learns its columns from the first record
-        first = next(iter(ds), None)
+        with dataset_errors(spec):
+            first = next(iter(ds), None)
         if first is None:
             raise UserError(f"source {spec!r} holds no documents")
         columns = list(first)
