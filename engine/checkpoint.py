@@ -119,22 +119,32 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     problem = verify(checkpoint)
     if problem is not None:
         raise UserError(f"cannot export {checkpoint}: {problem}")
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
         raise UserError(f"{out_dir} already exists; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    created = out_dir  # the topmost folder this export creates: removed again if it fails
+    while not created.parent.exists():
+        created = created.parent
+    if not created.parent.is_dir():
+        raise UserError(f"cannot export to {out_dir}: {created.parent} is a file, not a folder")
+    created_any = created != out_dir
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         for name in read_manifest(checkpoint):
             if name not in HF_FILES_EXCLUDED:
                 shutil.copyfile(checkpoint / name, tmp / name)
                 fsync_file(tmp / name)
         fsync_dir(tmp)
         os.rename(tmp, out_dir)
-    except BaseException:
+        fsync_dir(out_dir.parent)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created_any:
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot export to {out_dir}: {e.strerror or e}") from None
         raise
-    fsync_dir(out_dir.parent)
     return out_dir
 
 

@@ -158,6 +158,28 @@ def test_export_command(layout: Layout, tmp_path: Path, run_cli, capsys: pytest.
     assert "MANIFEST.json is missing" in one_error_line(capsys)
 
 
+def test_export_refusals_are_one_line_and_leave_nothing(layout: Layout, tmp_path: Path, run_cli,  # noqa: F811
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a_file").write_text("x")
+    ckpt = layout.checkpoint_dir("alpha", 4)
+    cases = [
+        (tmp_path / "a_file" / "out", f"{tmp_path / 'a_file'} is a file, not a folder"),
+        (tmp_path / "a_file" / "deep" / "out", f"{tmp_path / 'a_file'} is a file, not a folder"),
+        (Path("/proc/packtrain-nowhere/out"), "cannot export to /proc/packtrain-nowhere/out: "),
+        (ckpt / "inside", f"refusing to export into {layout.checkpoints_root}"),
+        (layout.model_dir("alpha") / "checkpoint_000009", f"refusing to export into {layout.checkpoints_root}"),
+        (layout.cache_root / "x", f"refusing to export into {layout.cache_root}"),
+    ]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for out, message in cases:
+        assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(out)) == 2
+        assert message in one_error_line(capsys)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(tmp_path / "new" / "deep" / "hf")) == 0
+    assert sorted(os.listdir(tmp_path / "new" / "deep" / "hf")) == ["config.json", "generation_config.json",
+                                                                   "model.safetensors"]
+
+
 def test_list_and_delete_do_not_import_torch(layout: Layout) -> None:
     code = ("import sys; from engine import cli\n"
             "assert cli.main(['checkpoints', 'list']) == 0\n"

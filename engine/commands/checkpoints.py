@@ -115,7 +115,12 @@ def run_export(args: argparse.Namespace) -> int:
     from engine.checkpoint import export_hf
 
     layout = Layout.resolve()
-    out = export_hf(catalog.find_checkpoint(layout, args.id), args.out)
+    checkpoint = catalog.find_checkpoint(layout, args.id)
+    target = args.out.expanduser().absolute()
+    for managed in (layout.checkpoints_root, layout.cache_root):
+        if target == managed or managed in target.parents or managed.resolve() in target.resolve().parents:
+            raise UserError(f"refusing to export into {managed}: the engine manages that folder; choose one outside it")
+    out = export_hf(checkpoint, target)
     print(f"Exported to {out}")
     return 0
 
