@@ -153,7 +153,10 @@ class RunConfig:
             v = getattr(t, key)
             _require(v >= 1, f"train.{key} must be a positive integer, got {v}")
         _require(t.keep_last >= 2, f"train.keep_last must be at least 2, got {t.keep_last}")
-        _require(math.isfinite(t.lr) and t.lr > 0, f"train.lr must be a positive number, got {t.lr}")
+        for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_ratio",
+                    "wsd_decay_ratio", "epochs", "epoch_fraction"):
+            _require(math.isfinite(getattr(t, key)), f"train.{key} must be a finite number, got {getattr(t, key)}")
+        _require(t.lr > 0, f"train.lr must be a positive number, got {t.lr}")
         _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
         _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
@@ -184,9 +187,13 @@ def _field_type(cls: type, name: str) -> type:
 
 
 def _coerce(value: Any, typ: type, where: str) -> Any:
+    """A YAML/JSON/flag value as the field's type. Lists and mappings are never silently turned into
+    strings, nor booleans into numbers (`micro_batch: true` is a mistake, not 1)."""
     if value is None:
         return None
     try:
+        if isinstance(value, (list, dict)) or (isinstance(value, bool) and typ is not bool):
+            raise ValueError(value)
         if typ is bool:
             if isinstance(value, str):
                 low = value.strip().lower()
@@ -194,8 +201,9 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
                     return True
                 if low in {"0", "false", "no", "off"}:
                     return False
-                raise ValueError(value)
-            return bool(value)
+            elif value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
         if typ is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

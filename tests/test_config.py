@@ -59,6 +59,14 @@ def test_hash_ignores_the_name_only() -> None:
         ({"train": {"lrr": 1}}, "unknown key(s) in 'train': lrr"),
         ({"optimizer": {}}, "unknown config key(s): optimizer"),
         ({"train": {"micro_batch": 1.5}}, "train.micro_batch: expected int"),
+        ({"train": {"micro_batch": True}}, "train.micro_batch: expected int, got True"),
+        ({"train": {"lr": False}}, "train.lr: expected float, got False"),
+        ({"data": {"tokenizer": {"bpe": 8192}}}, "data.tokenizer: expected str, got {'bpe': 8192}"),
+        ({"data": {"source": ["a.txt", "b.txt"]}}, "data.source: expected str, got ['a.txt', 'b.txt']"),
+        ({"train": {"compile": 5}}, "train.compile: expected bool, got 5"),
+        ({"train": {"epochs": float("inf")}}, "train.epochs must be a finite number, got inf"),
+        ({"train": {"lr": float("inf")}}, "train.lr must be a finite number, got inf"),
+        ({"train": {"weight_decay": float("nan")}}, "train.weight_decay must be a finite number, got nan"),
     ],
 )
 def test_bad_values_are_one_line_errors(data, message) -> None:
