@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,16 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(f)
 
 
-def remove_stale_tmp(folder: str | os.PathLike[str]) -> list[Path]:
-    """Drop temporaries a crashed writer left behind; returns what was removed."""
-    removed = []
+def remove_stale_tmp(folder: str | os.PathLike[str], *, keep: Collection[str] = ()) -> list[Path]:
+    """Drop temporaries a crashed writer left behind (except the names in `keep`); returns what was
+    removed. Call it only where no live writer can be mid-write, e.g. under the folder's lock."""
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for p in folder.iterdir():
-        if p.name.startswith(TMP_PREFIX):
-            if p.is_dir():
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(TMP_PREFIX) and p.name not in keep:
+            if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)

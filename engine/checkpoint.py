@@ -15,7 +15,6 @@ re-sharded or loaded after the parameter order changed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir
+from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, remove_stale_tmp
 from engine.catalog import (
     DELETE_PREFIX, MANIFEST, TRAINER_STATE, TRAINER_STATE_FORMAT, InvalidCheckpoint, check_sizes,
     checkpoint_dirs, checkpoint_problem, display_name, find_checkpoint, read_latest, read_manifest,
@@ -171,23 +170,22 @@ class Checkpointer:
 
     # --- recovery --------------------------------------------------------------------------------
     def _recover(self) -> None:
+        """Undo an interrupted replace, then drop every `.tmp-*` in the model folder: half saves and
+        deletes, and the temporaries of run.json, engine.json, latest or config.yaml writes."""
         if not self.dir.is_dir() or not self._may_clean():
             return
+        keep = set()
         for entry in sorted(self.dir.iterdir()):
-            name = entry.name
-            if name.startswith(SUPERSEDED_PREFIX):
-                target = self.dir / name[len(SUPERSEDED_PREFIX):].rsplit("-", 1)[0]
+            if entry.name.startswith(SUPERSEDED_PREFIX):
+                target = self.dir / entry.name[len(SUPERSEDED_PREFIX):].rsplit("-", 1)[0]
                 if CHECKPOINT_RE.match(target.name) and not target.exists():
-                    with contextlib.suppress(OSError):  # crashed between moving the old one aside and the new in
+                    try:  # crashed between moving the old one aside and the new in
                         os.rename(entry, target)
                         self.log(f"restored {target.name} from an interrupted replace")
-                    continue  # restored, or kept for the next start if the rename failed
-            if name.startswith((f"{TMP_PREFIX}checkpoint_", DELETE_PREFIX, SUPERSEDED_PREFIX, f"{TMP_PREFIX}latest")):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-                self.log(f"removed {name} left by an interrupted save or delete")
+                    except OSError:
+                        keep.add(entry.name)  # the only copy: try again at the next start
+        for removed in remove_stale_tmp(self.dir, keep=keep):
+            self.log(f"removed {removed.name} left by an interrupted save or delete")
 
     def _may_clean(self) -> bool:
         """Rank 0 of the engine that holds (or could take) the lock; never a viewer beside a live engine."""

@@ -220,3 +220,16 @@ def test_a_file_is_not_a_cache_folder(tmp_path: Path, root: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     proc = engine(root, "cache", "info", str(tmp_path / "a_file"), check=False)
     assert proc.returncode == 2 and proc.stderr == f"error: cache {tmp_path / 'a_file'} is a file, not a cache folder\n"
+
+
+def test_a_dead_registry_writer_leaves_no_temporary(tiny_cache: Path, root: Path) -> None:
+    from engine.cache.registry import register_cache
+    from engine.paths import Layout
+
+    layout = Layout.resolve(root)
+    torn = layout.cache_root / ".tmp-cache_registry.json-0badc0de"
+    torn.write_text('{"caches": {')
+    register_cache(layout, tiny_cache, load_metadata(tiny_cache))
+    assert not torn.exists()
+    assert sorted(p.name for p in layout.cache_root.iterdir()) == ["cache_registry.json", "cache_registry.lock",
+                                                                   "packed_sequences"]

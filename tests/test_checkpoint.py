@@ -299,6 +299,21 @@ def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout:
     assert fresh.load(fresh.resolve("tiny_test"), tiny_model())["step"] == 1
 
 
+def test_every_stale_temporary_in_the_model_folder_is_removed(ck: Checkpointer, layout: Layout) -> None:
+    """Not only half saves: a kill -9 during any atomic write (run.json, engine.json, latest,
+    config.yaml) leaves a `.tmp-*` there too, and the next engine start removes it."""
+    model, opt = trained()
+    ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1))
+    stale = [ck.dir / name for name in (".tmp-run.json-0badc0de", ".tmp-engine.json-0badc0de",
+                                        ".tmp-config.yaml-0badc0de", ".tmp-latest-0badc0de")]
+    for path in stale:
+        path.write_text("torn")
+    logs: list[str] = []
+    Checkpointer(layout, "tiny_test", log=logs.append)
+    assert not [p for p in stale if p.exists()] and len(logs) == 4
+    assert sorted(p.name for p in ck.dir.iterdir()) == ["checkpoint_000001", "latest"]
+
+
 def test_temporaries_of_another_live_engine_are_left_alone(layout: Layout) -> None:
     from engine.control import EngineInfo
     import dataclasses

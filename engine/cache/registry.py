@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_json
+from engine.atomic import TMP_PREFIX, atomic_write_json
 from engine.cache.metadata import METADATA_FILE, load_metadata, summary
 from engine.errors import UserError
 from engine.paths import Layout
@@ -36,6 +36,8 @@ def register_cache(layout: Layout, cache_dir: Path, meta: dict[str, Any]) -> Non
     fd = os.open(layout.cache_root / "cache_registry.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in layout.cache_root.glob(f"{TMP_PREFIX}{layout.cache_registry.name}-*"):
+            stale.unlink(missing_ok=True)  # every writer holds the lock, so this is a dead writer's
         caches = _read(layout.cache_registry)
         caches[str(cache_dir)] = summary(meta)
         atomic_write_json(layout.cache_registry, {"version": REGISTRY_VERSION, "caches": caches})
