@@ -84,6 +84,10 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path: Path, inputs: 
 def test_commands_on_a_missing_cache(tmp_path: Path, action: str) -> None:
     proc = engine(tmp_path / "root", "cache", action, str(tmp_path / "nope"))
     assert proc.returncode != 0 and proc.stderr.strip() == f"error: cache {tmp_path / 'nope'} does not exist"
+    relative = engine(tmp_path / "root", "cache", action, "64/nope")
+    assert relative.returncode == 2 and relative.stderr == (
+        f"error: cache 64/nope not found: neither {Path.cwd() / '64/nope'} nor "
+        f"{tmp_path / 'root/cache/packed_sequences/64/nope'} exists\n")
 
 
 def test_unreachable_hub_without_the_offline_switch(tmp_path: Path, inputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:

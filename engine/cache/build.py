@@ -64,6 +64,7 @@ def resolve_cache_path(path: str | Path, layout: Layout | None = None) -> Path:
         candidate = (layout or Layout.resolve()).packed_root / p
         if candidate.exists():
             return candidate.resolve()
+        raise UserError(f"cache {path} not found: neither {p.resolve()} nor {candidate} exists")
     return p.resolve()
 
 
