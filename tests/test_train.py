@@ -116,3 +116,24 @@ def test_human_progress_line_format() -> None:
     line = human(P.Step(step=770, total_steps=26235, loss=5.583, lr=1e-3, grad_norm=1.0, tokens_per_sec=106212,
                         eta_s=4 * 3600 + 23 * 60, progress_pct=2.935, rss_gb=1.0))
     assert line == "Step 770/26,235 (2.9%) | Loss: 5.583 | 106,212 tok/s | ETA: 04:23h"
+
+
+def test_gradient_checkpointing_recomputes_the_same_gradients() -> None:
+    """--grad-checkpointing trades compute for memory; it must not change what the step computes."""
+    from engine.config import RunConfig
+    from engine.distributed import Dist
+    from engine.train import prepare_model
+
+    config = llama_config(ModelConfig(preset="tiny"), 300, 32)
+    rows = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for enabled in (False, True):
+        cfg = RunConfig()
+        cfg.train.grad_checkpointing = enabled
+        m = prepare_model(config, cfg, "cpu", Dist())
+        assert m.is_gradient_checkpointing is enabled
+        m.train()
+        lm_loss(m, rows).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
