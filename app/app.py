@@ -129,7 +129,10 @@ class PacktrainApp(App[None]):
 
     def send_engine_command(self, command: str) -> None:
         if self.handle is not None:
-            engine_client.send(self.layout, self.handle.model, command)
+            try:
+                engine_client.send(self.layout, self.handle.model, command)
+            except OSError as e:
+                self.notify(f"Could not send {command!r} to the engine: {e.strerror or e}", severity="error")
 
     def detach(self) -> None:
         """Stop following; the engine keeps training and can be re-attached from the list."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from app_testkit import REPO, fake_events, fake_step, write_log
@@ -126,3 +127,43 @@ async def test_an_engine_that_refused_to_start_reports_its_error_line(tmp_path: 
         async for _ in tail_events(layout, EngineHandle(model="m", proc=proc, console=console), poll=0.01):
             pass
     assert "error: an older failure" not in gone.value.lines
+
+
+def test_a_root_under_a_file_is_refused_before_the_tui_starts(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from app.main import main
+
+    (tmp_path / "a_file").write_text("x")
+    assert main(["--root", str(tmp_path / "a_file" / "root")]) == 2
+    assert capsys.readouterr().err == (f"error: cannot use {tmp_path / 'a_file' / 'root'} as the data root: "
+                                       f"{tmp_path / 'a_file'} is a file, not a folder\n")
+
+
+async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_path: Path) -> None:
+    """The form writes checkpoints/<name>/config.yaml; a root that refuses it must not kill the TUI."""
+    from app.app import PacktrainApp
+    from app.screens.config_form import ConfigFormScreen
+    from app_testkit import screen_text
+    from engine.config import RunConfig
+
+    class FormOnly(PacktrainApp):
+        CSS_PATH = REPO / "app" / "app.tcss"
+
+        def on_mount(self, event: Any) -> None:  # straight to the form: no environment screen, no engine probe
+            event.prevent_default()
+            self.push_screen(ConfigFormScreen(RunConfig(name="m")))
+
+    (tmp_path / "a_file").write_text("x")
+    app = FormOnly(Layout(tmp_path / "a_file" / "root"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        app.screen.action_submit()
+        await pilot.pause()
+        assert isinstance(app.screen, ConfigFormScreen)
+        assert f"✗ cannot save the config in {tmp_path / 'a_file' / 'root' / 'checkpoints' / 'm'}: Not a directory" \
+            in " ".join(screen_text(app).split())
+        app.handle = EngineHandle(model="m")
+        app.send_engine_command("save")  # the control folder cannot be made either: a notice, not a crash
+        await pilot.pause()
+        assert [n.message for n in app._notifications] == ["Could not send 'save' to the engine: Not a directory"]
+    assert not (tmp_path / "a_file" / "root").exists()

@@ -198,7 +198,12 @@ class ConfigFormScreen(Screen[None]):
             status.update(f"✗ {e}")
             status.set_classes("status bad")
             return
-        path = save_config(self.app.layout, cfg)
+        try:
+            path = save_config(self.app.layout, cfg)
+        except OSError as e:
+            status.update(f"✗ cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}")
+            status.set_classes("status bad")
+            return
         status.update(f"Saved {path}")
         status.set_classes("status ok")
         self.app.open_cache_for_new(cfg, path)
