@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import atomic_write_text
-from engine.cache.sources import derive_dataset_name
+from engine.cache.sources import cache_path_for, derive_dataset_name
 from engine.config import RunConfig
 from engine.names import existing_names, suggest_names
 from engine.paths import Layout
@@ -69,9 +69,5 @@ def save_config(layout: Layout, cfg: RunConfig) -> Path:
 
 
 def cache_location(layout: Layout, cfg: RunConfig) -> tuple[str, Path]:
-    """The dataset name and folder the engine's builder will use (mirrors cache.build.cache_path_for,
-    which lives with the builder's heavy imports)."""
-    name = derive_dataset_name(cfg.data)
-    if cfg.data.cache:
-        return name, Path(cfg.data.cache).expanduser().resolve()
-    return name, layout.cache_dir(cfg.data.seq_len, name)
+    """The dataset name and folder the engine's builder will use."""
+    return derive_dataset_name(cfg.data), cache_path_for(cfg.data, layout)

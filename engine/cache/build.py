@@ -32,7 +32,7 @@ from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, MET
                                    TOKENIZER_DIR, chunk_id_of, dtype_name_for_vocab, load_metadata, metadata_path,
                                    save_metadata)
 from engine.cache.registry import register_cache
-from engine.cache.sources import Source, derive_dataset_name, open_source
+from engine.cache.sources import Source, cache_path_for, derive_dataset_name, open_source
 from engine.cache.stats import write_stats
 from engine.cache.tokenizer import (TokenizerPlan, check_cache_tokenizer, check_hub_tokenizer, parse_tokenizer_spec,
                                     prepare_tokenizer, tokenizer_file, write_tokenizer)
@@ -49,12 +49,6 @@ EventSink = Callable[[Event], None]
 COMMIT_INTERVAL_S = 1.0  # the first chunk is committed at once, then at most once a second
 PROGRESS_INTERVAL_S = 0.25
 OWN_NAMES = {METADATA_FILE, TOKENIZER_DIR, STATS_FILE, REPORT_FILE}
-
-
-def cache_path_for(data: DataConfig, layout: Layout) -> Path:
-    if data.cache:
-        return Path(data.cache).expanduser().resolve()
-    return layout.cache_dir(data.seq_len, derive_dataset_name(data))
 
 
 def resolve_cache_path(path: str | Path, layout: Layout | None = None) -> Path:

@@ -54,10 +54,6 @@ class PackedCache:
     def dataset_name(self) -> str:
         return str(self.meta.get("dataset_name") or self.path.name)
 
-    @property
-    def manifest(self) -> str:
-        return str(self.meta.get("manifest_hash") or manifest_hash(self._records.values()))
-
     def __len__(self) -> int:
         return self.n_sequences
 

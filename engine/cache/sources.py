@@ -29,6 +29,7 @@ from typing import Any
 from engine.cache.hub import prepare_hub_access, unreachable
 from engine.config import DataConfig
 from engine.errors import UserError
+from engine.paths import Layout
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 RECORD_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -367,6 +368,14 @@ def _dataset_source(ds: Any, spec: str, kind: str, options: dict[str, Any], colu
     if streaming and not source.head(max_docs=1):
         raise UserError(f"source {spec!r} holds no documents")
     return source
+
+
+def cache_path_for(data: DataConfig, layout: Layout) -> Path:
+    """The folder a cache for `data` lives in: --cache, else cache/packed_sequences/<seq_len>/<name>.
+    Here rather than in build.py so the TUI (which must not load the builder) uses the same rule."""
+    if data.cache:
+        return Path(data.cache).expanduser().resolve()
+    return layout.cache_dir(data.seq_len, derive_dataset_name(data))
 
 
 def derive_dataset_name(data: DataConfig) -> str:
