@@ -65,7 +65,7 @@ def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
     for name, entry in manifest.items():
         if os.sep in name or name.startswith(".") or not isinstance(entry, dict):
             raise InvalidCheckpoint(f"MANIFEST.json has a foreign entry {name!r}")
-        if not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("hash"), str):
+        if type(entry.get("bytes")) is not int or not isinstance(entry.get("hash"), str):
             raise InvalidCheckpoint(f"MANIFEST.json entry {name!r} lacks bytes or hash")
     return manifest
 
@@ -199,7 +199,7 @@ def _entry(model: str, step: int, path: Path, latest: str | None, running: bool)
     if reason is None and not state:
         reason = "trainer_state.json is unreadable"
     cache = state.get("cache") if isinstance(state.get("cache"), dict) else {}
-    run = state.get("run") if isinstance(state.get("run"), int) else None
+    run = run_of(state)
     size = 0
     saved_at = state.get("saved_at")
     with os.scandir(path) as it:
@@ -212,13 +212,26 @@ def _entry(model: str, step: int, path: Path, latest: str | None, running: bool)
     return CheckpointEntry(
         model=model, step=step, run=run, display_name=display_name(model, step, run), path=str(path),
         loss=_num(state.get("loss")), eval_loss=_num(state.get("eval_loss")),
-        saved_at=_num(saved_at), dataset=cache.get("dataset_name"), sequences=cache.get("total_sequences"),
+        saved_at=_num(saved_at), dataset=_str(cache.get("dataset_name")), sequences=_int(cache.get("total_sequences")),
         size_bytes=size, valid=reason is None, reason=reason, is_latest=path.name == latest, running=running,
     )
 
 
+def run_of(state: dict[str, Any] | None) -> int | None:
+    """The run number a trainer_state records; anything else counts as unknown (shown as run_0)."""
+    return _int((state or {}).get("run"))
+
+
 def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _int(v: Any) -> int | None:
+    return v if type(v) is int else None
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
 
 
 @dataclass
@@ -351,9 +364,9 @@ def find_checkpoint(layout: Layout, ref: str) -> Path:
         path = layout.checkpoint_dir(model, step)
         if not path.is_dir():
             raise UserError(f"no checkpoint named {ref!r} in {layout.checkpoints_root}")
-        state = read_trainer_state(path)
-        if state is not None and state.get("run") not in (None, run):
-            raise UserError(f"no checkpoint named {ref!r}: step {step} of {model} was saved by run {state.get('run')}")
+        state = read_trainer_state(path)  # unreadable: the name cannot be checked, the folder decides
+        if state is not None and (run_of(state) or 0) != run:
+            raise UserError(f"no checkpoint named {ref!r}: step {step} of {model} was saved by run {run_of(state) or 0}")
         return _inside_checkpoints(layout, path, ref)
     given = Path(ref).expanduser()
     if not given.is_absolute() and not given.exists():

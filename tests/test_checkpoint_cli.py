@@ -199,3 +199,21 @@ def test_narrow_terminals_drop_columns_before_cutting_names() -> None:
     assert _fit_columns([row], 1000) == list(row)
     assert _fit_columns([row], 80) == ["Checkpoint", "Step", "Loss", "Size", "Status"]
     assert _fit_columns([row], 40) == ["Checkpoint", "Step", "Status"]
+
+
+def test_a_trainer_state_of_the_wrong_shape_lists_and_resolves_as_shown(layout: Layout, run_cli,  # noqa: F811
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Valid JSON with wrong types: the table still prints (no traceback), and the display name it
+    shows for the checkpoint is the name delete and export accept."""
+    path = layout.checkpoint_dir("alpha", 3) / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state.update(run="first", loss="low", saved_at="yesterday",
+                 cache={"dataset_name": ["a", "b"], "total_sequences": "many"})
+    path.write_text(json.dumps(state))
+    assert run_cli("checkpoints", "list") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "alpha_checkpoint_3_" in line)
+    assert row.split()[0] == "alpha_checkpoint_3_run_0" and "many" not in row and "['a'" not in row
+    assert run_cli("checkpoints", "delete", "alpha_checkpoint_3_run_1", "--yes") == 2
+    assert "was saved by run 0" in one_error_line(capsys)
+    assert run_cli("checkpoints", "delete", "alpha_checkpoint_3_run_0", "--yes") == 0
+    assert "alpha_checkpoint_3_run_0" not in names(layout)
