@@ -126,6 +126,9 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     if not created.parent.is_dir():
         raise UserError(f"cannot export to {out_dir}: {created.parent} is a file, not a folder")
     created_any = created != out_dir
+    if not created_any:  # an export to this name that was killed: its half copy goes now
+        for stale in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}-{uuid.uuid4().hex[:8]}")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -175,7 +175,11 @@ def test_export_refusals_are_one_line_and_leave_nothing(layout: Layout, tmp_path
         assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(out)) == 2
         assert message in one_error_line(capsys)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    killed = tmp_path / "new" / "deep" / ".tmp-hf-0badc0de"  # an earlier export of the same name, killed
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half")
     assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(tmp_path / "new" / "deep" / "hf")) == 0
+    assert os.listdir(tmp_path / "new" / "deep") == ["hf"]
     assert sorted(os.listdir(tmp_path / "new" / "deep" / "hf")) == ["config.json", "generation_config.json",
                                                                    "model.safetensors"]
 
