@@ -7,13 +7,14 @@ import os
 import sys
 from collections.abc import Sequence
 
+from engine.cli import Parser
 from engine.config import RunConfig
 from engine.errors import UserError
 from engine.paths import Layout
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="packtrain", description="Train language models from a terminal: start, watch, detach, resume."
     )
     parser.add_argument("--root", default=None, help="data root holding cache/, checkpoints/, training_logs/ "

@@ -11,15 +11,23 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from engine.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes read like every other refusal: one `error:` line (argparse prints two)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from engine import commands
     from engine.cache import commands as cache_commands
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="packtrain-engine",
         description="Build packed token caches and train decoder-only transformers from them.",
     )

@@ -71,3 +71,26 @@ def test_cpu_bf16_from_flags_and_capability(monkeypatch: pytest.MonkeyPatch, fla
     monkeypatch.setattr(hardware, "_cpuinfo", lambda *keys: flags if "flags" in keys else None)
     monkeypatch.setattr(hardware, "_cpu_capability", lambda: capability)
     assert hardware._cpu_bf16() is expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["cache", "build", "--seq-len", "abc"], "error: argument --seq-len: invalid int value: 'abc' "
+                                             "(see packtrain-engine cache build --help)"),
+    (["bogus"], "error: argument COMMAND: invalid choice: 'bogus'"),
+    (["checkpoints", "delete"], "error: the following arguments are required: ID"),
+    (["info", "--what"], "error: unrecognized arguments: --what (see packtrain-engine --help)"),
+])
+def test_usage_mistakes_are_one_error_line(run_cli, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                           message: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_cli(*argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and err.startswith(message), err
+
+
+def test_the_tui_launcher_reports_usage_mistakes_the_same_way(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--bogus"])
+    assert exited.value.code == 2 and capsys.readouterr().err == "error: unrecognized arguments: --bogus (see packtrain --help)\n"
