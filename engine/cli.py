@@ -8,9 +8,11 @@ libraries themselves. A UserError anywhere becomes one `error: ...` line and a n
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from engine.errors import UserError
@@ -39,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(e: OSError) -> str:
+    """The filesystem refused (a folder that is a file, a full disk, a read-only mount): the user can
+    fix that, so it is one line rather than a traceback, naming the file in the way."""
+    if e.filename and e.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = Path(e.filename)
+        while blocker != blocker.parent and not (blocker.exists() and not blocker.is_dir()):
+            blocker = blocker.parent
+        if blocker != blocker.parent:
+            return f"{blocker} is a file where a folder is needed"
+    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,11 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            return 0
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

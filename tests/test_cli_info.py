@@ -94,3 +94,23 @@ def test_the_tui_launcher_reports_usage_mistakes_the_same_way(capsys: pytest.Cap
     with pytest.raises(SystemExit) as exited:
         main(["--bogus"])
     assert exited.value.code == 2 and capsys.readouterr().err == "error: unrecognized arguments: --bogus (see packtrain --help)\n"
+
+
+@pytest.mark.parametrize("error, line", [
+    (lambda d: NotADirectoryError(20, "Not a directory", str(d / "a_file" / "checkpoints" / "m")),
+     "error: {d}/a_file is a file where a folder is needed"),
+    (lambda d: FileExistsError(17, "File exists", str(d / "a_file")), "error: {d}/a_file is a file where a folder is needed"),
+    (lambda d: OSError(28, "No space left on device", str(d / "x")), "error: No space left on device: {d}/x"),
+])
+def test_a_filesystem_refusal_is_one_error_line(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str], error, line: str) -> None:
+    from engine.commands import info
+
+    (tmp_path / "a_file").write_text("x")
+
+    def refuse(args: object) -> int:
+        raise error(tmp_path)
+
+    monkeypatch.setattr(info, "run_info", refuse)
+    assert run_cli("info") == 1
+    assert capsys.readouterr().err == line.format(d=tmp_path) + "\n"
