@@ -7,8 +7,13 @@ the log in a deque with a line counter so the pane only appends what is new.
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from functools import cache
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from engine import protocol
 
@@ -55,10 +60,51 @@ class DownsampledSeries:
         return len(self.xs) + (1 if self._bucket else 0)
 
 
-def finite_step(e: protocol.Step) -> protocol.Step:
-    """The wire turns NaN/inf into null; put NaN back so formatting and sums never see None."""
-    nulls = {f.name: NAN for f in fields(e) if getattr(e, f.name) is None and f.name != "eta_s"}
-    return replace(e, **nulls) if nulls else e
+NULL_MEANS_UNKNOWN = {"eta_s"}  # float fields where null is a value of its own, not a NaN
+
+
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """A fast type test for one annotated event field (JSON only ever gives exact int/float/str)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return lambda v: True
+    if origin in (Union, UnionType):
+        options = [_checker(h) for h in get_args(hint)]
+        return lambda v: any(check(v) for check in options)
+    if origin is Literal:
+        allowed = get_args(hint)
+        return lambda v: v in allowed
+    if origin is not None:
+        return lambda v: isinstance(v, origin)
+    if hint is float:
+        return lambda v: v.__class__ in (float, int)
+    if hint in (int, str, bool, type(None)):
+        return lambda v: v.__class__ is hint
+    return lambda v: isinstance(v, hint)
+
+
+@cache
+def _schema(cls: type) -> tuple[list[str], list[tuple[str, Callable[[Any], bool]]]]:
+    """(float fields a null turns back into NaN, (field, type test) pairs) of one event class."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    nan_fields = [n for n in names if hints[n] is float and n not in NULL_MEANS_UNKNOWN]
+    checks = [(n, (lambda c: lambda v: v is None or c(v))(_checker(hints[n])) if n in NULL_MEANS_UNKNOWN
+               else _checker(hints[n])) for n in names]
+    return nan_fields, checks
+
+
+def well_formed(e: protocol.Event) -> protocol.Event:
+    """An event as the views may format it. The wire turns NaN/inf into null (a diverged eval loss
+    arrives as null), so float fields get NaN back; an event with a field of the wrong type (a
+    hand-edited or foreign log) becomes Unknown instead of crashing the dashboard that follows it."""
+    nan_fields, checks = _schema(type(e))
+    nulls = {n: NAN for n in nan_fields if getattr(e, n) is None}
+    if nulls:
+        e = replace(e, **nulls)
+    if all(check(getattr(e, n)) for n, check in checks):
+        return e
+    return protocol.Unknown(ts=e.ts if e.ts.__class__ in (float, int) else 0.0, raw=protocol.to_dict(e))
 
 
 def event_line(event: protocol.Event) -> str | None:
@@ -128,7 +174,7 @@ class RunState:
     version: int = 0  # bumped per applied batch; views redraw only when it moved
 
     def apply(self, events: list[protocol.Event]) -> None:
-        clean = [finite_step(e) if isinstance(e, protocol.Step) else e for e in events]
+        clean = [well_formed(e) for e in events]
         for e in clean:
             self._apply(e)
         for e in clean[-LOG_LINES:]:  # older lines of a big batch would scroll away unseen
@@ -158,7 +204,7 @@ class RunState:
             self.grad_norm.append(e.grad_norm)
         elif isinstance(e, protocol.Eval):
             self.eval_loss.append(e.step, e.loss)
-            if self.best_eval is None or e.loss < self.best_eval:
+            if math.isfinite(e.loss) and (self.best_eval is None or e.loss < self.best_eval):
                 self.best_eval = e.loss
         elif isinstance(e, protocol.RunStarted):
             self.started, self.model = e, e.model

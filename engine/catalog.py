@@ -24,7 +24,7 @@ from typing import Any
 from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, read_json
 from engine.control import EngineInfo, engine_lock_held, live_engine, live_engines
 from engine.errors import UserError
-from engine.paths import CHECKPOINT_RE, NAME_RE, Layout
+from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, check_name
 from engine.protocol import read_events, to_dict
 
 __all__ = [
@@ -264,32 +264,42 @@ def list_runs(layout: Layout) -> list[RunEntry]:
     for path in logs:
         header = _first_event(path)
         m = RUN_LOG_RE.match(path.name)
-        model = str(header.get("model") or m.group("model"))  # type: ignore[union-attr]
+        assert m is not None
+        model = header["model"] if _is_name(header.get("model")) else m.group("model")
         if model not in engines:
-            engines[model] = live_engine(layout, model) if NAME_RE.match(model) else None
-        runs.append(_run_entry(path, header, model, int(header.get("run") or m.group("run")), engines[model]))  # type: ignore[union-attr]
+            engines[model] = live_engine(layout, model) if _is_name(model) else None
+        runs.append(_run_entry(path, header, model, _int(header.get("run")) or int(m.group("run")), engines[model]))
     return sorted(runs, key=lambda r: (r.started or 0.0, r.run), reverse=True)
 
 
+def _is_name(v: Any) -> bool:
+    try:
+        check_name(v)
+    except UserError:
+        return False
+    return True
+
+
 def _run_entry(path: Path, header: dict[str, Any], model: str, run: int, engine: EngineInfo | None) -> RunEntry:
+    """Fields of the wrong type in a log (hand-edited, another tool's) read as unknown, never crash a list."""
     last_step = total = loss = finished = None
     for event in reversed(_tail_events(path)):
         kind = event.get("event")
         if kind == "finished" and finished is None:
-            finished = event.get("reason")
+            finished = _str(event.get("reason"))
         elif kind == "step" and last_step is None:
-            last_step, total, loss = event.get("step"), event.get("total_steps"), _num(event.get("loss"))
+            last_step, total, loss = _int(event.get("step")), _int(event.get("total_steps")), _num(event.get("loss"))
         elif kind == "plan" and total is None:
-            total = event.get("total_steps")
+            total = _int(event.get("total_steps"))
         if last_step is not None and finished is not None:
             break
     live = engine is not None and Path(engine.log).name == path.name
     return RunEntry(
         model=model, run=run, log=str(path), started=_num(header.get("ts")),
-        last_step=last_step if last_step is not None else header.get("start_step"),
-        total_steps=total if total is not None else header.get("total_steps"),
+        last_step=last_step if last_step is not None else _int(header.get("start_step")),
+        total_steps=total if total is not None else _int(header.get("total_steps")),
         last_loss=loss, finished=None if live else finished, live=live,
-        pid=engine.pid if live and engine else None, resumed_from=header.get("resumed_from"),
+        pid=engine.pid if live and engine else None, resumed_from=_str(header.get("resumed_from")),
     )
 
 

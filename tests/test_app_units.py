@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tracemalloc
@@ -79,6 +80,27 @@ def test_fold_events_into_state() -> None:
                  P.Finished(step=101, reason="error")])
     assert state.status == "error" and state.error == "out of memory" and state.error_lines == ["Traceback", "  boom"]
     assert not state.active
+
+
+def test_a_diverged_run_and_a_foreign_log_fold_without_crashing() -> None:
+    """NaN and inf arrive as null on the wire; a hand-edited log can hold anything. The dashboard
+    that folds them must keep going: NaN shows as nan, ill-typed events as unknown lines."""
+    wire = [
+        P.Eval(step=5, loss=1.5, perplexity=4.5),
+        P.Eval(step=10, loss=float("nan"), perplexity=float("inf")),
+        P.Step(step=11, total_steps=20, loss=float("nan"), lr=1e-3, grad_norm=float("inf"), tokens_per_sec=10.0,
+               eta_s=float("nan"), progress_pct=55.0, rss_gb=1.0),
+    ]
+    state = RunState(model="m")
+    state.apply([P.decode(P.encode(e)) for e in wire])
+    assert "Eval at step 10: loss nan, perplexity nan" in state.logs and state.best_eval == 1.5
+    assert state.step is not None and state.step.eta_s is None and state.step.grad_norm != state.step.grad_norm
+    forged = [{"event": "run", "model": "m", "run": "x", "start_step": "a"},
+              {"event": "eval", "step": 12, "loss": "low", "perplexity": 1.0},
+              {"event": "finished", "step": 12, "reason": 5}]
+    state.apply([P.decode(json.dumps(d)) for d in forged])
+    assert [line.startswith("(unknown event)") for line in list(state.logs)[-3:]] == [True, True, True]
+    assert state.started is None and state.finished is None and state.step.step == 11
 
 
 class Counter(App[None]):

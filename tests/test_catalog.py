@@ -112,6 +112,21 @@ def test_list_runs_finished_killed_and_live(layout: Layout) -> None:
     assert (stopped.finished, stopped.last_step, stopped.started, stopped.live) == ("stopped", 50, 100.0, False)
 
 
+def test_list_runs_reads_logs_of_the_wrong_shape_as_unknowns(layout: Layout) -> None:
+    """Hand-edited or foreign logs: a header naming '..' or a run 'x', string steps, a number as the
+    finish reason. The list still comes back, with the file name's model and run and unknown values."""
+    layout.logs_root.mkdir(parents=True, exist_ok=True)
+    (layout.logs_root / "m_run_3.jsonl").write_text(
+        '{"event": "run", "model": "..", "run": "x", "ts": "now", "start_step": "a", "resumed_from": 7}\n'
+        '{"event": "step", "step": "s", "total_steps": [1], "loss": "low"}\n{"event": "finished", "reason": 5}\n')
+    (layout.logs_root / "n_run_2.jsonl").write_bytes(b"\xff\xfe not json\n[1, 2]\n")
+    runs = {r.model: r for r in catalog.list_runs(layout)}
+    m, n = runs["m"], runs["n"]
+    assert (m.run, m.started, m.last_step, m.total_steps, m.last_loss, m.finished, m.resumed_from) == \
+        (3, None, None, None, None, None, None)
+    assert (n.run, n.last_step, n.live) == (2, None, False)
+
+
 def test_read_run_splits_events_for_plots(layout: Layout) -> None:
     path = write_log(layout, "alpha", 1, [
         protocol.RunStarted(model="alpha", run=1, total_steps=4), *steps(1, 4, 4),
