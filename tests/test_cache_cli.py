@@ -62,6 +62,8 @@ ERRORS = [
     (["--source", "{d}/corpus", "--dataset-name", "../escape"], "invalid dataset name"),
     (["--source", "{d}/corpus", "--cache", "{d}/a_file/cache"], "cannot write to"),
     (["--source", "{d}/corpus", "--cache", "{d}"], "is not empty and is not a packed cache"),
+    (["--source", "{d}/corpus", "--cache", "{root}/checkpoints/new"], "/checkpoints, which holds models and logs"),
+    (["--source", "{d}/corpus", "--cache", "{root}/training_logs"], "/training_logs, which holds models and logs"),
     (["--source", "{d}/corpus", "--shard", "2/2"], "need 0 <= k < N"),
     (["--source", "{d}/corpus", "--workers", "0"], "--workers must be at least 1"),
 ]
@@ -72,7 +74,8 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path: Path, inputs: 
                                                         message: str) -> None:
     root = tmp_path / "root"
     before = files_under(inputs)
-    proc = engine(root, "cache", "build", "--tokenizer", "bytes", *[a.replace("{d}", str(inputs)) for a in args])
+    proc = engine(root, "cache", "build", "--tokenizer", "bytes",
+                  *[a.replace("{d}", str(inputs)).replace("{root}", str(root)) for a in args])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message.replace("{d}", str(inputs)) in lines[0], \

@@ -92,6 +92,13 @@ def _check_data(data: DataConfig) -> None:
         check_name(data.dataset_name, "dataset name")
 
 
+def _check_place(path: Path, layout: Layout) -> None:
+    """A --cache folder among checkpoints or run logs would read as a model or be swept with them."""
+    for managed in (layout.checkpoints_root.resolve(), layout.logs_root.resolve()):
+        if path == managed or managed in path.parents:
+            raise UserError(f"refusing cache folder {path}: it is inside {managed}, which holds models and logs")
+
+
 def _check_writable(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise UserError(f"cache path {path} exists and is not a folder")
@@ -279,6 +286,7 @@ def build_cache(data: DataConfig, layout: Layout, *, workers: int | None = None,
     source = open_source(data)
     if existing is not None:
         _check_source(existing, path, source)
+    _check_place(path, layout)
     _check_writable(path)
     _check_foreign(path)
     created = path  # the topmost folder this build creates: removed again if the first build fails
