@@ -11,13 +11,14 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Log, ProgressBar, Static
+from textual.widgets import Footer, Header, Log, Static
 
 from app.formatting import format_bytes, format_clock
 from app.run_state import LOG_LINES, RunState
 from app.screens.modals import ConfirmScreen, HelpScreen
 from app.widgets.loss_plot import LossPlot
 from app.widgets.metrics import MetricSparks
+from app.widgets.progress import StepProgress
 from engine import protocol
 
 PLOT_REDRAW_S = 0.75
@@ -94,7 +95,7 @@ class DashboardScreen(Screen[None]):
         yield Header()
         with Vertical(id="dashboard"):
             yield Static("", id="headline", markup=False)
-            yield ProgressBar(id="progress", show_eta=False)
+            yield StepProgress(id="progress", show_eta=False)
             with Horizontal(id="dash-main"):
                 yield LossPlot(id="loss-plot")
                 with Vertical(id="side"):
@@ -114,7 +115,7 @@ class DashboardScreen(Screen[None]):
         s = self.state
         self.query_one("#headline", Static).update(headline(s))
         total = s.total_steps or (None if s.active else 1)  # no endless animation once it ended
-        self.query_one("#progress", ProgressBar).update(total=total, progress=s.step.step if s.step else 0)
+        self.query_one("#progress", StepProgress).update(total=total, progress=s.step.step if s.step else 0)
         self.query_one(MetricSparks).show({"tok_s": s.tok_s, "rss_gb": s.rss_gb, "device_gb": s.device_gb,
                                            "lr": s.lr, "grad_norm": s.grad_norm})
         self.query_one("#plan", Static).update(plan_text(s))
