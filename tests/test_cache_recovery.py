@@ -133,6 +133,8 @@ def test_token_ids_beyond_the_vocabulary_are_named(tiny_cache: Path) -> None:
     save_metadata(tiny_cache, meta)
     report = validate_cache(tiny_cache)
     assert report.bad == [(0, "token id 300 >= vocabulary size 257 (from another tokenizer?)")]
+    with pytest.raises(ChunkError, match="token id 300 >= vocabulary size 257"):  # training: one line, no IndexError
+        PackedCache(tiny_cache).read_chunk(0)
     repaired = validate_cache(tiny_cache, repair=True)  # the record itself is wrong: no identical rebuild exists
     assert not repaired.ok and "cannot be rebuilt identically" in repaired.problems[0]
 

@@ -81,9 +81,10 @@ def write_chunk_file(cache_dir: Path, chunk_id: int, data: bytes) -> Path:
     return target
 
 
-def decode(data: bytes, record: dict[str, Any], *, seq_len: int, dtype: np.dtype,
-           verify_hash: bool = True) -> np.ndarray:
-    """Compressed bytes -> read-only [n_seqs, seq_len + 1] array, or ChunkDamaged with the reason."""
+def decode(data: bytes, record: dict[str, Any], *, seq_len: int, dtype: np.dtype, vocab_size: int) -> np.ndarray:
+    """Compressed bytes -> read-only [n_seqs, seq_len + 1] array, or ChunkDamaged with the reason.
+    Token ids are checked against the vocabulary too: a chunk (and record) copied from a cache with
+    a bigger tokenizer hashes fine but would crash the model's embedding lookup."""
     if len(data) != record["compressed_bytes"]:
         raise ChunkDamaged(f"size {len(data):,} bytes, expected {record['compressed_bytes']:,} (truncated or replaced)")
     try:
@@ -93,17 +94,21 @@ def decode(data: bytes, record: dict[str, Any], *, seq_len: int, dtype: np.dtype
     row_bytes = (seq_len + 1) * dtype.itemsize
     if len(raw) != record["raw_bytes"] or len(raw) != record["n_seqs"] * row_bytes:
         raise ChunkDamaged(f"holds {len(raw):,} raw bytes, expected {record['n_seqs']} rows of {row_bytes} bytes")
-    if verify_hash and raw_hash(raw) != record["hash"]:
+    if raw_hash(raw) != record["hash"]:
         raise ChunkDamaged("content hash mismatch")
-    return np.frombuffer(raw, dtype=dtype).reshape(record["n_seqs"], seq_len + 1)
+    arr = np.frombuffer(raw, dtype=dtype).reshape(record["n_seqs"], seq_len + 1)
+    top = int(arr.max()) if arr.size else 0
+    if top >= vocab_size:
+        raise ChunkDamaged(f"token id {top:,} >= vocabulary size {vocab_size:,} (from another tokenizer?)")
+    return arr
 
 
 def read_chunk_file(cache_dir: Path, record: dict[str, Any], *, seq_len: int, dtype: np.dtype,
-                    verify_hash: bool = True) -> np.ndarray:
+                    vocab_size: int) -> np.ndarray:
     try:
         data = (cache_dir / record["file"]).read_bytes()
     except FileNotFoundError:
         raise ChunkDamaged("file is missing") from None
     except OSError as e:
         raise ChunkDamaged(f"cannot be read ({e.strerror or e})") from None
-    return decode(data, record, seq_len=seq_len, dtype=dtype, verify_hash=verify_hash)
+    return decode(data, record, seq_len=seq_len, dtype=dtype, vocab_size=vocab_size)

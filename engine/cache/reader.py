@@ -72,7 +72,7 @@ class PackedCache:
         if record is None:
             raise ChunkError(f"chunk {chunk_id} is not committed in cache {self.path}")
         try:
-            arr = read_chunk_file(self.path, record, seq_len=self.seq_len, dtype=self.dtype)
+            arr = read_chunk_file(self.path, record, seq_len=self.seq_len, dtype=self.dtype, vocab_size=self.vocab_size)
         except ChunkDamaged as e:
             raise ChunkError(f"chunk {chunk_id} of cache {self.path} is damaged: {e}; "
                              f"run `packtrain-engine cache validate {self.path} --repair`") from None
