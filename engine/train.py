@@ -341,11 +341,13 @@ class Trainer:
             lock.acquire(s.run, log_path)
         previous: dict[int, Any] = {}
         try:
+            # Before the run announces itself: a viewer that sees the header may signal at once,
+            # and that must mean "save and stop", not the default instant death.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, self._on_signal)
             if dist.is_main:
                 self.write_run_json(log_path)
                 self.log.attach(log_path, self.header())
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._on_signal)
             if s.rng is not None:
                 set_rng_state(s.rng)
             self.log.emit(P.State(state="running", reason="started"))

@@ -159,6 +159,17 @@ def test_sigint_finishes_the_step_saves_and_exits_zero(root: Path) -> None:
     assert (root / "checkpoints" / "interrupted" / f"checkpoint_{saved['step']:06d}" / "MANIFEST.json").exists()
 
 
+def test_sigterm_as_soon_as_the_run_is_announced_still_saves_and_exits_zero(root: Path) -> None:
+    """A viewer may signal the moment it sees the header; the handlers must already be in place."""
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=1000)]
+    proc = start_engine(root, "train", "--name", "early", *flags)
+    wait_event(proc, lambda e: e["event"] == "run")
+    os.kill(proc.pid, signal.SIGTERM)
+    finished = wait_event(proc, lambda e: e["event"] == "finished")
+    assert proc.wait(timeout=60) == 0
+    assert finished["reason"] == "stopped"
+    assert (root / "checkpoints" / "early" / f"checkpoint_{finished['step']:06d}" / "MANIFEST.json").exists()
+
 @pytest.mark.slow
 def test_demo_runs_offline_end_to_end(tmp_path: Path) -> None:
     """The demo's own path (stdlib source, cache build, suggested name, checkpoint), made tiny."""
