@@ -57,12 +57,8 @@ def name_suggestions(cfg: RunConfig, layout: Layout) -> list[str]:
     return suggest_names(param_count(cfg), dataset_label(cfg), cfg.data.seq_len, existing_names(layout))
 
 
-def config_path(layout: Layout, name: str) -> Path:
-    return layout.model_dir(name) / "config.yaml"
-
-
 def save_config(layout: Layout, cfg: RunConfig) -> Path:
-    path = config_path(layout, cfg.name)
+    path = layout.config_yaml(cfg.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, cfg.dump_yaml())
     return path

@@ -156,11 +156,6 @@ class EventStream:
 # --- long-running engines -------------------------------------------------------------------------
 
 
-def console_log(layout: Layout, model: str) -> Path:
-    """Where a TUI-started engine's stdout/stderr go: next to its event logs, never parsed as one."""
-    return layout.logs_root / f"{model}.console.log"
-
-
 @dataclass
 class EngineHandle:
     """One engine the TUI follows: either spawned here (`proc`) or found through engine.json."""
@@ -200,7 +195,7 @@ def run_log_of(layout: Layout, model: str, pid: int) -> Path | None:
 def spawn_engine(layout: Layout, model: str, *args: str) -> EngineHandle:
     """Start `packtrain-engine <args>` detached from the TUI: own session, no stdin, output to a file."""
     layout.ensure()
-    console = console_log(layout, model)
+    console = layout.console_log(model)  # next to the event logs, never parsed as one
     with open(console, "ab") as out:
         out.write(f"{CONSOLE_MARK}{' '.join(args)}\n".encode())
         out.flush()

@@ -9,7 +9,9 @@ Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directo
     <root>/checkpoints/<model>/latest                            names the newest checkpoint
     <root>/checkpoints/<model>/engine.lock | engine.json          live-engine lock and pid file
     <root>/checkpoints/<model>/control/                          command channel (one file per command)
+    <root>/checkpoints/<model>/config.yaml                       the TUI form's run config (train --config)
     <root>/training_logs/<model>_run_<k>.jsonl                    append-only event log of run k
+    <root>/training_logs/<model>.console.log                     stdout/stderr of TUI-started engines
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ class Layout:
     def control_dir(self, model: str) -> Path:
         return self.model_dir(model) / "control"
 
+    def config_yaml(self, model: str) -> Path:
+        return self.model_dir(model) / "config.yaml"
+
     # logs
     @property
     def logs_root(self) -> Path:
@@ -97,6 +102,9 @@ class Layout:
 
     def run_log(self, model: str, run: int) -> Path:
         return self.logs_root / f"{check_name(model, 'model name')}_run_{int(run)}.jsonl"
+
+    def console_log(self, model: str) -> Path:
+        return self.logs_root / f"{check_name(model, 'model name')}.console.log"
 
     def ensure(self) -> "Layout":
         for d in (self.packed_root, self.checkpoints_root, self.logs_root):

@@ -27,6 +27,16 @@ def test_layout_resolves_root_from_env(tmp_path, monkeypatch) -> None:
         layout.model_dir("../../etc")
 
 
+@pytest.mark.parametrize("where", ["model_dir", "run_json", "control_dir", "config_yaml", "console_log",
+                                   "engine_pidfile", "latest_pointer"])
+def test_every_per_model_path_refuses_an_escaping_name(tmp_path, where: str) -> None:
+    layout = Layout.resolve(tmp_path)
+    assert getattr(layout, where)("m").is_relative_to(tmp_path)
+    for bad in ("../../etc", "a/b", ".."):
+        with pytest.raises(UserError):
+            getattr(layout, where)(bad)
+
+
 def test_suggestions_follow_the_seed_pattern(tmp_path) -> None:
     names = suggest_names(415_000_000, "HuggingFaceFW/fineweb", 512)
     assert names == ["415M_FineWeb_512", "experiment_415M_FineWeb_512", "modern_llm_415M", "test_415M"]
