@@ -62,10 +62,10 @@ def _options(args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    cfg = apply_config_flags(cfg, args).validate()  # refuse bad input before paying for the torch import
     from engine.train import new_run, run_to_end
 
-    cfg = RunConfig.load(args.config) if args.config else RunConfig()
-    cfg = apply_config_flags(cfg, args).validate()
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers))
 
 
@@ -77,7 +77,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = apply_config_flags(RunConfig.from_dict(DEMO), args).validate()
     from engine.train import new_run, run_to_end
 
-    cfg = apply_config_flags(RunConfig.from_dict(DEMO), args).validate()
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers, name_prefix="demo_"))
