@@ -12,6 +12,7 @@ Import-light: the TUI uses this module.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -25,6 +26,8 @@ from engine.atomic import TMP_PREFIX, atomic_write_json, atomic_write_text, read
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.protocol import COMMANDS, Command
+
+STALE_TMP_S = 60.0  # a live sender finishes its write in milliseconds
 
 
 def send_command(layout: Layout, model: str, command: str, sender: str = "") -> Path:
@@ -43,7 +46,13 @@ def poll_commands(layout: Layout, model: str) -> list[Command]:
     if not folder.is_dir():
         return []
     out: list[Command] = []
-    for path in sorted(p for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)):
+    now = time.time()
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(TMP_PREFIX):  # a sender mid-write, or one that died there
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > STALE_TMP_S:
+                    path.unlink()
+            continue
         try:
             out.append(Command.decode(path.read_text(encoding="utf-8")))
         except (OSError, ValueError):

@@ -64,3 +64,17 @@ def test_lock_is_released_by_kill_9_and_stale_pidfile_is_ignored(tmp_path) -> No
             assert time.time() < deadline
             time.sleep(0.05)
     lock.release()
+
+
+def test_a_dead_senders_temporary_is_dropped_but_a_fresh_one_is_left(tmp_path) -> None:
+    import os
+
+    layout = Layout(tmp_path).ensure()
+    folder = layout.control_dir("m")
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".tmp-123-abc", folder / ".tmp-456-def"
+    stale.write_text('{"command": "st')
+    fresh.write_text('{"command": "sa')
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    assert poll_commands(layout, "m") == []
+    assert not stale.exists() and fresh.exists()
