@@ -550,12 +550,12 @@ def prepare_model(config: Any, cfg: RunConfig, device: str, dist: D.Dist) -> tor
 
 
 def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
-    """The given name, refused if that run exists; else the first free suggestion, e.g. 5M_Stdlib_128."""
+    """The given name, refused once it has a checkpoint (a run that died before its first save
+    left nothing to resume, so its name is free again); else the first free suggestion."""
     if cfg.name:
         name = check_name(cfg.name, "model name")
         model_dir = layout.model_dir(name)
-        if layout.run_json(name).exists() or any(CHECKPOINT_RE.match(p.name) for p in
-                                                  (model_dir.iterdir() if model_dir.is_dir() else [])):
+        if any(CHECKPOINT_RE.match(p.name) for p in (model_dir.iterdir() if model_dir.is_dir() else [])):
             raise UserError(f"model {name!r} already exists in {layout.checkpoints_root}; "
                             f"continue it with `packtrain-engine resume {name}` or choose another --name")
         return name
@@ -586,8 +586,9 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
         log.warn(w)
-    start = Start(cfg=cfg, model_name=cfg.name, run=1, schedule=schedule, order=order,
-                  cache_sequences=cache.n_sequences)
+    history = read_run_json(layout, cfg.name).get("runs", []) if layout.run_json(cfg.name).exists() else []
+    start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(history), schedule=schedule, order=order,
+                  cache_sequences=cache.n_sequences, history=history)
     checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
     return Trainer(start, layout=layout, dist=dist, device=device, precision=precision, cache=cache, model=model,
                    optimizer=make_optimizer(model, cfg, device), checkpointer=checkpointer, log=log, opts=opts)

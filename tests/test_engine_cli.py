@@ -170,6 +170,23 @@ def test_sigterm_as_soon_as_the_run_is_announced_still_saves_and_exits_zero(root
     assert finished["reason"] == "stopped"
     assert (root / "checkpoints" / "early" / f"checkpoint_{finished['step']:06d}" / "MANIFEST.json").exists()
 
+def test_a_run_killed_before_its_first_checkpoint_leaves_its_name_usable(root: Path) -> None:
+    """Nothing to resume, so `train --name` starts again as run 2 instead of a dead end."""
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=100_000)]
+    proc = start_engine(root, "train", "--name", "retry", *flags)
+    wait_event(proc, lambda e: e["event"] == "run")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = start_engine(root, "train", "--name", "retry", *flags)
+    header = wait_event(again, lambda e: e["event"] == "run")
+    os.kill(again.pid, signal.SIGTERM)
+    wait_event(again, lambda e: e["event"] == "finished")
+    assert again.wait(timeout=60) == 0
+    assert header["run"] == 2 and header["start_step"] == 0
+    runs = json.loads((root / "checkpoints" / "retry" / "run.json").read_text())["runs"]
+    assert [r["run"] for r in runs] == [1, 2]
+    assert read_log(root, "retry", 2)[0]["event"] == "run"
+
 @pytest.mark.slow
 def test_demo_runs_offline_end_to_end(tmp_path: Path) -> None:
     """The demo's own path (stdlib source, cache build, suggested name, checkpoint), made tiny."""
