@@ -107,6 +107,40 @@ def well_formed(e: protocol.Event) -> protocol.Event:
     return protocol.Unknown(ts=e.ts if e.ts.__class__ in (float, int) else 0.0, raw=protocol.to_dict(e))
 
 
+def event_line(event: protocol.Event) -> str | None:
+    """The log-pane line for an event, or None for events that only feed gauges and curves."""
+    e = event
+    if isinstance(e, protocol.Step):
+        return protocol.format_step(e)
+    if isinstance(e, protocol.RunStarted):
+        origin = f" from {e.resumed_from}" if e.resumed_from else ""
+        return f"Run {e.run} of {e.model} started at step {e.start_step:,}{origin} (pid {e.pid})"
+    if isinstance(e, protocol.Plan):
+        was = f" (was {e.previous_total_steps:,})" if e.previous_total_steps else ""
+        return (f"Plan: {e.total_steps:,} steps{was}, warmup {e.warmup_steps:,}, {e.epochs:g} epoch(s), "
+                f"{e.n_sequences:,} sequences, global batch {e.global_batch}, {e.schedule}")
+    if isinstance(e, protocol.CacheExpanded):  # the engine logs "Dataset expanded: A → B" itself
+        return f"Using dynamic total steps: {e.total_steps_after:,} (was {e.total_steps_before:,})"
+    if isinstance(e, protocol.CheckpointSaved):
+        return f"Saved {e.display_name} ({e.bytes / 1e6:,.1f} MB in {e.seconds:.1f}s)"
+    if isinstance(e, protocol.Eval):
+        return f"Eval at step {e.step:,}: loss {e.loss:.3f}, perplexity {e.perplexity:,.2f}"
+    if isinstance(e, protocol.State):
+        return f"Engine {e.state}" + (f": {e.reason}" if e.reason else "")
+    if isinstance(e, (protocol.Log, protocol.Warning)):
+        prefix = "warning: " if isinstance(e, protocol.Warning) or getattr(e, "level", "") == "warning" else ""
+        return prefix + e.message
+    if isinstance(e, protocol.Error):
+        return f"error: {e.message}"
+    if isinstance(e, protocol.Finished):
+        return f"Finished ({e.reason}) at step {e.step:,}" + (f"; checkpoint {e.checkpoint}" if e.checkpoint else "")
+    if isinstance(e, protocol.CacheProgress | protocol.CacheReady):
+        return None
+    if isinstance(e, protocol.Unknown):
+        return f"(unknown event) {e.raw}"
+    return None
+
+
 @dataclass
 class RunState:
     """The folded view of one engine's event log."""
@@ -144,7 +178,7 @@ class RunState:
         for e in clean:
             self._apply(e)
         for e in clean[-LOG_LINES:]:  # older lines of a big batch would scroll away unseen
-            line = protocol.describe(e)
+            line = event_line(e)
             if line is not None:
                 self.logs.append(line)
                 self.log_count += 1

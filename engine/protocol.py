@@ -274,42 +274,6 @@ def format_step(e: Step, *, colons: bool = True) -> str:
     )
 
 
-def describe(event: Event) -> str | None:
-    """The one human wording of each event, for the engine's terminal and the TUI's log pane;
-    None for events that only feed progress bars, gauges and curves."""
-    e = event
-    if isinstance(e, Step):
-        return format_step(e)
-    if isinstance(e, RunStarted):
-        where = f"resumed from {e.resumed_from}" if e.resumed_from else "new run"
-        return f"Run {e.run} of {e.model} ({where}), step {e.start_step:,}, world size {e.world_size}, pid {e.pid}"
-    if isinstance(e, Plan):
-        was = f" (was {e.previous_total_steps:,})" if e.previous_total_steps else ""
-        return (f"Plan: {e.total_steps:,} steps{was}, warmup {e.warmup_steps:,}, {e.epochs:g} epoch(s), "
-                f"{e.n_sequences:,} sequences, global batch {e.global_batch}, {e.schedule}, {e.n_params:,} parameters")
-    if isinstance(e, CacheExpanded):
-        return f"Using dynamic total steps: {e.total_steps_after:,} (was {e.total_steps_before:,})"
-    if isinstance(e, CheckpointSaved):
-        return f"Saved {e.display_name} ({e.bytes / 1e6:,.1f} MB in {e.seconds:.2f}s)"
-    if isinstance(e, Eval):
-        return f"Eval at step {e.step:,}: loss {e.loss:.3f}, perplexity {e.perplexity:,.2f}"
-    if isinstance(e, State):
-        return f"Engine {e.state}" + (f": {e.reason}" if e.reason else "")
-    if isinstance(e, Log):
-        return ("warning: " if e.level == "warning" else "") + e.message
-    if isinstance(e, Warning):
-        return f"warning: {e.message}"
-    if isinstance(e, Error):
-        return f"error: {e.message}"
-    if isinstance(e, Finished):
-        return f"Finished ({e.reason}) at step {e.step:,}" + (f", checkpoint {e.checkpoint}" if e.checkpoint else "")
-    if isinstance(e, CacheReady):
-        return f"Cache ready: {e.chunks:,} chunks, {e.sequences:,} sequences"
-    if isinstance(e, Unknown):
-        return f"(unknown event) {e.raw}"
-    return None
-
-
 def read_events(path: str, start: int = 0, max_bytes: int | None = None) -> tuple[list[Event], int]:
     """Read complete lines from byte offset `start`; returns events and the offset to resume at.
 
