@@ -138,7 +138,7 @@ class EventStream:
                     continue
                 try:
                     yield protocol.decode(line)
-                except (ValueError, TypeError):
+                except ValueError:
                     yield protocol.Log(message=line)
             self.stderr = (await stderr_task).decode("utf-8", "replace")
             self.returncode = await self._proc.wait()

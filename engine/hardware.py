@@ -17,8 +17,8 @@ import psutil
 import torch
 
 from engine.paths import Layout
+from engine.units import GIB
 
-GIB = float(1 << 30)
 # CPU flags that make bf16 autocast fast: native bf16 dot products (AVX512-BF16, AMX) or Arm BF16.
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 

@@ -28,9 +28,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 
-def check_name(name: str, what: str = "name") -> str:
+def is_name(name: object) -> bool:
     """Names become folder names, so they must never escape their folder."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in {".", ".."} or name.startswith("."):
+    return isinstance(name, str) and bool(NAME_RE.match(name)) and not name.startswith(".")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not is_name(name):
         raise UserError(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
         )

@@ -114,7 +114,7 @@ def test_config_form_snapshot(tmp_path: Path) -> None:
 
 def test_manage_snapshot(tmp_path: Path) -> None:
     text = render(PacktrainApp(Layout(tmp_path), catalog=fake_catalog(checkpoints())), ["enter", "x", "space", "down", "space"])
-    assert "Selected: 2 checkpoint(s), 42.0 MB" in text
+    assert "Selected: 2 checkpoint(s), 40.1 MiB" in text  # 2 x 21,000,000 bytes
     assert_snapshot("manage_80x24", text)
 
 

@@ -71,15 +71,51 @@ def test_fold_events_into_state() -> None:
         P.RunStarted(model="m", run=2, start_step=100, total_steps=500, resumed_from="m_checkpoint_100_run_1"),
         P.Plan(total_steps=500, warmup_steps=10, n_sequences=4000, global_batch=8, tokens_per_step=256),
         fake_step(101, 500),
-        P.CacheExpanded(step=101, n_before=4000, n_after=6000, total_steps_before=500, total_steps_after=750),
+        *growth(500, 750),
         P.State(state="paused"),
     ])
     assert state.status == "paused" and state.total_steps == 500 and state.expanded is not None
-    assert "Using dynamic total steps: 750 (was 500)" in state.logs
     state.apply([P.Error(message="out of memory", detail="Traceback\n  boom"),
                  P.Finished(step=101, reason="error")])
     assert state.status == "error" and state.error == "out of memory" and state.error_lines == ["Traceback", "  boom"]
     assert not state.active
+
+
+def growth(total_before: int, total_after: int) -> list[P.Event]:
+    """The events the engine writes when the cache grows under a run (Trainer.replan), in order."""
+    said = [P.Log(message=P.growth_line(4000, 6000))]
+    if total_after != total_before:
+        said.append(P.Log(message=f"Using dynamic total steps: {total_after:,} (was {total_before:,})"))
+    return [*said, P.CacheExpanded(step=101, n_before=4000, n_after=6000, total_steps_before=total_before,
+                                   total_steps_after=total_after),
+            P.Plan(total_steps=total_after, warmup_steps=10, n_sequences=6000, global_batch=8, tokens_per_step=256,
+                   previous_total_steps=total_before)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(500, 750), (500, 500)])
+def test_growth_is_told_once_and_an_unchanged_total_has_no_was(before: int, after: int) -> None:
+    state = RunState(model="m")
+    state.apply(growth(before, after))
+    logs = list(state.logs)
+    assert logs[0] == "Dataset expanded: 4,000 → 6,000 sequences"
+    assert sum("Using dynamic total steps" in line for line in logs) == (before != after)
+    assert sum("(was " in line for line in logs) == 2 * (before != after)  # the engine's line and the plan's
+    assert logs[-1].startswith(f"Plan: {after:,} steps" + (f" (was {before:,})," if before != after else ","))
+
+
+def test_the_terminal_and_the_log_pane_word_events_alike() -> None:
+    """One wording (protocol.describe): the engine prints it, the dashboard's log pane shows it.
+    Only errors differ: the CLI prints those once itself, on stderr."""
+    from engine.run_log import human
+
+    events = [*fake_events("m", steps=100, finished=True), *growth(500, 750), P.State(state="paused", reason="requested"),
+              P.Warning(message="slow disk"), P.Log(message="hot", level="warning"), P.Error(message="boom")]
+    state = RunState(model="m")
+    state.apply(events)
+    terminal = [line for line in map(human, events) if line is not None]
+    assert list(state.logs) == [*terminal, "error: boom"]
+    assert "Saved m_checkpoint_100_run_1 (20.0 MiB in 0.4s)" in terminal
+    assert {"Paused (requested)", "warning: slow disk", "warning: hot"} <= set(terminal)
 
 
 def test_a_diverged_run_and_a_foreign_log_fold_without_crashing() -> None:

@@ -30,7 +30,7 @@ from engine.paths import Layout
 def expansion_notice(before: int | None, after: int) -> str:
     if before is None or after <= before:
         return ""
-    return f"Dataset expanded: {before:,} → {after:,} sequences"
+    return protocol.growth_line(before, after)
 
 
 def progress_text(e: protocol.CacheProgress) -> str:

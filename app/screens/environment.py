@@ -20,8 +20,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from app.engine_client import EngineCommandError, run_json
-
-GIB = 1024**3
+from engine.units import format_bytes, format_gib
 
 
 class Check(Static):
@@ -49,8 +48,8 @@ def local_checks(root: str) -> dict[str, str]:
     created = "" if existing == Path(root) else ", will be created"
     return {
         "python": platform.python_version(),
-        "ram": f"{vm.available / GIB:.1f} GiB free of {vm.total / GIB:.1f} GiB",
-        "root": f"{root} ({free / GIB:,.1f} GiB free{created})",
+        "ram": f"{format_bytes(vm.available)} free of {format_bytes(vm.total)}",
+        "root": f"{root} ({format_bytes(free)} free{created})",
     }
 
 
@@ -61,10 +60,10 @@ def engine_checks(info: dict[str, Any]) -> dict[str, str]:
     return {
         "device": f"{device} ({name})" if name else device,
         "bf16": "supported" if info.get("bf16") else "not supported (fp32 will be used)",
-        "ram": f"{info.get('ram_available_gb', 0):.1f} GiB free of {info.get('ram_total_gb', 0):.1f} GiB; "
-               + (f"VRAM {vram:.1f} GiB" if vram else "no VRAM"),
+        "ram": f"{format_gib(info.get('ram_available_gb'))} free of {format_gib(info.get('ram_total_gb'))}; "
+               + (f"VRAM {format_gib(vram)}" if vram else "no VRAM"),
         "libs": f"torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}",
-        "root": f"{info.get('root', '')} ({info.get('disk_free_gb', 0):,.1f} GiB free)",
+        "root": f"{info.get('root', '')} ({format_gib(info.get('disk_free_gb'))} free)",
     }
 
 

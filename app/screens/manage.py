@@ -15,9 +15,10 @@ from textual.widgets import Footer, Header, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
 from app.engine_client import run_command
-from app.formatting import format_bytes, format_time
+from app.formatting import format_time
 from app.screens.modals import ConfirmScreen
 from engine import control
+from engine.units import format_bytes
 
 
 def oldest_first(entries: list[Any]) -> list[Any]:

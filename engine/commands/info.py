@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from engine.paths import Layout
+from engine.units import format_gib
 
 LABELS = {
     "device": "Device",
@@ -59,5 +60,5 @@ def _human(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if key.endswith("_gb"):
-        return f"{value:,.1f} GiB"
+        return format_gib(value)
     return str(value)
