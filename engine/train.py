@@ -37,8 +37,8 @@ from engine.control import EngineLock, poll_commands
 from engine.data import DataOrder, check_resume_cache, rank_slice, read_sequences, split_ids
 from engine.errors import UserError
 from engine.model import build_model, count_params, finish_config, llama_config, lm_loss, param_groups
-from engine.names import existing_names, suggest_names
-from engine.paths import CHECKPOINT_RE, Layout, check_name
+from engine.names import suggest_names, taken_names, validate_new_name
+from engine.paths import Layout, check_name
 from engine.run_log import RunLog
 from engine.schedule import Schedule, plan_schedule, total_steps
 
@@ -550,16 +550,11 @@ def prepare_model(config: Any, cfg: RunConfig, device: str, dist: D.Dist) -> tor
 
 
 def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
-    """The given name, refused once it has a checkpoint (a run that died before its first save
-    left nothing to resume, so its name is free again); else the first free suggestion."""
+    """The given name unless it is taken (engine.names.taken_reason, the TUI's rule too); else the
+    first free suggestion."""
     if cfg.name:
-        name = check_name(cfg.name, "model name")
-        model_dir = layout.model_dir(name)
-        if any(CHECKPOINT_RE.match(p.name) for p in (model_dir.iterdir() if model_dir.is_dir() else [])):
-            raise UserError(f"model {name!r} already exists in {layout.checkpoints_root}; "
-                            f"continue it with `packtrain-engine resume {name}` or choose another --name")
-        return name
-    taken = existing_names(layout)
+        return validate_new_name(cfg.name, layout)
+    taken = taken_names(layout)
     base = prefix + suggest_names(n_params, dataset, seq_len)[0]
     name, k = base, 2
     while name in taken:
