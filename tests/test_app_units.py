@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_testkit import REPO, fake_events, fake_step, write_log
+from app_testkit import REPO, fake_events, fake_step, screen_text, wait_for, write_log
 from textual.app import App
 
-from app.app import EngineUpdate
+from app import engine_client
+from app.app import EngineUpdate, PacktrainApp
 from app.engine_client import CONSOLE_MARK, EngineGone, EngineHandle, tail_events
+from app.screens.cache import CacheJob, CacheScreen
 from app.run_state import CURVE_POINTS, LOG_LINES, SPARK_POINTS, DownsampledSeries, RunState
 from engine import protocol as P
 from engine.paths import Layout
@@ -199,9 +201,7 @@ def test_a_root_under_a_file_is_refused_before_the_tui_starts(tmp_path: Path,
 
 async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_path: Path) -> None:
     """The form writes checkpoints/<name>/config.yaml; a root that refuses it must not kill the TUI."""
-    from app.app import PacktrainApp
     from app.screens.config_form import ConfigFormScreen
-    from app_testkit import screen_text
     from engine.config import RunConfig
 
     class FormOnly(PacktrainApp):
@@ -225,3 +225,66 @@ async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_pa
         await pilot.pause()
         assert [n.message for n in app._notifications] == ["Could not send 'save' to the engine: Not a directory"]
     assert not (tmp_path / "a_file" / "root").exists()
+
+
+class OneScreen(PacktrainApp):
+    """The app with one screen pushed straight away: no environment probe first."""
+
+    CSS_PATH = REPO / "app" / "app.tcss"
+
+    def __init__(self, layout: Layout, screen: Any) -> None:
+        super().__init__(layout)
+        self.first = screen
+
+    def on_mount(self, event: Any) -> None:
+        event.prevent_default()
+        self.push_screen(self.first)
+
+
+@pytest.fixture
+def no_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every engine command fails to start (OSError from exec): a missing interpreter."""
+    missing = tmp_path / "no-such-python"
+    monkeypatch.setattr(engine_client, "engine_argv", lambda layout, *args: [str(missing), "-m", "engine", *args])
+    return missing
+
+
+async def test_an_engine_that_cannot_start_leaves_the_cache_screen_usable(tmp_path: Path, no_engine: Path) -> None:
+    """It used to stay on "Working..." forever; now it says why and takes Esc (and R, retry) again."""
+    job = CacheJob(model="m", dataset="d", path=tmp_path / "cache", engine_args=["train"], build_args=["cache", "build"])
+    app = OneScreen(Layout(tmp_path), CacheScreen(job))
+    async with app.run_test(size=(250, 30)) as pilot:
+        await wait_for(pilot, lambda: "R retries" in screen_text(app), 20, "the failure")
+        text = " ".join(screen_text(app).split())
+        assert f"✗ could not start the engine: No such file or directory: {no_engine}" in text
+        assert "Working..." not in text and not app._notifications
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, CacheScreen)
+
+
+async def test_every_screen_reports_a_failed_worker(tmp_path: Path, no_engine: Path) -> None:
+    """The environment checks fail with the reason; a screen without a place of its own (and the
+    app) get a notification; the manage screen shows it under the list."""
+    from app.screens.environment import EnvironmentScreen
+    from app.screens.manage import ManageScreen
+    from app.workers import ReportsWorkerFailures
+
+    app = OneScreen(Layout(tmp_path), EnvironmentScreen())
+    async with app.run_test(size=(250, 30)) as pilot:
+        await wait_for(pilot, lambda: "[ FAILED " in screen_text(app), 20, "the environment failure")
+        assert f"could not start the engine: No such file or directory: {no_engine}" in screen_text(app)
+        assert "could not report its environment. Enter continues." in screen_text(app)
+        manage = ManageScreen()
+        app.push_screen(manage)
+        await pilot.pause()
+        manage.delete(["x"])
+        await wait_for(pilot, lambda: "✗ could not start the engine" in screen_text(app), 20, "the delete failure")
+        assert isinstance(app, ReportsWorkerFailures) and not app._notifications
+
+        async def boom() -> None:
+            raise RuntimeError("a bug")
+
+        app.run_worker(boom(), exit_on_error=False)
+        await wait_for(pilot, lambda: app._notifications, 20, "the notification")
+        assert [n.message for n in app._notifications] == ["RuntimeError: a bug"]

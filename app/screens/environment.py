@@ -18,8 +18,10 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
+from textual.worker import Worker
 
-from app.engine_client import EngineCommandError, run_json
+from app.engine_client import run_json
+from app.workers import ReportsWorkerFailures
 from engine.units import format_bytes, format_gib
 
 
@@ -78,7 +80,7 @@ CHECKS = (
 LOCAL = ("python", "ram", "root")
 
 
-class EnvironmentScreen(Screen[None]):
+class EnvironmentScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [Binding("enter,space", "continue", "Continue"), Binding("q", "app.quit", "Quit")]
 
     def compose(self) -> ComposeResult:
@@ -101,18 +103,17 @@ class EnvironmentScreen(Screen[None]):
 
     @work(exclusive=True, group="info", exit_on_error=False)
     async def load_info(self) -> None:
-        try:
-            info = await run_json(self.app.layout, "info", "--json")
-        except (EngineCommandError, OSError) as e:
-            for key, _ in CHECKS:
-                if key not in LOCAL:
-                    self._set(key, "FAILED", str(e))
-            self.query_one("#env-hint", Static).update("The engine could not report its environment. Enter continues.")
-            return
+        info = await run_json(self.app.layout, "info", "--json")
         self.app.hardware = info
         for key, text in engine_checks(info).items():
             self._set(key, "COMPLETE", text)
         self.query_one("#env-hint", Static).update("All checks complete. Press Enter to continue.")
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        for key, _ in CHECKS:
+            if key not in LOCAL:
+                self._set(key, "FAILED", message)
+        self.query_one("#env-hint", Static).update("The engine could not report its environment. Enter continues.")
 
     def action_continue(self) -> None:
         self.app.show_home()
