@@ -21,13 +21,15 @@ from app.run_state import CURVE_POINTS, LOG_LINES, SPARK_POINTS, DownsampledSeri
 from engine import protocol as P
 from engine.paths import Layout
 
-HEAVY = ("torch", "transformers", "datasets", "tokenizers")
+HEAVY = ("torch", "transformers", "datasets", "tokenizers", "mlx", "mlx_lm", "peft", "engine.cli")
 
 
 def test_importing_the_app_loads_no_ml_library() -> None:
+    """At run time too (tests/test_layers.py checks the source): `packtrain --help` starts fast."""
     code = (
         "import sys, app.main, app.app\n"
         "from app.app import PacktrainApp\n"
+        "app.main.build_parser().format_help()\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
