@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,7 @@ def _run_entry(path: Path, header: RunStarted | None, model: str, run: int, engi
     step: Step | None = None
     total: int | None = None
     finished: str | None = None
-    for event in reversed(_tail_events(path)):
+    for event in _tail_events(path):
         if isinstance(event, Finished) and finished is None:
             finished = event.reason
         elif isinstance(event, Step) and step is None:
@@ -316,8 +317,9 @@ def _header(path: Path) -> RunStarted | None:
     return event if isinstance(event, RunStarted) else None
 
 
-def _tail_events(path: Path) -> list[Event]:
-    """Complete events in the last TAIL_BYTES of a log; a torn or non-JSON line is skipped."""
+def _tail_events(path: Path) -> Iterator[Event]:
+    """Complete events in the last TAIL_BYTES of a log, newest first, decoded only as far as the
+    caller reads; a torn or non-JSON line is skipped."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
@@ -325,17 +327,15 @@ def _tail_events(path: Path) -> list[Event]:
             f.seek(start)
             data = f.read()
     except OSError:
-        return []
+        return
     lines = data.split(b"\n")
     if start > 0:
         lines = lines[1:]  # the first line of the window is probably cut
-    out = []
-    for raw in lines:
+    for raw in reversed(lines):
         try:
-            out.append(decode(raw.decode("utf-8")))
+            yield decode(raw.decode("utf-8"))
         except ValueError:
             continue
-    return out
 
 
 def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
