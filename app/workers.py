@@ -28,6 +28,8 @@ def failure_line(error: BaseException | None) -> str:
 
 
 class ReportsWorkerFailures(DOMNode):
+    """Worker.StateChanged goes only to the node that owns the worker, so each owner mixes this in."""
+
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state is WorkerState.ERROR:
             self.worker_failed(event.worker, failure_line(event.worker.error))

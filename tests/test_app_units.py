@@ -290,3 +290,22 @@ async def test_every_screen_reports_a_failed_worker(tmp_path: Path, no_engine: P
         app.run_worker(boom(), exit_on_error=False)
         await wait_for(pilot, lambda: app._notifications, 20, "the notification")
         assert [n.message for n in app._notifications] == ["RuntimeError: a bug"]
+
+
+async def test_a_log_that_cannot_be_followed_fails_the_run_instead_of_freezing(tmp_path: Path, no_engine: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.screens.environment import EnvironmentScreen
+
+    log = tmp_path / "training_logs" / "m_run_1.jsonl"
+
+    async def unreadable(layout: Layout, handle: EngineHandle, poll: float = 0.25) -> Any:
+        raise PermissionError(13, "Permission denied", str(log))
+        yield
+
+    monkeypatch.setattr(engine_client, "tail_events", unreadable)
+    app = OneScreen(Layout(tmp_path), EnvironmentScreen())
+    async with app.run_test(size=(120, 30)) as pilot:
+        app._watch(EngineHandle(model="m"))
+        await wait_for(pilot, lambda: app.run_state is not None and app.run_state.status == "error", 20, "the failure")
+        assert app.run_state.error == f"cannot follow the engine: Permission denied: {log}"
+        await wait_for(pilot, lambda: "The engine stopped with an error" in screen_text(app), 20, "the dashboard")
