@@ -681,7 +681,11 @@ def run_to_end(make: Any) -> int:
     trainer = None
     try:
         trainer = make()
-        return trainer.run()
+        code = trainer.run()
+        # Ranks leave together: a rank that tears the gloo group down while a worker thread still
+        # drops its last collective deadlocks on the GIL (pytorch#56297); the wait lets it finish.
+        D.barrier(trainer.dist)
+        return code
     finally:
         if trainer is not None:
             D.shutdown(trainer.dist)
