@@ -34,7 +34,7 @@ from engine.atomic import atomic_write_json, read_json
 from engine.catalog import DISPLAY_RE, TRAINER_STATE_FORMAT, display_name
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
-from engine.data import DataOrder, check_resume_cache, rank_slice, read_sequences, split_ids
+from engine.data import DataOrder, check_resume_cache, rank_slice, read_sequences, rows_in_budget, split_ids
 from engine.errors import UserError
 from engine.model import build_model, count_params, finish_config, llama_config, lm_loss, param_groups
 from engine.names import existing_names, suggest_names
@@ -526,7 +526,7 @@ def open_cache(cfg: RunConfig, layout: Layout, dist: D.Dist, log: RunLog, *, wor
             log.info(f"Building cache {path} from {d.source} ...")
             build_cache(d, layout, workers=workers, on_event=log.emit)
         D.barrier(dist)
-    cache = PackedCache(path)
+    cache = PackedCache(path, cache_bytes=cfg.train.shuffle_buffer_mb << 20)
     spec = str((cache.meta.get("tokenizer") or {}).get("spec", ""))
     if d.cache:  # an explicit cache decides what the data is; the saved config says so too
         d.seq_len, d.tokenizer = cache.seq_len, spec or d.tokenizer
@@ -581,7 +581,8 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     model = prepare_model(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg, device, dist)
     cfg.name = D.broadcast(dist, choose_name(cfg, layout, count_params(model), cache.dataset_name, cache.seq_len,
                                                      name_prefix) if dist.is_main else None)
-    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks)
+    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
+                            rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
