@@ -39,6 +39,7 @@ from engine.errors import UserError
 from engine.model import build_model, count_params, finish_config, llama_config, lm_loss, param_groups
 from engine.names import existing_names, suggest_names
 from engine.paths import CHECKPOINT_RE, Layout, check_name
+from engine.precision import choose as choose_precision
 from engine.run_log import RunLog
 from engine.schedule import Schedule, plan_schedule, total_steps
 
@@ -58,22 +59,9 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def cpu_has_fast_bf16() -> bool:
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def pick_precision(choice: str, device: str) -> str:
-    """fp16 needs a gradient scaler, which only CUDA has: elsewhere it is refused, not faked."""
-    if choice == "fp16" and device != "cuda":
-        raise UserError(f"precision fp16 needs a CUDA GPU (it trains with a gradient scaler); use bf16 or fp32 on {device}")
-    if choice != "auto":
-        return choice
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
+def pick_precision(choice: str, device: str, cfg: RunConfig, layout: Layout) -> str:
+    """The policy is engine.precision's; `auto` on a CPU measures the run's own layer shape there."""
+    return choose_precision(choice, device, cfg, layout).precision
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -574,8 +562,8 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
 
     cfg.validate()
     device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
     dist = D.init(device)
+    precision = D.broadcast(dist, pick_precision(cfg.train.precision, device, cfg, layout) if dist.is_main else None)
     log = RunLog(events=opts.events, enabled=dist.is_main)
     cache = open_cache(cfg, layout, dist, log, workers=workers)
     model = prepare_model(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg, device, dist)
@@ -643,8 +631,8 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None) ->
     check_overrides(saved_cfg, cfg)
     cfg.validate()
     device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
     dist = D.init(device)
+    precision = D.broadcast(dist, pick_precision(cfg.train.precision, device, cfg, layout) if dist.is_main else None)
     log = RunLog(events=opts.events, enabled=dist.is_main)
     checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
     path = Path(D.broadcast(dist, str(checkpointer.resolve(ref)) if dist.is_main else None))
