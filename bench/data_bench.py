@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import statistics
 import sys
 import tempfile
@@ -94,7 +95,8 @@ def main() -> None:
     cache = reader.PackedCache(path)
     step = step_seconds(cache, args.steps)
     decoded_mb = cache.n_sequences * (SEQ + 1) * cache.dtype.itemsize / 2 ** 20
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cache: {len(cache.chunk_ids)} chunks, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
+          f"cache: {len(cache.chunk_ids)} chunks, "
           f"{cache.n_sequences:,} rows, {decoded_mb:.1f} MB decoded; fp32 step of the {MICRO} x {SEQ} benchmark "
           f"model: {1000 * step:,.0f} ms (median of {args.steps})")
     for budget in (int(b) for b in args.budgets.split(",")):
