@@ -3,6 +3,7 @@
 Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directory.
 
     <root>/cache/cache_registry.json
+    <root>/cache/precision.json                                  measured precision choices (engine/precision.py)
     <root>/cache/packed_sequences/<seq_len>/<dataset>/          one packed cache
     <root>/checkpoints/<model>/run.json                          config + runs history
     <root>/checkpoints/<model>/checkpoint_<step:06d>/            one committed checkpoint
@@ -66,6 +67,10 @@ class Layout:
     @property
     def cache_registry(self) -> Path:
         return self.cache_root / "cache_registry.json"
+
+    @property
+    def precision_cache(self) -> Path:
+        return self.cache_root / "precision.json"
 
     def cache_dir(self, seq_len: int, dataset: str) -> Path:
         return self.packed_root / str(int(seq_len)) / check_name(dataset, "dataset name")

@@ -1,7 +1,8 @@
 """First screen: what this machine offers, as checks that turn [COMPLETE] one by one.
 
 Checks that need only the standard library and psutil complete at once; the ones that need torch
-come from `packtrain-engine info --json` in a worker, so the screen paints before torch loads.
+come from `packtrain-engine info --json` in a worker, so the screen paints before torch loads. That
+includes the precision `auto` picks and the engine's measured reason (engine/precision.py).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def engine_checks(info: dict[str, Any]) -> dict[str, str]:
     vram = info.get("vram_gb")
     return {
         "device": f"{device} ({name})" if name else device,
-        "bf16": "supported" if info.get("bf16") else "not supported (fp32 will be used)",
+        "bf16": "supported" if info.get("bf16") else "not native on this device",
+        "precision": f"auto picks {info.get('precision', '?')}: {info.get('precision_reason', 'no reason given')}",
         "ram": f"{format_gib(info.get('ram_available_gb'))} free of {format_gib(info.get('ram_total_gb'))}; "
                + (f"VRAM {format_gib(vram)}" if vram else "no VRAM"),
         "libs": f"torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}",
@@ -73,6 +75,7 @@ CHECKS = (
     ("python", "Python"),
     ("device", "Device"),
     ("bf16", "bf16"),
+    ("precision", "Precision"),
     ("ram", "Memory"),
     ("libs", "Libraries"),
     ("root", "Data root"),
