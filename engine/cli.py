@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from engine.errors import UserError
+from engine.errors import UserError, shown
+from engine.paths import Layout, check_root
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def os_error_line(e: OSError) -> str:
     """The filesystem refused (a folder that is a file, a full disk, a read-only mount): the user can
     fix that, so it is one line rather than a traceback, naming the file in the way."""
+    if e.errno == errno.ENAMETOOLONG:  # a name or path given where a short one belongs: quote it cut short
+        return f"name too long for the filesystem: {shown(str(e.filename or ''))} (names are at most 64 characters)"
     if e.filename and e.errno in (errno.EEXIST, errno.ENOTDIR):
         blocker = Path(e.filename)
         while blocker != blocker.parent and not (blocker.exists() and not blocker.is_dir()):
@@ -59,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.root is not None:
         os.environ["PACKTRAIN_HOME"] = os.path.abspath(args.root)
     try:
+        check_root(Layout.resolve(), writable=False)
         return int(args.handler(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
