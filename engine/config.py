@@ -7,6 +7,7 @@ checkpoints/<name>/run.json, so a saved run.json reproduces the run. Import-ligh
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -249,6 +250,7 @@ def _number(value: int | float) -> str:
     return f"{value:,}" if isinstance(value, int) and abs(value) < 10**30 else shown(value)
 
 
+@functools.cache  # get_type_hints evaluates every annotation string of the class on each call
 def _field_kind(cls: type, name: str) -> tuple[type, bool]:
     """(the field's type, whether None is allowed): `int | None` -> (int, True)."""
     hint = get_type_hints(cls)[name]

@@ -114,7 +114,7 @@ def _build(args: argparse.Namespace) -> int:
     from engine.cache.progress import CacheReporter
 
     workers = check_workers(args.workers)
-    shard = parse_shard(args.shard) if args.shard else None
+    shard = parse_shard(args.shard) if args.shard is not None else None
     with CacheReporter(args.events) as report:
         path = build_cache(data_config_from_args(args), Layout.resolve(), workers=workers, shard=shard,
                            force_rebuild=args.force_rebuild, on_event=report)
