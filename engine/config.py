@@ -135,7 +135,7 @@ class RunConfig:
             raise UserError(f"config {p} is nested too deeply to be a run config") from None
         if data is None:
             raise UserError(f"config {p} is empty")
-        _unwrap(data)
+        _unwrap(data)  # refuse a list or a scalar here, where the file is named
         return data
 
     @classmethod
@@ -225,9 +225,10 @@ def _check_fields(part: Any, where: str) -> None:
             _require(isinstance(value, bool), f"{name}: expected true or false, got {shown(value)}")
         elif typ is int:
             _require(isinstance(value, int) and not isinstance(value, bool), f"{name}: expected int, got {shown(value)}")
-            limit = INT_LIMITS.get(f.name, MAX_COUNT)
-            _require(f.name == "seed" or value <= limit,
-                     f"{name} {_number(value)} is unreasonably large (at most {limit:,})")
+            if f.name != "seed":  # the seed has its own range, checked in validate()
+                limit = INT_LIMITS.get(f.name, MAX_COUNT)
+                _require(value <= limit, f"{name} {_number(value)} is unreasonably large (at most {limit:,})")
+                _require(value >= -limit, f"{name} {_number(value)} is out of range")
         elif typ is float:
             _require(isinstance(value, (int, float)) and not isinstance(value, bool),
                      f"{name}: expected float, got {shown(value)}")
@@ -274,7 +275,7 @@ def _coerce(value: Any, typ: type, where: str) -> Any:
         if typ is int:
             return _to_int(value)
         if typ is float:
-            return float(value.replace(",", "") if isinstance(value, str) else value)
+            return float(value)
         return value if isinstance(value, str) else str(value)  # `subset: 2024` is text
     except OverflowError:
         raise UserError(f"{where}: {shown(value)} is out of range") from None

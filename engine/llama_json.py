@@ -33,8 +33,9 @@ ACTIVATIONS = ("gelu", "gelu_10", "gelu_accurate", "gelu_fast", "gelu_new", "gel
 
 
 def read_llama_json(path: str) -> dict[str, Any]:
-    """The LlamaConfig keyword arguments in `path`, checked (integral floats such as `1e-5` stay floats,
-    an integer where transformers wants a float becomes one); raises UserError naming the first problem."""
+    """The LlamaConfig keyword arguments in `path`, checked; raises UserError naming the first problem.
+    An integer where transformers wants a float (`"initializer_range": 0`) becomes one: its strict
+    dataclass would refuse it."""
     text = read_user_text(path, "model config")
     try:
         kwargs = json.loads(text)
