@@ -4,15 +4,13 @@ or any LlamaConfig JSON, so every checkpoint is a plain HF folder that `from_pre
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.config import ModelConfig
-from engine.errors import UserError
+from engine.errors import UserError, shown
+from engine.llama_json import check_fits, read_llama_json
 from engine.presets import get_preset
 
 
@@ -21,22 +19,17 @@ def llama_config(model: ModelConfig, vocab_size: int, seq_len: int) -> LlamaConf
     if model.model_config is None:
         kwargs = get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
     else:
-        try:
-            kwargs = json.loads(Path(model.model_config).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read model config {model.model_config}: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise UserError(f"model config {model.model_config} must be a JSON object of LlamaConfig fields")
-        kwargs = {k: v for k, v in kwargs.items() if k not in {"architectures", "model_type", "transformers_version"}}
+        where = f"model config {model.model_config}"
+        kwargs = read_llama_json(model.model_config)
         kwargs.setdefault("vocab_size", vocab_size)
         if kwargs["vocab_size"] < vocab_size:
-            raise UserError(f"model config vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-        if kwargs.get("max_position_embeddings", seq_len) < seq_len:
-            raise UserError(f"model config max_position_embeddings {kwargs['max_position_embeddings']} < seq_len {seq_len}")
+            raise UserError(f"{where}: vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+        check_fits(kwargs, seq_len, where)
     try:
         config = LlamaConfig(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"invalid model config: {e}") from None
+    except Exception as e:  # noqa: BLE001 - strict-dataclass, Key and Attribute errors for the keys we do not check
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise UserError(f"invalid model config: {shown(first, 200)}") from None
     return finish_config(config)
 
 

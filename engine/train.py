@@ -533,7 +533,11 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch
 def prepare_model(config: Any, cfg: RunConfig, device: str, dist: D.Dist) -> torch.nn.Module:
     model = build_model(config, cfg.train.seed).to(dist.device(device))
     if cfg.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -556,17 +560,24 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     from engine.checkpoint import Checkpointer
 
     cfg.validate()
+    if cfg.name:
+        validate_new_name(cfg.name, layout)  # now, not after a whole cache was built for it
     device = pick_device(cfg.train.device)
     dist = D.init(device)
     precision = D.broadcast(dist, pick_precision(cfg.train.precision, device, cfg, layout) if dist.is_main else None)
     log = RunLog(events=opts.events, enabled=dist.is_main)
     cache = open_cache(cfg, layout, dist, log, workers=workers)
-    model = prepare_model(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg, device, dist)
-    cfg.name = D.broadcast(dist, choose_name(cfg, layout, count_params(model), cache.dataset_name, cache.seq_len,
-                                                     name_prefix) if dist.is_main else None)
     order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
                             rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
+    if global_batch > order.n_train_sequences:
+        raise UserError(
+            f"a step needs {global_batch:,} sequences (micro_batch {cfg.train.micro_batch:,} x grad_accum "
+            f"{cfg.train.grad_accum:,} x {dist.world_size} processes) but {cache.path} holds only "
+            f"{order.n_train_sequences:,} training sequences; lower --micro-batch or --grad-accum, or grow the cache")
+    model = prepare_model(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg, device, dist)
+    cfg.name = D.broadcast(dist, choose_name(cfg, layout, count_params(model), cache.dataset_name, cache.seq_len,
+                                                     name_prefix) if dist.is_main else None)
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
         log.warn(w)

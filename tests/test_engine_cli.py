@@ -54,11 +54,18 @@ def refused(root: Path, capsys: pytest.CaptureFixture, *argv: str) -> str:
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
     (["--name", "done"], "already exists"),
     (["--tokenizer", "bpe:300"], "built with tokenizer"),
+    (["--micro-batch", "100000"], "holds only"),
+    (["--name", "done", "--dataset-name", "other"], "already exists"),
+    (["--model-config", "/nonexistent/llama.json"], "cannot read model config"),
+    (["--trace-data", "/nonexistent/dir/trace.jsonl"], "--trace-data"),
+    (["--cache", "{root}/cache/packed_sequences/32/docs", "--seq-len", "64"], "not the seq_len 64 given"),
+    (["--cache", "{root}/cache/packed_sequences/32/docs", "--tokenizer", "bpe:300"], "not the 'bpe:300' given"),
+    (["--workers", "0"], "--workers must be at least 1"),
 ])
 def test_bad_train_input_is_one_line_and_writes_nothing(root: Path, capsys: pytest.CaptureFixture,
                                                         argv: list[str], match: str) -> None:
     flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=2)]
-    assert match in refused(root, capsys, "train", *flags, *argv)
+    assert match in refused(root, capsys, "train", *flags, *(a.replace("{root}", str(root)) for a in argv))
 
 
 def test_bad_config_file(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -72,6 +79,7 @@ def test_resume_refusals(root: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "cannot change train.lr" in refused(root, capsys, "resume", "done", "--lr", "1")
     assert "global batch" in refused(root, capsys, "resume", "done", "--micro-batch", "3", "--max-steps", "9")
     assert "no run named" in refused(root, capsys, "resume", "nobody")
+    assert "'1e400' is out of range" in refused(root, capsys, "resume", "done", "--max-steps", "1e400")
     foreign = root / "checkpoints" / "done" / "checkpoint_000099"
     foreign.mkdir()
     (foreign / "trainer_state.json").write_text("{}")
