@@ -6,6 +6,7 @@ what the screen says and what the engine left on disk.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -95,12 +96,19 @@ async def start_training(pilot: Any) -> None:
 
 
 async def test_environment_checks_complete_from_the_engine(layout: Layout) -> None:
+    from engine.precision import machine_key, probe_shape
+
+    # this machine's measurement, as an earlier run left it: the engine reads it instead of probing
+    layout.precision_cache.parent.mkdir(parents=True, exist_ok=True)
+    layout.precision_cache.write_text(json.dumps({"format": 1, "entries": {
+        machine_key("cpu", probe_shape(RunConfig())): {"fp32_ms": 30.0, "bf16_ms": 50.0, "error": None}}}))
     app = PacktrainApp(layout)
     async with app.run_test(size=(80, 24)) as pilot:
         assert "[CHECKING] Device" in screen_text(app)  # painted before the engine answered
         await wait_for(pilot, lambda: "All checks complete" in screen_text(app), 60, "engine info")
         text = screen_text(app)
         assert "[COMPLETE] Device: CPU" in text and "[COMPLETE] bf16" in text
+        assert "[COMPLETE] Precision: auto picks fp32: bf16 autocast ran 0.60x fp32" in text
         assert "[COMPLETE] Libraries: torch 2." in text and "transformers" in text
         assert f"[COMPLETE] Data root: {str(layout.root)[:30]}" in text
         await enter_home(pilot)
