@@ -28,7 +28,7 @@ from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, check_name
 from engine.protocol import read_events, to_dict
 
 __all__ = [
-    "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "list_caches",
+    "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "run_logs", "read_run", "list_caches",
     "live_engines", "display_name", "find_checkpoint", "plan_delete", "delete_checkpoints",
 ]
 
@@ -270,6 +270,17 @@ def list_runs(layout: Layout) -> list[RunEntry]:
             engines[model] = live_engine(layout, model) if _is_name(model) else None
         runs.append(_run_entry(path, header, model, _int(header.get("run")) or int(m.group("run")), engines[model]))
     return sorted(runs, key=lambda r: (r.started or 0.0, r.run), reverse=True)
+
+
+def run_logs(layout: Layout, model: str) -> list[tuple[int, Path]]:
+    """(run, log) for every run log of one model, oldest run first; by file name, so it costs no reads."""
+    check_name(model, "model name")
+    found = []
+    for path in layout.logs_root.glob(f"{model}_run_*.jsonl"):
+        m = RUN_LOG_RE.match(path.name)
+        if m and m.group("model") == model and path.is_file():
+            found.append((int(m.group("run")), path))
+    return sorted(found)
 
 
 def _is_name(v: Any) -> bool:
