@@ -204,11 +204,12 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         sock.close()
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    sock.listen(128)  # connections queue from now on, so a client may connect once the line below is out
     host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(create_app(layout, token=token), log_level="warning",
+                                           timeout_graceful_shutdown=3))
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     print(f"Serving {layout.root} on http://{shown}:{port}/api"
           + (" (every request needs the bearer token)" if token else ""), flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(layout, token=token), log_level="warning",
-                                           timeout_graceful_shutdown=3))
     server.run(sockets=[sock])
     return 0
