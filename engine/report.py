@@ -105,23 +105,27 @@ def _fold_event(h: History, summary: dict[str, Any], event: P.Event, step: int) 
                                                       f"{event.total_steps_before:,} → {event.total_steps_after:,} steps"))
     elif isinstance(event, P.Warning):
         h.warnings.append((step, event.message))
+        said = next((m for m in MARKER_KINDS if m in event.message.lower()), None)
+        if said is not None:  # a fallback or rollback announced as a plain warning
+            h.markers.append(Marker(step, said, event.message))
     elif isinstance(event, P.Error):
         h.warnings.append((step, f"error: {event.message}"))
     elif isinstance(event, P.Finished):
         summary["finished"] = P.to_dict(event)
-    elif isinstance(event, P.Unknown):
-        _fold_unknown(h, event.raw, step)
+    else:
+        _fold_other(h, event.raw if isinstance(event, P.Unknown) else P.to_dict(event), step)
     return step
 
 
-def _fold_unknown(h: History, raw: dict[str, Any], step: int) -> None:
-    """Events this engine does not define yet: OOM fallbacks, rollbacks and samples are shown when
-    a newer engine logs them, whatever their other fields."""
+def _fold_other(h: History, raw: dict[str, Any], step: int) -> None:
+    """Events by name, defined here or not yet: OOM fallbacks, rollbacks and samples are shown when
+    an engine logs them, whatever their other fields."""
     kind = str(raw.get("event", ""))
     at = raw.get("step") if isinstance(raw.get("step"), int) else step
-    if kind in MARKER_KINDS:
+    marker = next((m for m in MARKER_KINDS if kind.endswith(m)), None)  # `fallback`, `oom_fallback`, ...
+    if marker is not None:
         text = str(raw.get("message") or raw.get("reason") or kind)
-        h.markers.append(Marker(at, kind, text))
+        h.markers.append(Marker(at, marker, text))
     elif kind == "sample":
         h.samples.append({"step": at, **{k: v for k, v in raw.items() if k not in ("v", "event", "ts")}})
 

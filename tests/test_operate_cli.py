@@ -54,11 +54,12 @@ def story(layout: Layout, model: str = "story") -> None:
     """Run 1: 200 steps, the dataset grows at 150, an OOM fallback at 120 (as a newer engine logs it);
     run 2 resumes at 200, rolls back once, logs a sample, and finishes."""
     first: list[Any] = fake_events(model, run=1, steps=200, total=400)
-    first.insert(130, {"v": 1, "event": "fallback", "ts": T0 + 120, "step": 120,
+    first.insert(130, {"v": 1, "event": "oom_fallback", "ts": T0 + 120, "step": 120,
                        "message": "micro_batch 8 -> 4, grad_accum 1 -> 2"})
     first.insert(170, P.CacheExpanded(ts=T0 + 150, step=150, n_before=8000, n_after=9000, total_steps_before=400,
                                       total_steps_after=450))
     first.append(P.Warning(ts=T0 + 201, message="slow disk"))
+    first.append(P.Warning(ts=T0 + 202, message="Rollback to checkpoint 200 skipped: nothing to undo"))
     write_events(layout, model, first, run=1)
     second: list[Any] = [P.RunStarted(ts=T0 + 300, model=model, run=2, start_step=200, total_steps=450,
                                           resumed_from=f"{model}_checkpoint_200_run_1")]
@@ -94,8 +95,8 @@ def test_report_curves_span_every_run_with_a_marker_for_each_incident(layout: La
     story(layout)
     history = report.collect(layout, "story")
     assert [r["run"] for r in history.runs] == [1, 2]
-    assert [(m.step, m.kind) for m in history.markers] == [(120, "fallback"), (150, "growth"), (200, "resume"),
-                                                            (230, "rollback")]
+    assert [(m.step, m.kind) for m in history.markers] == [(120, "fallback"), (150, "growth"), (200, "rollback"),
+                                                            (200, "resume"), (230, "rollback")]
     steps = [s for s in history.columns["step"] if s == s]
     assert steps == list(range(1, 261)) and history.n_steps == 260
     assert len(history.columns["step"]) == 261, "one gap between the runs, so their curves are not joined"
