@@ -25,11 +25,11 @@ from typing import Any
 from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, read_json
 from engine.control import EngineInfo, engine_lock_held, live_engine, live_engines
 from engine.errors import UserError
-from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, is_name
+from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, check_name, is_name
 from engine.protocol import Event, Finished, Plan, RunStarted, Step, decode, read_events, to_dict
 
 __all__ = [
-    "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "list_caches",
+    "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "run_logs", "read_run", "list_caches",
     "live_engines", "display_name", "find_checkpoint", "plan_delete", "delete_checkpoints",
 ]
 
@@ -272,6 +272,17 @@ def list_runs(layout: Layout) -> list[RunEntry]:
         run = (header.run if header is not None else 0) or int(m.group("run"))
         runs.append(_run_entry(path, header, model, run, engines[model]))
     return sorted(runs, key=lambda r: (r.started or 0.0, r.run), reverse=True)
+
+
+def run_logs(layout: Layout, model: str) -> list[tuple[int, Path]]:
+    """(run, log) for every run log of one model, oldest run first; by file name, so it costs no reads."""
+    check_name(model, "model name")
+    found = []
+    for path in layout.logs_root.glob(f"{model}_run_*.jsonl"):
+        m = RUN_LOG_RE.match(path.name)
+        if m and m.group("model") == model and path.is_file():
+            found.append((int(m.group("run")), path))
+    return sorted(found)
 
 
 def _run_entry(path: Path, header: RunStarted | None, model: str, run: int, engine: EngineInfo | None) -> RunEntry:

@@ -165,6 +165,8 @@ class Trainer:
         self.last_eval: tuple[int, float] | None = None
         self.saved_at_step = -1
         self.last_checkpoint: str | None = None
+        self.known_loss: tuple[int, float] | None = None  # (step, loss): logged, or read for a save
+        self.step_losses: list[torch.Tensor] = []  # the last step's micro-batch losses, still on the device
 
     # --- plan --------------------------------------------------------------------------------
     def plan_total(self) -> int:
@@ -246,10 +248,19 @@ class Trainer:
     def eval_at(self, step: int) -> float | None:
         return self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
 
-    def save(self, loss: float | None) -> None:
+    def loss_now(self) -> float:
+        """The loss at the current step: its logged value, else this step's own, read here (one sync
+        and one all-reduce, so only at a save or the finish, never per step). Every rank calls it."""
+        if self.known_loss is None or self.known_loss[0] != self.s.step:
+            (total,) = D.all_reduce_sum(self.dist, [torch.stack(self.step_losses).sum().item()])
+            self.known_loss = (self.s.step, total / self.dist.world_size)
+        return self.known_loss[1]
+
+    def save(self) -> None:
         if self.saved_at_step == self.s.step:
             return
         self.saved_at_step = self.s.step
+        loss = self.loss_now()
         if not self.dist.is_main:
             return
         saved = self.ckpt.save(step=self.s.step, model=self.raw_model, optimizer=self.optimizer,
@@ -296,7 +307,7 @@ class Trainer:
                  "stop_at_checkpoint" in cmds]
         return tuple(D.any_flags(self.dist, flags))  # type: ignore[return-value]
 
-    def pause(self, loss: float | None) -> bool:
+    def pause(self) -> bool:
         """Hold between steps until resumed (saving on request meanwhile); True if a stop arrived."""
         self.log.emit(P.State(state="paused", reason="requested"))
         while True:
@@ -304,7 +315,7 @@ class Trainer:
             stop, save, _, resume, stop_at_ckpt = self.control()
             self.stop_at_checkpoint |= stop_at_ckpt
             if save:
-                self.save(loss)
+                self.save()
             if stop:
                 return True
             if resume:
@@ -357,7 +368,6 @@ class Trainer:
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         loss_sum = torch.zeros((), device=self.device)
         steps_since_log, excluded, paused = 0, 0.0, 0.0  # excluded: eval, saves, control, pauses
-        last_loss: float | None = None
         t_log = time.perf_counter()
         while s.step < s.schedule.total_steps:
             lr = s.schedule.lr(s.step)
@@ -367,12 +377,14 @@ class Trainer:
             mine = rank_slice(ids, dist.rank, dist.world_size)
             self.trace(mine)
             rows = torch.from_numpy(read_sequences(self.cache, mine)).to(self.device, non_blocking=True)
+            self.step_losses.clear()
             for k in range(accum):
                 sync = k == accum - 1 or not dist.enabled
                 with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.device, self.precision):
                     loss = lm_loss(self.forward, rows[k * mb:(k + 1) * mb]) / accum
                 self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
+                self.step_losses.append(loss.detach())
             log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
             grad_norm = None
             if t.grad_clip > 0:
@@ -391,11 +403,11 @@ class Trainer:
 
             if log_now:
                 (mean_loss,) = D.all_reduce_sum(dist, [loss_sum.item() / steps_since_log])
-                last_loss = mean_loss / dist.world_size
+                self.known_loss = (s.step, mean_loss / dist.world_size)
                 now = time.perf_counter()
                 train_time = max(now - t_log - excluded, 1e-9)
                 s.elapsed_s += now - t_log - paused
-                self.log.emit(self.step_event(last_loss, lr, float(grad_norm) if grad_norm is not None else 0.0,
+                self.log.emit(self.step_event(self.known_loss[1], lr, float(grad_norm) if grad_norm is not None else 0.0,
                                               steps_since_log, train_time))
                 loss_sum.zero_()
                 steps_since_log, excluded, paused, t_log = 0, 0.0, 0.0, time.perf_counter()
@@ -404,9 +416,9 @@ class Trainer:
             if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()
             if s.step % t.save_interval == 0 or done:
-                self.save(last_loss)
+                self.save()
                 if self.stop_at_checkpoint:
-                    return self.finish("stopped", last_loss)
+                    return self.finish("stopped")
             if t.growth_check_interval and s.step % t.growth_check_interval == 0 and not done:
                 self.check_growth()
             stop, save, pause, _, stop_at_ckpt = self.control()
@@ -414,17 +426,17 @@ class Trainer:
             if stop_at_ckpt:
                 self.log.emit(P.State(state="stopping", reason="at the next checkpoint"))
             if save:
-                self.save(last_loss)
+                self.save()
             if pause and not stop:
                 t_pause = time.perf_counter()
-                stop = self.pause(last_loss)
+                stop = self.pause()
                 paused += time.perf_counter() - t_pause  # neither training time nor elapsed time
             if stop and not done:
                 self.log.emit(P.State(state="stopping", reason="signal" if self.signalled else "requested"))
-                self.save(last_loss)
-                return self.finish("stopped", last_loss)
+                self.save()
+                return self.finish("stopped")
             excluded += time.perf_counter() - t_boundary
-        return self.finish("completed", last_loss)
+        return self.finish("completed")
 
     def step_event(self, loss: float, lr: float, grad_norm: float, steps: int, train_time: float) -> P.Step:
         s = self.s
@@ -442,9 +454,9 @@ class Trainer:
             tokens_seen=s.tokens_seen,
         )
 
-    def finish(self, reason: str, loss: float | None) -> int:
-        self.save(loss)
-        self.log.emit(P.Finished(step=self.s.step, reason=reason, final_loss=loss,  # type: ignore[arg-type]
+    def finish(self, reason: str) -> int:
+        self.save()
+        self.log.emit(P.Finished(step=self.s.step, reason=reason, final_loss=self.loss_now(),  # type: ignore[arg-type]
                                  checkpoint=self.last_checkpoint))
         return 0
 

@@ -196,13 +196,14 @@ def test_list_and_delete_do_not_import_torch(layout: Layout) -> None:
 
 
 def test_narrow_terminals_drop_columns_before_cutting_names() -> None:
-    from engine.commands.checkpoints import _fit_columns
+    from engine.commands.checkpoints import DROP_ORDER
+    from engine.commands.tables import fit_columns
 
     row = {"Checkpoint": "5M_Stdlib_256_checkpoint_300_run_1", "Step": "300", "Loss": "2.500", "Eval": "2.700",
            "Saved": "11-14 22:18", "Dataset": "stdlib", "Seqs": "1,234", "Size": "1.2 MiB", "Status": "latest"}
-    assert _fit_columns([row], 1000) == list(row)
-    assert _fit_columns([row], 80) == ["Checkpoint", "Step", "Loss", "Size", "Status"]
-    assert _fit_columns([row], 40) == ["Checkpoint", "Step", "Status"]
+    assert fit_columns([row], 1000, DROP_ORDER) == list(row)
+    assert fit_columns([row], 80, DROP_ORDER) == ["Checkpoint", "Step", "Loss", "Size", "Status"]
+    assert fit_columns([row], 40, DROP_ORDER) == ["Checkpoint", "Step", "Status"]
 
 
 def test_a_trainer_state_of_the_wrong_shape_lists_and_resolves_as_shown(layout: Layout, run_cli,  # noqa: F811

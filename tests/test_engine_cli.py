@@ -16,7 +16,8 @@ from engine.cli import main
 from engine.control import live_engine, send_command
 from engine.paths import Layout
 from tests.train_support import (
-    build_tiny_cache, data_flags, read_log, run_engine, start_engine, train_flags, wait_event, write_corpus,
+    build_tiny_cache, data_flags, read_log, run_engine, start_engine, step_losses, train_flags, wait_event,
+    write_corpus,
 )
 
 
@@ -229,3 +230,33 @@ def test_engine_keeps_training_when_its_reader_goes_away(root: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_saves_and_a_stop_between_log_steps_record_the_loss_of_the_saved_step(root: Path) -> None:
+    """Losses are logged every 1000 steps here, so each checkpoint and the final loss must come
+    from the step itself (they were the last logged loss, here none); a reference run logging
+    every step says what those losses are."""
+    steady = dict(schedule="constant", log_interval=1000, save_interval=3, keep_last=100, max_steps=100_000)
+    proc = start_engine(root, "train", "--name", "quiet", *data_flags(root / "docs.jsonl"), *train_flags(**steady))
+    try:
+        saves = [wait_event(proc, lambda e: e["event"] == "checkpoint_saved")]
+        send_command(Layout.resolve(root), "quiet", "stop")
+        while (event := wait_event(proc, lambda e: e["event"] in ("checkpoint_saved", "finished")))["event"] != "finished":
+            saves.append(event)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert event["reason"] == "stopped" and saves[-1]["step"] == event["step"]
+    assert not any(e["event"] == "step" for e in read_log(root, "quiet", 1)), "a step was logged: the test proves nothing"
+
+    reference = dict(steady, log_interval=1, max_steps=event["step"])
+    done = run_engine(root, "train", "--name", "loud", *data_flags(root / "docs.jsonl"), *train_flags(**reference))
+    assert done.returncode == 0, done.stderr
+    truth = step_losses(read_log(root, "loud", 1))
+    for saved in saves:
+        state = json.loads((root / "checkpoints" / "quiet" / f"checkpoint_{saved['step']:06d}" / "trainer_state.json")
+                           .read_text())
+        assert state["loss"] == saved["loss"] == pytest.approx(truth[saved["step"]], rel=1e-5), saved
+    assert event["final_loss"] == saves[-1]["loss"]
