@@ -160,7 +160,7 @@ def cache_folder(layout: Layout, config: dict[str, Any] | None,
             return Path(path)
     if not config:
         return None
-    from engine.cache.sources import cache_path_for
+    from engine.cache.naming import cache_path_for
     from engine.config import RunConfig
 
     try:
