@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -54,6 +55,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5"
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 HF_FILES_EXCLUDED = {OPTIMIZER_FILE, TRAINER_STATE, MANIFEST}
+# Written first into an export's temporary folder and removed just before the rename: it marks the
+# folder as ours, so cleaning up after a killed export never touches a folder of the user's.
+EXPORT_MARKER = ".packtrain-export"
+GLOB_CHARS = frozenset("*?[]")
 
 
 @dataclass
@@ -115,6 +120,7 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     """A plain HF folder (weights, config, tokenizer; no optimizer or trainer state), committed with
     one rename so a half-written export never looks complete."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_export_name(out_dir)
     problem = verify(checkpoint)
     if problem is not None:
         raise UserError(f"cannot export {checkpoint}: {problem}")
@@ -127,16 +133,18 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
         raise UserError(f"cannot export to {out_dir}: {created.parent} is a file, not a folder")
     created_any = created != out_dir
     if not created_any:  # an export to this name that was killed: its half copy goes now
-        for stale in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}-*"):
+        for stale in stale_exports(out_dir):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}-{uuid.uuid4().hex[:8]}")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
+        (tmp / EXPORT_MARKER).touch()
         for name in read_manifest(checkpoint):
             if name not in HF_FILES_EXCLUDED:
                 shutil.copyfile(checkpoint / name, tmp / name)
                 fsync_file(tmp / name)
+        (tmp / EXPORT_MARKER).unlink()
         fsync_dir(tmp)
         os.rename(tmp, out_dir)
         fsync_dir(out_dir.parent)
@@ -148,6 +156,31 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
             raise UserError(f"cannot export to {out_dir}: {e.strerror or e}") from None
         raise
     return out_dir
+
+
+def check_export_name(out_dir: Path) -> None:
+    """An export folder's name is typed by a person: glob characters there are a quoting mistake
+    (`'out/*'`), and control characters never name a folder anyone meant to create."""
+    name = out_dir.name
+    if not name or name in {".", ".."}:
+        raise UserError(f"cannot export to {out_dir}: give the name of a new folder")
+    odd = sorted({c for c in name if c in GLOB_CHARS or not c.isprintable()})
+    if odd:
+        raise UserError(f"refusing to export to {str(out_dir)!r}: its name holds {''.join(odd)!r}; "
+                        "choose a plain folder name")
+
+
+def stale_exports(out_dir: Path) -> list[Path]:
+    """Temporaries a killed export to `out_dir` left beside it: exactly our name pattern (the escaped
+    folder name plus an 8-hex id), a real folder, and either our marker inside or nothing at all (killed
+    before the marker was written). A user's own `.tmp-<name>-backup/` matches none of that."""
+    pattern = re.compile(re.escape(f"{TMP_PREFIX}{out_dir.name}-") + "[0-9a-f]{8}")
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+            and ((p / EXPORT_MARKER).is_file() or not any(p.iterdir()))]
 
 
 class Checkpointer:
