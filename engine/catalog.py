@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,9 +75,12 @@ def check_sizes(path: Path, manifest: dict[str, dict[str, Any]]) -> None:
     """Every listed file exists with its recorded size: catches torn copies and truncation."""
     for name, entry in manifest.items():
         try:
-            size = (path / name).stat().st_size
+            st = os.lstat(path / name)
         except FileNotFoundError:
             raise InvalidCheckpoint(f"{name} is missing") from None
+        if not stat.S_ISREG(st.st_mode):  # a symlink would read (and export) a file from elsewhere
+            raise InvalidCheckpoint(f"{name} is not a regular file")
+        size = st.st_size
         if size != entry["bytes"]:
             raise InvalidCheckpoint(f"{name} is {size:,} bytes, the manifest says {entry['bytes']:,}")
 

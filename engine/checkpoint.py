@@ -437,10 +437,14 @@ def load_weights(path: Path, net: torch.nn.Module) -> None:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    if not src.is_dir():
-        raise UserError(f"tokenizer folder {src} does not exist")
+    """Regular files only: a symlink in the cache's tokenizer folder could point at any readable
+    file, which would then travel in every checkpoint, its MANIFEST and every export."""
+    if src.is_symlink() or not src.is_dir():
+        raise UserError(f"tokenizer folder {src} does not exist or is a symlink")
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name not in RESERVED and not p.name.endswith(WEIGHT_SUFFIXES):
+        if p.is_symlink() or not p.is_file():
+            continue
+        if not p.name.startswith(".") and p.name not in RESERVED and not p.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(p, dst / p.name)
 
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from engine.catalog import MANIFEST, TRAINER_STATE
 from engine.checkpoint import (
-    MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf, unwrap,
+    MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf, unwrap, verify,
 )
 from engine.errors import UserError
 from engine.paths import Layout
@@ -163,6 +163,32 @@ def test_no_pickle_anywhere_in_a_checkpoint(ck: Checkpointer, tokenizer_dir: Pat
     assert set(manifest) == names - {MANIFEST}
     assert all(e["bytes"] == (saved.path / n).stat().st_size and e["hash"].startswith("xxh3_64:") for n, e in manifest.items())
     assert (saved.path / MODEL_FILE).read_bytes() != b"not a tokenizer file"
+
+
+def test_symlinks_in_the_tokenizer_folder_are_never_copied(ck: Checkpointer, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Any readable file a symlink points at would travel in the checkpoint, its MANIFEST and exports."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    os.symlink(secret, tokenizer_dir / "vocab.txt")
+    os.symlink(tokenizer_dir / "tokenizer.json", tokenizer_dir / "merges.txt")
+    model, opt = trained_once()
+    saved = ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1), tokenizer_dir=tokenizer_dir)
+    names = set(os.listdir(saved.path))
+    assert not {"vocab.txt", "merges.txt"} & names and "tokenizer.json" in names
+    assert not {"vocab.txt", "merges.txt"} & set(json.loads((saved.path / MANIFEST).read_text()))
+    assert "vocab.txt" not in os.listdir(export_hf(saved.path, tmp_path / "export"))
+
+
+def test_a_symlinked_file_in_a_checkpoint_makes_it_invalid(ck: Checkpointer, tmp_path: Path) -> None:
+    """Even with the right size and hash: export would copy (and resume read) a file from elsewhere."""
+    save_steps(ck, [1])
+    path = ck.dir / "checkpoint_000001"
+    elsewhere = tmp_path / "config.json"
+    shutil.move(path / "config.json", elsewhere)
+    os.symlink(elsewhere, path / "config.json")
+    assert verify(path) == "config.json is not a regular file"
+    with pytest.raises(UserError, match="not a regular file"):
+        export_hf(path, tmp_path / "export")
 
 
 @pytest.mark.parametrize("tied", [True, False])
