@@ -40,7 +40,7 @@ from engine.catalog import (
 from engine.control import engine_lock_held, live_engine
 from engine.errors import UserError
 from engine.manifest import (
-    MANIFEST, Verdicts, check_sizes, checkpoint_problem, hash_file, read_manifest, remember, verify,
+    MANIFEST, Verdicts, check_sizes, hash_file, read_manifest, remember, verify,
 )
 from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
 from engine.state import TRAINER_STATE, TRAINER_STATE_FORMAT, OptimizerState, TrainerState, is_number, load_trainer_state
@@ -265,8 +265,8 @@ class Checkpointer:
         write_latest(self.layout, self.model_name, name)
         verdicts = Verdicts(self.layout.verdicts(self.model_name))  # every file was just hashed: a listing needn't
         remember(target, check_sizes(target, manifest), None, verdicts)
+        self._rotate(verdicts)
         verdicts.save()
-        self._rotate()
         return SavedCheckpoint(
             path=target, display_name=state["display_name"],
             bytes=sum(e["bytes"] for e in manifest.values()), seconds=time.perf_counter() - started,
@@ -284,10 +284,11 @@ class Checkpointer:
         state.setdefault("eval_loss", None)
         return state
 
-    def _rotate(self) -> None:
-        """Keep the last N intact checkpoints, the best by eval loss and whatever `latest` names;
-        torn folders are left for the user to inspect (they list as invalid)."""
-        intact = [(step, path) for step, path in checkpoint_dirs(self.dir) if checkpoint_problem(path) is None]
+    def _rotate(self, verdicts: Verdicts) -> None:
+        """Keep the last N usable checkpoints (the listing's rule, from cached verdicts), the best by
+        eval loss and whatever `latest` names; torn or corrupt folders are left for the user to
+        inspect (they list as invalid) and never count towards N."""
+        intact = [(step, path) for step, path in checkpoint_dirs(self.dir) if usable_problem(path, verdicts) is None]
         keep = {path for _, path in intact[: self.keep_last]}
         scored = [(loss, step, path) for step, path in intact
                   if isinstance(loss := (read_trainer_state(path) or {}).get("eval_loss"), (int, float))

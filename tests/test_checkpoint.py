@@ -481,6 +481,22 @@ def test_rotation_ignores_torn_folders_when_counting(layout: Layout) -> None:
         ["checkpoint_000002", "checkpoint_000003", "checkpoint_000009"]
 
 
+def test_rotation_counts_only_checkpoints_resume_could_use(layout: Layout) -> None:
+    """A flipped byte or a state of the wrong shape keeps its folder (to inspect) but not its place
+    among the last N: the older usable one stays instead."""
+    ck = Checkpointer(layout, "tiny_test", keep_last=2)
+    save_steps(ck, [1, 2, 3])
+    corrupt = ck.dir / "checkpoint_000003" / OPTIMIZER_FILE
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    save_steps(ck, [4])
+    rewrite_state(ck.dir / "checkpoint_000004", lambda s: s.update(run=0))
+    save_steps(ck, [5])
+    assert sorted(p.name for p in ck.dir.iterdir() if p.name.startswith("checkpoint_")) == \
+        ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004", "checkpoint_000005"]
+
+
 def test_keep_last_must_be_at_least_two(layout: Layout) -> None:
     with pytest.raises(ValueError, match="at least 2"):
         Checkpointer(layout, "tiny_test", keep_last=1)
