@@ -108,8 +108,8 @@ def _rng_states(state: RngState) -> tuple[torch.Tensor, list[torch.Tensor], tupl
 def set_rng_state(state: RngState) -> None:
     cpu, cuda, np_state, py_state = _rng_states(state)
     torch.set_rng_state(cpu)
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if cuda and torch.cuda.is_available():  # one state per device the saving process saw; this one may see fewer
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
     np.random.set_state(np_state)
     random.setstate(py_state)
 
@@ -128,6 +128,10 @@ def check_rng_state(state: RngState, source: Path) -> None:
     except (RuntimeError, ValueError, TypeError, OverflowError) as e:
         raise UserError(f"{source}: field 'rng' holds a state the generators refuse: "
                         f"{' '.join(str(e).split())[:120]}") from None
+    if state.cuda and torch.cuda.is_available():
+        devices = range(min(len(state.cuda), torch.cuda.device_count()))
+        if any(len(state.cuda[i]) != torch.cuda.get_rng_state(i).numel() for i in devices):
+            raise UserError(f"{source}: field 'rng.cuda' does not hold CUDA generator states")
 
 
 def versions() -> dict[str, str]:

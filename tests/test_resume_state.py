@@ -27,6 +27,8 @@ from engine.manifest import MANIFEST, hash_file, verify
 from engine.paths import Layout
 from tests.train_support import build_tiny_cache, data_flags, train_flags, write_corpus
 
+pytestmark = pytest.mark.slow
+
 MODEL = "m"
 CHECKPOINT = Path("checkpoints") / MODEL / "checkpoint_000002"
 STATE = CHECKPOINT / "trainer_state.json"
@@ -260,7 +262,7 @@ def test_mutated_states_and_run_json_are_refused_in_one_line_or_resume(trained: 
     state = json.loads((trained / STATE).read_text())
     run_json = json.loads((trained / RUN_JSON).read_text())
 
-    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(mutations(state, run_json))
     def check(mutation: tuple[str, Any]) -> None:
