@@ -251,13 +251,9 @@ def decode(typ: Any, value: Any, where: str) -> Any:
     origin, args = get_origin(typ), get_args(typ)
     if typ is Any:
         return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if value is None:
-            raise ShapeError(where, "must not be null")
-        return decode(options[0], value, where) if len(options) == 1 else _first_fit(options, value, where)
+    if origin in (Union, types.UnionType):  # only `X | None` is used: one type, or null
+        (inner,) = [a for a in args if a is not type(None)]
+        return None if value is None else decode(inner, value, where)
     if origin is Literal:
         if value not in args:
             raise ShapeError(where, f"must be {' or '.join(map(repr, args))}, got {_shown(value)}")
@@ -279,15 +275,6 @@ def decode(typ: Any, value: Any, where: str) -> Any:
         _expect(isinstance(value, dict), where, "an object", value)
         return {k: decode(args[1], v, f"{where}.{k}") for k, v in value.items()}
     return _scalar(typ, value, where, marks)
-
-
-def _first_fit(options: list[Any], value: Any, where: str) -> Any:
-    for option in options:
-        try:
-            return decode(option, value, where)
-        except ShapeError:
-            continue
-    raise ShapeError(where, f"has the wrong type: {_shown(value)}")
 
 
 def _scalar(typ: Any, value: Any, where: str, marks: tuple[Any, ...]) -> Any:
