@@ -8,6 +8,7 @@ Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directo
     <root>/checkpoints/<model>/run.json                          config + runs history
     <root>/checkpoints/<model>/checkpoint_<step:06d>/            one committed checkpoint
     <root>/checkpoints/<model>/latest                            names the newest checkpoint
+    <root>/checkpoints/<model>/.verified.json                    cached hash verdicts (engine.manifest)
     <root>/checkpoints/<model>/engine.lock | engine.json          live-engine lock and pid file
     <root>/checkpoints/<model>/control/                          command channel (one file per command)
     <root>/checkpoints/<model>/config.yaml                       the TUI form's run config (train --config)
@@ -105,6 +106,9 @@ class Layout:
 
     def latest_pointer(self, model: str) -> Path:
         return self.model_dir(model) / "latest"
+
+    def verdicts(self, model: str) -> Path:
+        return self.model_dir(model) / ".verified.json"
 
     def engine_lock(self, model: str) -> Path:
         return self.model_dir(model) / "engine.lock"
