@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import eval_log
 from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, read_json
 from engine.control import EngineInfo, engine_lock_held, live_engine, live_engines
 from engine.errors import UserError
 from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, check_name
-from engine.protocol import read_events, to_dict
+from engine.protocol import EvalResult, read_events, to_dict
 
 __all__ = [
     "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "list_caches",
@@ -34,6 +35,7 @@ __all__ = [
 
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
+MODEL_FILE = "model.safetensors"
 TRAINER_STATE_FORMAT = "packtrain.trainer_state/1"
 DELETE_PREFIX = f"{TMP_PREFIX}delete-"
 DISPLAY_RE = re.compile(r"^(?P<model>[A-Za-z0-9._-]+)_checkpoint_(?P<step>\d+)_run_(?P<run>\d+)$")
@@ -166,6 +168,7 @@ class CheckpointEntry:
     reason: str | None
     is_latest: bool
     running: bool
+    kept_eval: dict[str, Any] | None = None  # the newest `packtrain-engine eval` result of these weights
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,21 +188,24 @@ def list_checkpoints(layout: Layout, model: str | None = None) -> list[Checkpoin
     for name in [model] if model else model_names(layout):
         latest = read_latest(layout, name)
         running = live_engine(layout, name) is not None
+        evals = eval_log.read(layout, name)
         for step, path in checkpoint_dirs(layout.model_dir(name)):
             try:
-                entries.append(_entry(name, step, path, latest, running))
+                entries.append(_entry(name, step, path, latest, running, evals))
             except FileNotFoundError:
                 continue  # rotated away while we listed
     return sorted(entries, key=lambda e: (e.saved_at or 0.0, e.step), reverse=True)
 
 
-def _entry(model: str, step: int, path: Path, latest: str | None, running: bool) -> CheckpointEntry:
+def _entry(model: str, step: int, path: Path, latest: str | None, running: bool,
+           evals: list[EvalResult] | None = None) -> CheckpointEntry:
     state = read_trainer_state(path) or {}
     reason = checkpoint_problem(path)
     if reason is None and not state:
         reason = "trainer_state.json is unreadable"
     cache = state.get("cache") if isinstance(state.get("cache"), dict) else {}
     run = run_of(state)
+    kept = eval_log.latest(evals, display_name(model, step, run), weights_hash(path)) if evals and reason is None else None
     size = 0
     saved_at = state.get("saved_at")
     with os.scandir(path) as it:
@@ -214,7 +220,17 @@ def _entry(model: str, step: int, path: Path, latest: str | None, running: bool)
         loss=_num(state.get("loss")), eval_loss=_num(state.get("eval_loss")),
         saved_at=_num(saved_at), dataset=_str(cache.get("dataset_name")), sequences=_int(cache.get("total_sequences")),
         size_bytes=size, valid=reason is None, reason=reason, is_latest=path.name == latest, running=running,
+        kept_eval=to_dict(kept) if kept else None,
     )
+
+
+def weights_hash(path: Path) -> str:
+    """The manifest's hash of the weights file: what ties a kept eval result to these exact weights."""
+    try:
+        entry = read_manifest(path).get(MODEL_FILE)
+    except InvalidCheckpoint:
+        return ""
+    return entry["hash"] if entry else ""
 
 
 def run_of(state: dict[str, Any] | None) -> int | None:

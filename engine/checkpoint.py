@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, remove_stale_tmp
 from engine.catalog import (
-    DELETE_PREFIX, MANIFEST, TRAINER_STATE, TRAINER_STATE_FORMAT, InvalidCheckpoint, check_sizes,
+    DELETE_PREFIX, MANIFEST, MODEL_FILE, TRAINER_STATE, TRAINER_STATE_FORMAT, InvalidCheckpoint, check_sizes,
     checkpoint_dirs, checkpoint_problem, display_name, find_checkpoint, read_latest, read_manifest,
     read_trainer_state, remove_checkpoint_dir, write_latest,
 )
@@ -41,7 +41,6 @@ from engine.control import engine_lock_held, live_engine
 from engine.errors import UserError
 from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
 
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -109,6 +108,18 @@ def verify(path: Path) -> str | None:
     except InvalidCheckpoint as e:
         return str(e)
     return None
+
+
+def checked_state(path: Path, check: Callable[[Path], str | None] = verify) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint that passes `check` (the full one by default); one-line
+    UserError for a torn, corrupt or foreign folder."""
+    problem = check(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is unusable: {problem}")
+    state = read_trainer_state(path)
+    if state is None or state.get("format") != TRAINER_STATE_FORMAT:
+        raise UserError(f"{path} is not a packtrain checkpoint (trainer_state.json missing or foreign)")
+    return state
 
 
 def export_hf(checkpoint: Path, out_dir: Path) -> Path:
@@ -334,12 +345,7 @@ class Checkpointer:
         """Restore weights (and optimizer state) after the full check; returns trainer_state.
         Raises UserError with one line for a torn, foreign or mismatched checkpoint."""
         path = Path(path)
-        problem = self._check(path)
-        if problem is not None:
-            raise UserError(f"checkpoint {path} is unusable: {problem}")
-        state = read_trainer_state(path)
-        if state is None or state.get("format") != TRAINER_STATE_FORMAT:
-            raise UserError(f"{path} is not a packtrain checkpoint (trainer_state.json missing or foreign)")
+        state = checked_state(path, self._check)
         net = unwrap(model)
         check_shape(path, net)
         load_weights(path, net)

@@ -22,7 +22,9 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                        description="List, delete or export the checkpoints under checkpoints/.")
     cmds = p.add_subparsers(dest="checkpoints_command", metavar="ACTION", required=True)
 
-    ls = cmds.add_parser("list", help="every checkpoint of every model, newest first")
+    ls = cmds.add_parser("list", help="every checkpoint of every model, newest first",
+                         description="Eval and BPB are the newest `packtrain-engine eval` result of each checkpoint "
+                                     "(Eval falls back to the loss of the run's own eval at that step).")
     ls.add_argument("--json", action="store_true", help="print a JSON list of checkpoint entries")
     ls.set_defaults(handler=run_list)
 
@@ -55,8 +57,9 @@ def run_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    rows = [{"Checkpoint": e.display_name, "Step": f"{e.step:,}", "Loss": _loss(e.loss), "Eval": _loss(e.eval_loss),
-             "Saved": _when(e.saved_at), "Dataset": e.dataset or "-",
+    rows = [{"Checkpoint": e.display_name, "Step": f"{e.step:,}", "Loss": _loss(e.loss),
+             "Eval": _loss(e.kept_eval["loss"] if e.kept_eval else e.eval_loss),
+             "BPB": _loss(e.kept_eval["bpb"] if e.kept_eval else None), "Saved": _when(e.saved_at), "Dataset": e.dataset or "-",
              "Seqs": f"{e.sequences:,}" if e.sequences is not None else "-", "Size": format_bytes(e.size_bytes),
              "Status": _status(e)} for e in entries]
     console = Console(width=None if sys.stdout.isatty() else 1000)  # piped: natural width, no ellipses
@@ -71,8 +74,8 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-RIGHT = {"Step", "Loss", "Eval", "Seqs", "Size"}
-DROP_ORDER = ("Eval", "Dataset", "Seqs", "Saved", "Size", "Loss")  # first to go on a narrow terminal
+RIGHT = {"Step", "Loss", "Eval", "BPB", "Seqs", "Size"}
+DROP_ORDER = ("BPB", "Eval", "Dataset", "Seqs", "Saved", "Size", "Loss")  # first to go on a narrow terminal
 
 
 def _fit_columns(rows: list[dict[str, str]], width: int) -> list[str]:
