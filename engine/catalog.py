@@ -205,7 +205,9 @@ def _entry(model: str, step: int, path: Path, latest: str | None, running: bool,
         reason = "trainer_state.json is unreadable"
     cache = state.get("cache") if isinstance(state.get("cache"), dict) else {}
     run = run_of(state)
-    kept = eval_log.latest(evals, display_name(model, step, run), weights_hash(path)) if evals and reason is None else None
+    kept = None
+    if evals and reason is None:
+        kept = eval_log.latest(evals, display_name(model, step, run), weights_hash(path))
     size = 0
     saved_at = state.get("saved_at")
     with os.scandir(path) as it:

@@ -66,7 +66,8 @@ def print_comparison(report: dict[str, Any]) -> None:
         table.add_column(title, justify="left" if title == "Checkpoint" else "right")
     for r in report["results"]:
         table.add_row(r["checkpoint"], f"{r['step']:,}", f"{r['tokens_seen']:,}", f"{r['loss']:.4f}",
-                      f"{r['perplexity']:,.2f}", f"{r['bpb']:.4f}", f"{100 * r['top1']:.2f}%", f"{100 * r['top5']:.2f}%")
+                      f"{r['perplexity']:,.2f}", f"{r['bpb']:.4f}", f"{100 * r['top1']:.2f}%",
+                      f"{100 * r['top5']:.2f}%")
     console.print(table)
     shown = repr(report["prompt"]) if report["prompt"] else "(a new document)"
     console.print(f"Samples from the prompt {shown}, seed {report['seed']}:", markup=False, highlight=False)

@@ -84,7 +84,7 @@ def _fit_columns(rows: list[dict[str, str]], width: int) -> list[str]:
     natural = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
     natural["Status"] = min(natural["Status"], 12)
     for victim in (None, *DROP_ORDER):
-        if victim is not None:
+        if victim in columns:
             columns.remove(victim)
         if sum(natural[c] + 3 for c in columns) <= width:
             break
