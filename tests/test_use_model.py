@@ -232,6 +232,16 @@ def test_bad_input_is_one_error_line(run, capsys, args: tuple[str, ...], message
     assert message in error_line(capsys)
 
 
+def test_with_events_progress_results_and_refusals_are_json_lines(run, capsys) -> None:
+    assert run("eval", LAST, "--batches", 2, "--events") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["model_loaded", "eval_progress", "eval_progress", "eval_result"]
+    assert events[-1]["tokens"] == 2 * 4 * CONTEXT
+    assert run("generate", "nope", "--events") == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["event"] == "error" and err.startswith("error: no checkpoint 'nope'")
+
+
 def test_a_prompt_file_that_is_not_utf8_is_refused(run, capsys, tmp_path: Path) -> None:
     bad = tmp_path / "prompt.txt"
     bad.write_bytes("café".encode("latin-1"))
