@@ -190,6 +190,19 @@ def test_the_same_seed_gives_the_same_text(loaded: inference.LoadedModel) -> Non
     assert texts(dataclasses.replace(params, seed=12, num_samples=1)) == [first[1]]  # sample i is seeded seed + i
 
 
+def test_generation_feeds_one_new_token_per_step_through_the_kv_cache(loaded: inference.LoadedModel) -> None:
+    assert json.loads((loaded.path / "config.json").read_text())["use_cache"] is False  # saved for training
+    seen: list[int] = []
+    hook = loaded.model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        ids = generate.encode(loaded, "doc 8: the")
+        generate.sample(loaded, ids, P.SamplingParams(temperature=0), 0, 5, on_text=lambda text: None)
+    finally:
+        hook.remove()
+    assert seen == [len(ids), 1, 1, 1, 1]  # the prompt once, then only the newest token
+
+
 def test_events_stream_the_text_and_a_stop_string_ends_it(run, capsys) -> None:
     whole = greedy(run, capsys, "doc 5:", "--max-new-tokens", 20)
     stop = whole[6:8]

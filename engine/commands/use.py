@@ -12,13 +12,16 @@ import json
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine import protocol as P
 from engine.cache.commands import events_guard
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.use_output import Output
+
+if TYPE_CHECKING:
+    from engine.inference import LoadedModel
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -145,7 +148,7 @@ def _batches(args: argparse.Namespace) -> int | None:
     return args.batches
 
 
-def _load(layout: Layout, ref: str, args: argparse.Namespace) -> Any:
+def _load(layout: Layout, ref: str, args: argparse.Namespace) -> "LoadedModel":
     from engine.inference import load
 
     return load(layout, ref, device=args.device, precision=args.precision)
@@ -163,7 +166,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     count, batch_size = plan(loaded, layout, batches)
     data = select(loaded, layout, count, cache=args.cache, source=args.source)
     result = run_eval(loaded, data, layout, batch_size, emit=(lambda e: None) if args.json else Output(args.events))
-    if args.json and result is not None:
+    if args.json:
+        assert result is not None  # only a serve-model stop interrupts an eval
         print(json.dumps(P.to_dict(result), indent=2))
     return 0
 
