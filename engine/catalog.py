@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import eval_log
 from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, read_json
 from engine.control import EngineInfo, engine_lock_held, live_engine, live_engines
 from engine.errors import UserError
-from engine.manifest import MANIFEST, Verdicts, checkpoint_problem, verify
+from engine.manifest import MANIFEST, InvalidCheckpoint, Verdicts, checkpoint_problem, read_manifest, verify
 from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, check_name, is_name
-from engine.protocol import Event, Finished, Plan, RunStarted, Step, decode, read_events, to_dict
+from engine.protocol import EvalResult, Event, Finished, Plan, RunStarted, Step, decode, read_events, to_dict
 from engine.state import TRAINER_STATE, TrainerState
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "live_engines", "display_name", "find_checkpoint", "plan_delete", "delete_checkpoints",
 ]
 
+MODEL_FILE = "model.safetensors"
 DELETE_PREFIX = f"{TMP_PREFIX}delete-"
 DISPLAY_RE = re.compile(r"^(?P<model>[A-Za-z0-9._-]+)_checkpoint_(?P<step>\d+)_run_(?P<run>\d+)$")
 RUN_LOG_RE = re.compile(r"^(?P<model>[A-Za-z0-9._-]+)_run_(?P<run>\d+)\.jsonl$")
@@ -143,6 +145,7 @@ class CheckpointEntry:
     reason: str | None
     is_latest: bool
     running: bool
+    kept_eval: dict[str, Any] | None = None  # the newest `packtrain-engine eval` result of these weights
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,22 +168,27 @@ def list_checkpoints(layout: Layout, model: str | None = None) -> list[Checkpoin
         latest = read_latest(layout, name)
         running = live_engine(layout, name) is not None
         verdicts = Verdicts(layout.verdicts(name))
+        evals = eval_log.read(layout, name)
         for step, path in checkpoint_dirs(layout.model_dir(name)):
             try:
-                entries.append(_entry(name, step, path, latest, running, verify(path, verdicts)))
+                entries.append(_entry(name, step, path, latest, running, verify(path, verdicts), evals))
             except FileNotFoundError:
                 continue  # rotated away while we listed
         verdicts.save()
     return sorted(entries, key=lambda e: (e.saved_at or 0.0, e.step), reverse=True)
 
 
-def _entry(model: str, step: int, path: Path, latest: str | None, running: bool, problem: str | None) -> CheckpointEntry:
+def _entry(model: str, step: int, path: Path, latest: str | None, running: bool, problem: str | None,
+           evals: list[EvalResult] | None = None) -> CheckpointEntry:
     """One row; `problem` is what the files' check found, the state's shape is checked here."""
     state = read_trainer_state(path)
     reason = problem or state_problem(state)
     state = state or {}
     cache = state.get("cache") if isinstance(state.get("cache"), dict) else {}
     run = run_of(state)
+    kept = None
+    if evals and reason is None:
+        kept = eval_log.latest(evals, display_name(model, step, run), weights_hash(path))
     size = 0
     saved_at = state.get("saved_at")
     with os.scandir(path) as it:
@@ -195,7 +203,17 @@ def _entry(model: str, step: int, path: Path, latest: str | None, running: bool,
         loss=_num(state.get("loss")), eval_loss=_num(state.get("eval_loss")),
         saved_at=_num(saved_at), dataset=_str(cache.get("dataset_name")), sequences=_int(cache.get("total_sequences")),
         size_bytes=size, valid=reason is None, reason=reason, is_latest=path.name == latest, running=running,
+        kept_eval=to_dict(kept) if kept else None,
     )
+
+
+def weights_hash(path: Path) -> str:
+    """The manifest's hash of the weights file: what ties a kept eval result to these exact weights."""
+    try:
+        entry = read_manifest(path).get(MODEL_FILE)
+    except InvalidCheckpoint:
+        return ""
+    return entry["hash"] if entry else ""
 
 
 def run_of(state: dict[str, Any] | None) -> int | None:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, remove_stale_tmp
 from engine.catalog import (
-    checkpoint_dirs, display_name, find_checkpoint, read_latest, read_trainer_state, remove_checkpoint_dir,
+    MODEL_FILE, checkpoint_dirs, display_name, find_checkpoint, read_latest, read_trainer_state, remove_checkpoint_dir,
     usable_problem, write_latest,
 )
 from engine.control import engine_lock_held, live_engine
@@ -45,7 +45,6 @@ from engine.manifest import (
 from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
 from engine.state import TRAINER_STATE, TRAINER_STATE_FORMAT, OptimizerState, TrainerState, is_number, load_trainer_state
 
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -95,6 +94,15 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checked_state(path: Path) -> TrainerState:
+    """The state of a checkpoint after the full check, before anything is loaded or written.
+    Raises UserError with one line for a torn, foreign or corrupt checkpoint or a bad state."""
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is unusable: {problem}")
+    return load_trainer_state(path)
 
 
 def export_hf(checkpoint: Path, out_dir: Path) -> Path:
@@ -319,10 +327,7 @@ class Checkpointer:
     def open(self, path: Path) -> TrainerState:
         """The state of a checkpoint after the full check, before anything is loaded or written.
         Raises UserError with one line for a torn, foreign or corrupt checkpoint or a bad state."""
-        problem = verify(path)
-        if problem is not None:
-            raise UserError(f"checkpoint {path} is unusable: {problem}")
-        return load_trainer_state(path)
+        return checked_state(path)
 
     def resolve(self, ref: str) -> Path:
         """A checkpoint folder from the model name (newest valid), `latest`, a folder name like

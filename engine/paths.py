@@ -12,6 +12,7 @@ Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directo
     <root>/checkpoints/<model>/engine.lock | engine.json          live-engine lock and pid file
     <root>/checkpoints/<model>/control/                          command channel (one file per command)
     <root>/checkpoints/<model>/config.yaml                       the TUI form's run config (train --config)
+    <root>/checkpoints/<model>/evals.jsonl                       kept eval results (never inside a checkpoint)
     <root>/training_logs/<model>_run_<k>.jsonl                    append-only event log of run k
     <root>/training_logs/<model>.console.log                     stdout/stderr of TUI-started engines
 """
@@ -121,6 +122,9 @@ class Layout:
 
     def config_yaml(self, model: str) -> Path:
         return self.model_dir(model) / "config.yaml"
+
+    def evals_log(self, model: str) -> Path:
+        return self.model_dir(model) / "evals.jsonl"
 
     # logs
     @property

@@ -236,7 +236,8 @@ def test_narrow_terminals_drop_columns_before_cutting_names() -> None:
     from engine.commands.tables import fit_columns
 
     row = {"Checkpoint": "5M_Stdlib_256_checkpoint_300_run_1", "Step": "300", "Loss": "2.500", "Eval": "2.700",
-           "Saved": "11-14 22:18", "Dataset": "stdlib", "Seqs": "1,234", "Size": "1.2 MiB", "Status": "latest"}
+           "BPB": "1.234", "Saved": "11-14 22:18", "Dataset": "stdlib", "Seqs": "1,234", "Size": "1.2 MiB",
+           "Status": "latest"}
     assert fit_columns([row], 1000, DROP_ORDER) == list(row)
     assert fit_columns([row], 80, DROP_ORDER) == ["Checkpoint", "Step", "Loss", "Size", "Status"]
     assert fit_columns([row], 40, DROP_ORDER) == ["Checkpoint", "Step", "Status"]

@@ -243,3 +243,19 @@ def check_cache_tokenizer(cache_dir: Path, meta: dict[str, Any]) -> str | None:
     if file_sha256(path) != (meta.get("tokenizer") or {}).get("sha256"):
         return f"tokenizer file {path.relative_to(cache_dir)} differs from the one the chunks were built with"
     return None
+
+
+ID_KEYS = ("normalizer", "pre_tokenizer", "model", "added_tokens", "decoder")
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files map text to the same ids (and ids back to the same text).
+    Saving a tokenizer again can rewrite parts that play no role here (a post-processor that only adds
+    special tokens on request), so identical bytes are enough but not needed."""
+    if file_sha256(a) == file_sha256(b):
+        return True
+    try:
+        first, second = (json.loads(p.read_text(encoding="utf-8")) for p in (a, b))
+    except (OSError, ValueError):
+        return False
+    return all(first.get(k) == second.get(k) for k in ID_KEYS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.commands import checkpoints, info, operate, train
+from engine.commands import checkpoints, info, operate, train, use
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -12,3 +12,4 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     checkpoints.add_parsers(sub)
     info.add_parsers(sub)
     operate.add_parsers(sub)
+    use.add_parsers(sub)

@@ -22,7 +22,9 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                        description="List, delete or export the checkpoints under checkpoints/.")
     cmds = p.add_subparsers(dest="checkpoints_command", metavar="ACTION", required=True)
 
-    ls = cmds.add_parser("list", help="every checkpoint of every model, newest first")
+    ls = cmds.add_parser("list", help="every checkpoint of every model, newest first",
+                         description="Eval and BPB are the newest `packtrain-engine eval` result of each checkpoint "
+                                     "(Eval falls back to the loss of the run's own eval at that step).")
     ls.add_argument("--json", action="store_true", help="print a JSON list of checkpoint entries")
     ls.set_defaults(handler=run_list)
 
@@ -48,15 +50,17 @@ def run_list(args: argparse.Namespace) -> int:
     if printed_json_or_empty(entries, as_json=args.json, empty=f"No checkpoints in {layout.checkpoints_root}"):
         return 0
     rows = [{"Checkpoint": e.display_name, "Step": f"{e.step:,}", "Loss": format_loss(e.loss),
-             "Eval": format_loss(e.eval_loss), "Saved": format_when(e.saved_at), "Dataset": e.dataset or "-",
+             "Eval": format_loss(e.kept_eval["loss"] if e.kept_eval else e.eval_loss),
+             "BPB": format_loss(e.kept_eval["bpb"] if e.kept_eval else None), "Saved": format_when(e.saved_at),
+             "Dataset": e.dataset or "-",
              "Seqs": f"{e.sequences:,}" if e.sequences is not None else "-", "Size": format_bytes(e.size_bytes),
              "Status": _status(e)} for e in entries]
     print_table(f"Checkpoints in {layout.checkpoints_root}", rows, right=RIGHT, drop_order=DROP_ORDER)
     return 0
 
 
-RIGHT = {"Step", "Loss", "Eval", "Seqs", "Size"}
-DROP_ORDER = ("Eval", "Dataset", "Seqs", "Saved", "Size", "Loss")  # first to go on a narrow terminal
+RIGHT = {"Step", "Loss", "Eval", "BPB", "Seqs", "Size"}
+DROP_ORDER = ("BPB", "Eval", "Dataset", "Seqs", "Saved", "Size", "Loss")  # first to go on a narrow terminal
 
 
 def run_delete(args: argparse.Namespace) -> int:
