@@ -107,6 +107,8 @@ async def test_environment_checks_complete_from_the_engine(layout: Layout) -> No
     async with app.run_test(size=(80, 24)) as pilot:
         assert "[CHECKING] Device" in screen_text(app)  # painted before the engine answered
         await wait_for(pilot, lambda: "All checks complete" in screen_text(app), 60, "engine info")
+        # the reason line wraps, so the screen lays out again after the answer: read it once settled
+        await wait_for(pilot, lambda: "[COMPLETE] Libraries" in screen_text(app), 10, "the checks painted")
         text = screen_text(app)
         assert "[COMPLETE] Device: CPU" in text and "[COMPLETE] bf16" in text
         assert "[COMPLETE] Precision: auto picks fp32: bf16 autocast ran 0.60x fp32" in text
