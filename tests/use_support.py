@@ -67,7 +67,28 @@ def make_checkpoint(layout: Layout, model_name: str, tokenizer_dir: Path, *, con
     model = LlamaForCausalLM(finish_config(LlamaConfig(**PRESETS["tiny"].llama_kwargs(vocab, context))))
     with torch.no_grad():
         model.get_input_embeddings().weight[tokenizer.eos_token_id].zero_()
-    state = {"run": 1, "step": step, "tokens_seen": 0, "loss": None,
-             "cache": {"dataset_name": "none", "sequence_length": context}}
+    state = made_state(step, context, vocab)
     return Checkpointer(layout, model_name).save(step=step, model=model, optimizer=None, trainer_state=state,
                                                  tokenizer_dir=tokenizer_dir).path
+
+
+def made_state(step: int, context: int, vocab: int) -> dict:
+    """A trainer state of the real shape (engine.state checks every field) for a run that never ran:
+    one sequence, one step per epoch, no held-out chunks."""
+    from dataclasses import asdict
+
+    from engine.schedule import Schedule
+    from engine.train import rng_state
+
+    schedule = Schedule(kind="constant", peak_lr=1e-3, min_lr=1e-3, warmup_steps=0, total_steps=max(step, 1))
+    return {
+        "run": 1, "step": step, "tokens_seen": 0, "loss": None, "eval_loss": None, "best_eval_loss": None,
+        "saved_at": 0.0, "elapsed_s": 0.0, "epoch": 0, "cursor": 0, "growth_events": [],
+        "data": {"seed": 1, "window_rows": 1, "train_chunks": [[0, 1]], "eval_chunks": []},
+        "plan": {"schedule": schedule.to_dict(), "global_batch": 1, "n_sequences": 1},
+        "total_steps": max(step, 1), "scaler": None, "rng": asdict(rng_state()),
+        "cache": {"dataset_name": "none", "path": "", "total_sequences": 1, "sequence_length": context,
+                  "generation": 0, "manifest_hash": "", "tokenizer_sha256": "", "consumed_manifest_hash": "",
+                  "dtype": "uint16", "vocab_size": vocab},
+        "config_hash": "none", "world_size": 1, "global_batch": 1, "precision": "fp32", "versions": {},
+    }
