@@ -7,9 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from engine.cli import Parser
 from engine.config import RunConfig
-from engine.errors import UserError
+from engine.errors import Parser, UserError
 from engine.paths import Layout
 
 

@@ -17,9 +17,10 @@ import psutil
 import torch
 
 from engine.paths import Layout
+from engine.units import GIB
 
-GIB = float(1 << 30)
-# CPU flags that make bf16 autocast fast: native bf16 dot products (AVX512-BF16, AMX) or Arm BF16.
+# CPU flags for native bf16 dot products (AVX512-BF16, AMX, Arm BF16). They say bf16 is supported,
+# not that it is faster than fp32 here: engine/precision.py measures that.
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
@@ -56,7 +57,7 @@ def _accelerator() -> tuple[str, str, bool, int | None, int]:
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return "mps", f"Apple {platform.machine()} (MPS)", _mps_bf16(), _mps_memory(), 1
-    return "cpu", _cpu_name(), _cpu_bf16(), None, 1
+    return "cpu", cpu_name(), _cpu_bf16(), None, 1
 
 
 def _mps_bf16() -> bool:
@@ -92,15 +93,16 @@ def _cpuinfo(*keys: str) -> str | None:
 
 
 def _cpu_bf16() -> bool:
-    """True when bf16 autocast on this CPU is worth using: native bf16 instructions, or AVX512
-    (torch's CPU bf16 kernels are vectorised there); without either it is emulated and slow."""
+    """True when this CPU runs bf16 natively, or with AVX512 (torch's CPU bf16 kernels are
+    vectorised there); without either it is emulated. Whether it pays is measured, not read here."""
     flags = set((_cpuinfo("flags", "Features") or "").split())
     if flags.intersection(_CPU_BF16_FLAGS):
         return True
     return _cpu_capability().startswith("AVX512")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model: part of the key a precision measurement is cached under."""
     return _cpuinfo("model name") or platform.processor() or platform.machine() or "cpu"
 
 

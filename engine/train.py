@@ -34,11 +34,12 @@ from engine.atomic import atomic_write_json, read_json
 from engine.catalog import DISPLAY_RE, TRAINER_STATE_FORMAT, display_name
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
-from engine.data import DataOrder, check_resume_cache, rank_slice, read_sequences, split_ids
+from engine.data import DataOrder, check_resume_cache, rank_slice, read_sequences, rows_in_budget, split_ids
 from engine.errors import UserError
 from engine.model import build_model, count_params, finish_config, llama_config, lm_loss, param_groups
-from engine.names import existing_names, suggest_names
-from engine.paths import CHECKPOINT_RE, Layout, check_name
+from engine.names import suggest_names, taken_names, validate_new_name
+from engine.paths import Layout, check_name
+from engine.precision import choose as choose_precision
 from engine.run_log import RunLog
 from engine.schedule import Schedule, plan_schedule, total_steps
 
@@ -58,22 +59,9 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def cpu_has_fast_bf16() -> bool:
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def pick_precision(choice: str, device: str) -> str:
-    """fp16 needs a gradient scaler, which only CUDA has: elsewhere it is refused, not faked."""
-    if choice == "fp16" and device != "cuda":
-        raise UserError(f"precision fp16 needs a CUDA GPU (it trains with a gradient scaler); use bf16 or fp32 on {device}")
-    if choice != "auto":
-        return choice
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
+def pick_precision(choice: str, device: str, cfg: RunConfig, layout: Layout) -> str:
+    """The policy is engine.precision's; `auto` on a CPU measures the run's own layer shape there."""
+    return choose_precision(choice, device, cfg, layout).precision
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -526,7 +514,7 @@ def open_cache(cfg: RunConfig, layout: Layout, dist: D.Dist, log: RunLog, *, wor
             log.info(f"Building cache {path} from {d.source} ...")
             build_cache(d, layout, workers=workers, on_event=log.emit)
         D.barrier(dist)
-    cache = PackedCache(path)
+    cache = PackedCache(path, cache_bytes=cfg.train.shuffle_buffer_mb << 20)
     spec = str((cache.meta.get("tokenizer") or {}).get("spec", ""))
     if d.cache:  # an explicit cache decides what the data is; the saved config says so too
         d.seq_len, d.tokenizer = cache.seq_len, spec or d.tokenizer
@@ -550,16 +538,11 @@ def prepare_model(config: Any, cfg: RunConfig, device: str, dist: D.Dist) -> tor
 
 
 def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
-    """The given name, refused once it has a checkpoint (a run that died before its first save
-    left nothing to resume, so its name is free again); else the first free suggestion."""
+    """The given name unless it is taken (engine.names.taken_reason, the TUI's rule too); else the
+    first free suggestion."""
     if cfg.name:
-        name = check_name(cfg.name, "model name")
-        model_dir = layout.model_dir(name)
-        if any(CHECKPOINT_RE.match(p.name) for p in (model_dir.iterdir() if model_dir.is_dir() else [])):
-            raise UserError(f"model {name!r} already exists in {layout.checkpoints_root}; "
-                            f"continue it with `packtrain-engine resume {name}` or choose another --name")
-        return name
-    taken = existing_names(layout)
+        return validate_new_name(cfg.name, layout)
+    taken = taken_names(layout)
     base = prefix + suggest_names(n_params, dataset, seq_len)[0]
     name, k = base, 2
     while name in taken:
@@ -574,14 +557,15 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
 
     cfg.validate()
     device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
     dist = D.init(device)
+    precision = D.broadcast(dist, pick_precision(cfg.train.precision, device, cfg, layout) if dist.is_main else None)
     log = RunLog(events=opts.events, enabled=dist.is_main)
     cache = open_cache(cfg, layout, dist, log, workers=workers)
     model = prepare_model(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg, device, dist)
     cfg.name = D.broadcast(dist, choose_name(cfg, layout, count_params(model), cache.dataset_name, cache.seq_len,
                                                      name_prefix) if dist.is_main else None)
-    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks)
+    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
+                            rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
@@ -642,8 +626,8 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None) ->
     check_overrides(saved_cfg, cfg)
     cfg.validate()
     device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
     dist = D.init(device)
+    precision = D.broadcast(dist, pick_precision(cfg.train.precision, device, cfg, layout) if dist.is_main else None)
     log = RunLog(events=opts.events, enabled=dist.is_main)
     checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
     path = Path(D.broadcast(dist, str(checkpointer.resolve(ref)) if dist.is_main else None))
@@ -686,7 +670,11 @@ def run_to_end(make: Any) -> int:
     trainer = None
     try:
         trainer = make()
-        return trainer.run()
+        code = trainer.run()
+        # Ranks leave together: a rank that tears the gloo group down while a worker thread still
+        # drops its last collective deadlocks on the GIL (pytorch#56297); the wait lets it finish.
+        D.barrier(trainer.dist)
+        return code
     finally:
         if trainer is not None:
             D.shutdown(trainer.dist)

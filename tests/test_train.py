@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, RunConfig
 from engine.errors import UserError
 from engine.model import build_model, count_params, llama_config, lm_loss, param_groups
+from engine.paths import Layout
 from engine.presets import PRESETS
 from engine.train import pick_precision, rng_state, set_rng_state
 from tests.train_support import build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
@@ -48,11 +49,12 @@ def test_loss_is_next_token_cross_entropy_over_packed_rows(model: torch.nn.Modul
     assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
 
 
-def test_fp16_is_refused_without_cuda_and_auto_is_explicit() -> None:
+def test_fp16_is_refused_without_cuda_and_an_explicit_choice_is_kept(tmp_path: Path) -> None:
+    """What `auto` picks is engine.precision's, tested in test_precision.py."""
+    layout, cfg = Layout.resolve(tmp_path), RunConfig()
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        pick_precision("fp16", "cpu")
-    assert pick_precision("auto", "cpu") in {"bf16", "fp32"}
-    assert pick_precision("fp32", "cpu") == "fp32"
+        pick_precision("fp16", "cpu", cfg, layout)
+    assert pick_precision("fp32", "cpu", cfg, layout) == "fp32"
 
 
 def test_rng_state_is_json_and_restores_exactly() -> None:

@@ -1,4 +1,5 @@
-"""`packtrain-engine info [--json]`: the hardware snapshot a run would record, before starting one."""
+"""`packtrain-engine info [--json]`: the hardware snapshot a run would record, before starting one,
+and the precision `auto` picks here for the default config, with the measurement behind it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from typing import Any
 
 from engine.paths import Layout
+from engine.units import format_gib
 
 LABELS = {
     "device": "Device",
@@ -24,6 +26,8 @@ LABELS = {
     "python": "Python",
     "root": "Data root",
     "disk_free_gb": "Disk free",
+    "precision": "Precision (auto)",
+    "precision_reason": "Why",
 }
 
 
@@ -35,9 +39,14 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from engine.config import RunConfig
     from engine.hardware import snapshot
+    from engine.precision import choose
 
-    snap = snapshot(Layout.resolve())
+    layout = Layout.resolve()
+    snap = snapshot(layout)
+    choice = choose("auto", snap["device"], RunConfig(), layout)
+    snap.update(precision=choice.precision, precision_reason=f"{choice.reason}, for the default config")
     if args.json:
         print(json.dumps(snap, indent=2))
         return 0
@@ -59,5 +68,5 @@ def _human(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if key.endswith("_gb"):
-        return f"{value:,.1f} GiB"
+        return format_gib(value)
     return str(value)
