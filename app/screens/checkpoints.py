@@ -4,22 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
+from textual.worker import Worker
 
+from app.engine_client import EventStream
 from app.formatting import format_count, format_loss, format_time
+from app.screens.compare import CompareScreen
 from app.screens.manage import ManageScreen
 from app.screens.modals import HelpScreen
+from app.screens.playground import PlaygroundScreen
 from app.screens.runs import RunsScreen
+from app.workers import ReportsWorkerFailures
 from engine import control
+from engine import protocol as P
 from engine.units import format_bytes
 
 RUNNING = "running: attach"
 HELP = [
     ("Enter", "resume the highlighted checkpoint, or attach to its running engine"),
+    ("G", "playground: generate text from the highlighted checkpoint"),
+    ("Space", "mark or unmark the highlighted checkpoint (for E and C)"),
+    ("E", "evaluate the marked checkpoints (or the highlighted one): eval loss and BPB columns"),
+    ("C", "compare the marked checkpoints: one eval table and the same prompt from each"),
     ("n", "start a new training"),
     ("x", "manage checkpoints: select and delete, oldest first"),
     ("l", "runs and logs: curves and summaries of past runs"),
@@ -27,7 +38,8 @@ HELP = [
     ("q", "quit (asks first while attached to a training engine)"),
 ]
 REFRESH_S = 3.0
-COLUMNS = ("Checkpoint", "Status", "Step", "Loss", "Saved", "Dataset", "Seqs", "Size")
+COLUMNS = ("Checkpoint", "Status", "Step", "Loss", "Eval", "BPB", "Saved", "Dataset", "Seqs", "Size")
+MARK = "* "
 
 
 def status_of(entry: Any, live: set[str]) -> str:
@@ -38,9 +50,19 @@ def status_of(entry: Any, live: set[str]) -> str:
     return "latest" if entry.is_latest else "valid"
 
 
-class CheckpointsScreen(Screen[None]):
+def kept_eval_cells(entry: Any) -> tuple[str, str]:
+    """Eval loss and bits per byte of the newest `eval` of these exact weights, kept by the engine."""
+    kept = entry.kept_eval
+    return (format_loss(kept["loss"]), f"{kept['bpb']:.3f}") if kept else ("-", "-")
+
+
+class CheckpointsScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("enter", "open", "Resume / attach", show=True),
+        Binding("g,G", "playground", "Playground"),
+        Binding("space", "mark", "Mark", show=False),
+        Binding("e,E", "evaluate", "Evaluate"),
+        Binding("c,C", "compare", "Compare"),
         Binding("n", "new", "New training"),
         Binding("x", "manage", "Manage"),
         Binding("l", "runs", "Runs & logs"),
@@ -53,6 +75,7 @@ class CheckpointsScreen(Screen[None]):
         super().__init__()
         self.entries: dict[str, Any] = {}
         self.live: set[str] = set()
+        self.marked: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -62,6 +85,7 @@ class CheckpointsScreen(Screen[None]):
             table.add_columns(*COLUMNS)
             yield table
             yield Static("", id="detail", markup=False)
+            yield Static("", id="activity", markup=False)
             yield Static(
                 "No checkpoints yet.\nPress N to start a new training.", id="empty", classes="empty-state"
             )
@@ -82,17 +106,18 @@ class CheckpointsScreen(Screen[None]):
         rows: list[tuple[str, tuple[str, ...]]] = []
         shown_live: set[str] = set()
         for model in sorted(live - {c.model for c in checkpoints}):
-            rows.append((f"live:{model}", (model, RUNNING, "-", "-", "-", "-", "-", "-")))
+            rows.append((f"live:{model}", (model, RUNNING, *["-"] * (len(COLUMNS) - 2))))
             shown_live.add(model)
         self.entries = {}
         for c in checkpoints:
             key = f"ckpt:{c.path}"
             self.entries[key] = c
             rows.append((key, (
-                c.display_name, status_of(c, live), format_count(c.step), format_loss(c.loss),
-                format_time(c.saved_at), c.dataset or "-", format_count(c.sequences), format_bytes(c.size_bytes),
+                (MARK if key in self.marked else "") + c.display_name, status_of(c, live), format_count(c.step),
+                format_loss(c.loss), *kept_eval_cells(c), format_time(c.saved_at), c.dataset or "-", format_count(c.sequences), format_bytes(c.size_bytes),
             )))
         self.live = live
+        self.marked &= set(self.entries)
         self._fill(rows)
 
     def _fill(self, rows: list[tuple[str, tuple[str, ...]]]) -> None:
@@ -163,6 +188,63 @@ class CheckpointsScreen(Screen[None]):
             self.notify(f"{entry.display_name} is not valid: {entry.reason}", severity="warning")
         else:
             self.app.open_resume(entry)
+
+    def chosen(self) -> list[Any]:
+        """The marked checkpoints, else the highlighted one; only valid ones can be loaded."""
+        keys = [k for k in self.entries if k in self.marked] or [self._current_key() or ""]
+        return [self.entries[k] for k in keys if k in self.entries and self.entries[k].valid]
+
+    def action_mark(self) -> None:
+        key = self._current_key()
+        if key is None or key not in self.entries:
+            return
+        self.marked ^= {key}
+        self.reload()
+        table = self.query_one(DataTable)
+        table.move_cursor(row=table.cursor_row + 1)
+
+    def action_playground(self) -> None:
+        key = self._current_key()
+        entry = self.entries.get(key or "")
+        if entry is None or not entry.valid:
+            self.notify("Highlight a valid checkpoint to open the playground.", severity="warning")
+            return
+        self.app.push_screen(PlaygroundScreen(entry))
+
+    def action_evaluate(self) -> None:
+        entries = self.chosen()
+        if not entries:
+            self.notify("Highlight or mark (Space) valid checkpoints to evaluate.", severity="warning")
+            return
+        self.evaluate(entries)
+
+    def action_compare(self) -> None:
+        entries = self.chosen()
+        if len(entries) < 2:
+            self.notify("Mark (Space) two or more valid checkpoints to compare.", severity="warning")
+            return
+        self.app.push_screen(CompareScreen(entries))
+
+    @work(exclusive=True, group="evaluate", exit_on_error=False)
+    async def evaluate(self, entries: list[Any]) -> None:
+        """`eval --events` per checkpoint, one after another; the engine keeps each result, so the
+        list shows them from its catalog like any other column."""
+        activity = self.query_one("#activity", Static)
+        failed: list[str] = []
+        for i, entry in enumerate(entries, 1):
+            which = f"Evaluating {entry.display_name} ({i}/{len(entries)})"
+            activity.update(f"{which}...")
+            stream = EventStream(["eval", str(entry.path), "--events"])
+            async for event in stream.events(self.app.layout):
+                if isinstance(event, P.EvalProgress):
+                    activity.update(f"{which}: batch {event.batches_done}/{event.batches_total}")
+            if stream.returncode:
+                failed.append(f"{entry.display_name}: {stream.message}")
+            self.reload()
+        activity.update("; ".join(failed) if failed else f"Evaluated {len(entries)} checkpoint(s).")
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        self.query_one("#activity", Static).update(f"error: {message}")
 
     def action_new(self) -> None:
         self.app.open_new_training()
