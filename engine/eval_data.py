@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.cache.reader import PackedCache
 from engine.cache.tokenizer import TOKENIZER_FILE, check_cache_tokenizer, same_tokenizer
-from engine.config import DataConfig
+from engine.config import DataConfig, TrainConfig
 from engine.errors import UserError
 from engine.inference import LoadedModel
 from engine.paths import Layout
@@ -40,7 +40,8 @@ class EvalData:
 def plan(loaded: LoadedModel, layout: Layout, batches: int | None) -> tuple[int, int]:
     """(sequences, batch size): batches of the run's micro-batch, the run's eval_batches by default, so
     the default eval reads what the trainer's eval read."""
-    train = loaded.run_config(layout).train
+    cfg = loaded.run_config(layout)
+    train = cfg.train if cfg is not None else TrainConfig()
     return (batches or train.eval_batches) * train.micro_batch, train.micro_batch
 
 
@@ -76,17 +77,19 @@ def for_model(data: EvalData, loaded: LoadedModel, layout: Layout) -> EvalData:
 
 def held_out(loaded: LoadedModel, layout: Layout, count: int) -> EvalData:
     from engine.cache.metadata import METADATA_FILE
-    from engine.cache.sources import cache_path_for
+    from engine.cache.naming import cache_path_for
     from engine.data import DataOrder, check_resume_cache, read_sequences
 
     state = loaded.state
     record = state.get("cache") if isinstance(state.get("cache"), dict) else {}
-    candidates = [cache_path_for(loaded.run_config(layout).data, layout)]
+    cfg = loaded.run_config(layout)
+    candidates = [cache_path_for(cfg.data, layout)] if cfg is not None else []  # where it is under this root
     if isinstance(record.get("path"), str):
-        candidates.append(Path(record["path"]))
+        candidates.append(Path(record["path"]))  # where it was when the run trained
     path = next((p for p in candidates if (p / METADATA_FILE).is_file()), None)
     if path is None:
-        raise UserError(f"the cache {loaded.display_name} was trained on is gone ({candidates[-1]}); "
+        where = f" ({candidates[-1]})" if candidates else ""
+        raise UserError(f"the cache {loaded.display_name} was trained on is gone{where}; "
                         "evaluate with --cache PATH or --source SPEC")
     cache = PackedCache(path)
     _check_tokenizer(loaded, cache)

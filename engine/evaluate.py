@@ -9,8 +9,9 @@ which compares models with different tokenizers. With a byte-level tokenizer (`b
 GPT-2 style HF ones) every token is a fixed run of raw bytes, so a per-token byte count is exact even
 where a row boundary splits a character; other tokenizers decode each row's targets and count the
 UTF-8 bytes of the text. Special tokens (the EOS between documents) stand for no text: their loss
-counts, their bytes are 0. A target is a top-k hit when fewer than k logits are strictly higher
-than its own (one comparison pass, no sort; exact ties count as hits).
+counts, their bytes are 0. A target is a top-k hit when it is among the k highest logits
+(torch.topk: a partial selection, about a third of the cost of the cross-entropy on CPU, where a
+full comparison pass over the logits cost more than the cross-entropy itself).
 
 Sums stay on the device until the end, so the loop costs the forward pass and little more.
 """
@@ -114,9 +115,9 @@ def evaluate(loaded: LoadedModel, rows: np.ndarray, batch_size: int, *,
                 logits = model(input_ids=batch[:, :-1]).logits
             logits = logits.reshape(-1, logits.size(-1)).float()
             nats += F.cross_entropy(logits, targets, reduction="sum")
-            higher = (logits > logits.gather(1, targets[:, None])).sum(1)
-            top1 += (higher == 0).sum()
-            top5 += (higher < 5).sum()
+            hits = logits.topk(min(5, logits.size(-1)), dim=1).indices == targets[:, None]
+            top1 += hits[:, 0].sum()
+            top5 += hits.any(dim=1).sum()
             if lengths is not None:
                 n_bytes += lengths[targets].sum()
             else:

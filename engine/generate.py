@@ -172,7 +172,7 @@ def sample(loaded: LoadedModel, prompt_ids: list[int], params: P.SamplingParams,
     criteria = StoppingCriteriaList([stop_flag])
     if params.stop:
         criteria.append(StopOnText(loaded.tokenizer, len(prompt_ids), params.stop))
-    with loaded.autocast():
+    with torch.inference_mode(), loaded.autocast():
         out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                     stopping_criteria=criteria,
                                     generation_config=generation_config(params, loaded.eos_id, new_tokens))

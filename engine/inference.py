@@ -76,14 +76,14 @@ class LoadedModel:
             precision=self.precision, chat_template=self.has_chat_template, seconds=self.seconds,
         )
 
-    def run_config(self, layout: Layout) -> RunConfig:
-        """The run's config (run.json beside the checkpoints); defaults when it is gone."""
+    def run_config(self, layout: Layout) -> RunConfig | None:
+        """The run's config (run.json beside the checkpoints), or None when it is gone or unreadable."""
         from engine.train import read_run_json
 
         try:
             return RunConfig.from_dict(read_run_json(layout, self.model_name))
         except UserError:
-            return RunConfig()
+            return None
 
 
 def resolve(layout: Layout, ref: str) -> Path:

@@ -3,7 +3,8 @@
 Every event is one JSON object on one line: {"v": SCHEMA_VERSION, "event": <kind>, "ts": <unix>,
 ...fields}. The engine appends them to training_logs/<model>_run_<k>.jsonl and, with --events,
 prints them to stdout, so a parent can follow a run from a pipe or by tailing the log.
-Commands travel the other way through the file channel in engine.control.
+Commands travel the other way: to a training engine through the file channel in engine.control,
+to a `serve-model` child as JSON lines on its stdin (ServeCommand below).
 
 Import-light on purpose: the TUI imports this module and must never pull in torch.
 """

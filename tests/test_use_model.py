@@ -190,6 +190,19 @@ def test_the_same_seed_gives_the_same_text(loaded: inference.LoadedModel) -> Non
     assert texts(dataclasses.replace(params, seed=12, num_samples=1)) == [first[1]]  # sample i is seeded seed + i
 
 
+def test_generation_feeds_one_new_token_per_step_through_the_kv_cache(loaded: inference.LoadedModel) -> None:
+    assert json.loads((loaded.path / "config.json").read_text())["use_cache"] is False  # saved for training
+    seen: list[int] = []
+    hook = loaded.model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        ids = generate.encode(loaded, "doc 8: the")
+        generate.sample(loaded, ids, P.SamplingParams(temperature=0), 0, 5, on_text=lambda text: None)
+    finally:
+        hook.remove()
+    assert seen == [len(ids), 1, 1, 1, 1]  # the prompt once, then only the newest token
+
+
 def test_events_stream_the_text_and_a_stop_string_ends_it(run, capsys) -> None:
     whole = greedy(run, capsys, "doc 5:", "--max-new-tokens", 20)
     stop = whole[6:8]
@@ -230,6 +243,16 @@ def test_a_prompt_longer_than_the_context_keeps_its_last_tokens(run, capsys) -> 
 def test_bad_input_is_one_error_line(run, capsys, args: tuple[str, ...], message: str) -> None:
     assert run(*args) == 2
     assert message in error_line(capsys)
+
+
+def test_with_events_progress_results_and_refusals_are_json_lines(run, capsys) -> None:
+    assert run("eval", LAST, "--batches", 2, "--events") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["event"] for e in events] == ["model_loaded", "eval_progress", "eval_progress", "eval_result"]
+    assert events[-1]["tokens"] == 2 * 4 * CONTEXT
+    assert run("generate", "nope", "--events") == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["event"] == "error" and err.startswith("error: no checkpoint 'nope'")
 
 
 def test_a_prompt_file_that_is_not_utf8_is_refused(run, capsys, tmp_path: Path) -> None:

@@ -47,12 +47,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _pool_flags(b)
     b.add_argument("--shard", metavar="k/N", help="build only chunks k, k+N, k+2N, ... (one builder per shard)")
     b.add_argument("--force-rebuild", action="store_true", help="delete the cache and start over")
-    b.set_defaults(handler=_events_guard(_build))
+    b.set_defaults(handler=events_guard(_build))
 
     f = actions.add_parser("fill", help="build only the missing chunks of a cache (gap filling)")
     f.add_argument("path", metavar="PATH", help="cache folder (or <seq_len>/<dataset>)")
     _pool_flags(f)
-    f.set_defaults(handler=_events_guard(_fill))
+    f.set_defaults(handler=events_guard(_fill))
 
     v = actions.add_parser("validate", help="check every chunk; --repair rebuilds exactly the bad ones",
                            description="Exit 0 when valid, 1 when not.")
@@ -60,7 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--repair", action="store_true", help="rebuild bad chunks and remove stray files")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     _pool_flags(v)
-    v.set_defaults(handler=_events_guard(_validate))
+    v.set_defaults(handler=events_guard(_validate))
 
     i = actions.add_parser("info", help="metadata and stats of one cache")
     i.add_argument("path", metavar="PATH", help="cache folder (or <seq_len>/<dataset>)")
@@ -77,7 +77,7 @@ def _pool_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", action="store_true", help="print protocol JSON lines on stdout instead of a progress bar")
 
 
-def _events_guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def events_guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """With --events, a parent reading stdout also gets the error as an event."""
     def run(args: argparse.Namespace) -> int:
         try:

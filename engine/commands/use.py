@@ -12,12 +12,16 @@ import json
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from engine import protocol as P
+from engine.cache.commands import events_guard
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.use_output import Output
+
+if TYPE_CHECKING:
+    from engine.inference import LoadedModel
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -31,7 +35,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     out.add_argument("--json", action="store_true", help="print the result as one JSON object")
     out.add_argument("--events", action="store_true", help="print progress and the result as protocol JSON lines")
     _device_flags(e)
-    e.set_defaults(handler=cmd_eval)
+    e.set_defaults(handler=events_guard(cmd_eval))
 
     g = sub.add_parser("generate", help="sample text from a checkpoint, streamed as it is produced",
                        description="Sample from a checkpoint with transformers' generate (KV cache). No prompt starts "
@@ -41,7 +45,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     _sampling_flags(g, samples=True)
     g.add_argument("--events", action="store_true", help="print protocol JSON lines (token events) instead of text")
     _device_flags(g)
-    g.set_defaults(handler=cmd_generate)
+    g.set_defaults(handler=events_guard(cmd_generate))
 
     c = sub.add_parser("chat", help="talk to a checkpoint: a prompt loop with history",
                        description="Each line read from stdin is a turn. A model whose tokenizer has a chat template "
@@ -70,7 +74,7 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     _id(s)
     s.add_argument("--events", action="store_true", help="print protocol JSON lines (what the TUI reads) instead of text")
     _device_flags(s)
-    s.set_defaults(handler=cmd_serve)
+    s.set_defaults(handler=events_guard(cmd_serve))
 
 
 def _id(p: argparse.ArgumentParser) -> None:
@@ -144,7 +148,7 @@ def _batches(args: argparse.Namespace) -> int | None:
     return args.batches
 
 
-def _load(layout: Layout, ref: str, args: argparse.Namespace) -> Any:
+def _load(layout: Layout, ref: str, args: argparse.Namespace) -> "LoadedModel":
     from engine.inference import load
 
     return load(layout, ref, device=args.device, precision=args.precision)
@@ -157,10 +161,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from engine.evaluate import run_eval
 
     loaded = _load(layout, args.id, args)
+    if args.events:
+        Output(True)(loaded.loaded_event())
     count, batch_size = plan(loaded, layout, batches)
     data = select(loaded, layout, count, cache=args.cache, source=args.source)
     result = run_eval(loaded, data, layout, batch_size, emit=(lambda e: None) if args.json else Output(args.events))
-    if args.json and result is not None:
+    if args.json:
+        assert result is not None  # only a serve-model stop interrupts an eval
         print(json.dumps(P.to_dict(result), indent=2))
     return 0
 
