@@ -133,7 +133,7 @@ def load(layout: Layout, ref: str, *, device: str = "auto", precision: str = "au
 
     started = time.perf_counter()
     path = resolve(layout, ref)
-    state = checked_state(path)
+    state = checked_state(path).to_dict()
     dev = pick_device(device)
     prec = pick_precision(precision, dev)
     quiet_transformers()

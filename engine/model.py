@@ -4,46 +4,47 @@ or any LlamaConfig JSON, so every checkpoint is a plain HF folder that `from_pre
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.config import ModelConfig
-from engine.errors import UserError
+from engine.errors import UserError, shown
+from engine.llama_json import check_fits, read_llama_json
 from engine.presets import get_preset
 
 
-def llama_config(model: ModelConfig, vocab_size: int, seq_len: int) -> LlamaConfig:
-    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read."""
+def llama_config(model: ModelConfig, vocab_size: int, seq_len: int, token_ids: Mapping[str, int]) -> LlamaConfig:
+    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read, with
+    the special-token ids of the cache's tokenizer (`token_ids`: bos/eos/pad_token_id)."""
     if model.model_config is None:
         kwargs = get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
     else:
-        try:
-            kwargs = json.loads(Path(model.model_config).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read model config {model.model_config}: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise UserError(f"model config {model.model_config} must be a JSON object of LlamaConfig fields")
-        kwargs = {k: v for k, v in kwargs.items() if k not in {"architectures", "model_type", "transformers_version"}}
+        where = f"model config {model.model_config}"
+        kwargs = read_llama_json(model.model_config)
         kwargs.setdefault("vocab_size", vocab_size)
         if kwargs["vocab_size"] < vocab_size:
-            raise UserError(f"model config vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-        if kwargs.get("max_position_embeddings", seq_len) < seq_len:
-            raise UserError(f"model config max_position_embeddings {kwargs['max_position_embeddings']} < seq_len {seq_len}")
+            raise UserError(f"{where}: vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+        check_fits(kwargs, seq_len, where)
     try:
         config = LlamaConfig(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"invalid model config: {e}") from None
-    return finish_config(config)
+    except Exception as e:  # noqa: BLE001 - strict-dataclass, Key and Attribute errors for the keys we do not check
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise UserError(f"invalid model config: {shown(first, 200)}") from None
+    return finish_config(config, token_ids)
 
 
-def finish_config(config: LlamaConfig) -> LlamaConfig:
-    """Training settings that are not part of the shape: SDPA attention, no KV cache."""
+def finish_config(config: LlamaConfig, token_ids: Mapping[str, int]) -> LlamaConfig:
+    """Settings that are not part of the shape: SDPA attention, no KV cache, and the tokenizer's
+    special ids (LlamaConfig's defaults, bos 1 and eos 2, belong to another tokenizer: generate()
+    would never stop at the real EOS). Set before the model is built, so its generation config and
+    every checkpoint's config.json and generation_config.json carry them too."""
     config._attn_implementation = "sdpa"
     config.use_cache = False
+    for key, value in token_ids.items():
+        setattr(config, key, value)
     return config
 
 

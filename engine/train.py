@@ -20,7 +20,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ import torch
 
 from engine import distributed as D
 from engine import protocol as P
-from engine.atomic import atomic_write_json, read_json
-from engine.catalog import DISPLAY_RE, TRAINER_STATE_FORMAT, display_name
+from engine.atomic import atomic_write_json
+from engine.catalog import DISPLAY_RE, display_name
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
 from engine.data import DataOrder, check_resume_cache, rank_slice, read_sequences, rows_in_budget, split_ids
@@ -42,6 +42,10 @@ from engine.paths import Layout, check_name
 from engine.precision import choose as choose_precision
 from engine.run_log import RunLog
 from engine.schedule import Schedule, plan_schedule, total_steps
+from engine.state import (
+    TRAINER_STATE, TRAINER_STATE_FORMAT, CacheRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState,
+    TrainerState, read_file,
+)
 
 
 # --- device, precision and RNG ---------------------------------------------------------------------
@@ -71,26 +75,51 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state() -> RngState:
     """Every RNG the run could draw from, as JSON (a torch state tensor becomes a list of ints)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "random": [py_state[0], list(py_state[1]), py_state[2]],
-    }
+    return RngState(
+        torch=torch.get_rng_state().tolist(),
+        cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        numpy=(np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        random=(py_state[0], list(py_state[1]), py_state[2]),
+    )
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    r = state["random"]
-    random.setstate((r[0], tuple(r[1]), r[2]))
+def _rng_states(state: RngState) -> tuple[torch.Tensor, list[torch.Tensor], tuple, tuple]:
+    n, r = state.numpy, state.random
+    return (torch.tensor(state.torch, dtype=torch.uint8), [torch.tensor(s, dtype=torch.uint8) for s in state.cuda],
+            (n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]), (r[0], tuple(r[1]), r[2]))
+
+
+def set_rng_state(state: RngState) -> None:
+    cpu, cuda, np_state, py_state = _rng_states(state)
+    torch.set_rng_state(cpu)
+    if cuda and torch.cuda.is_available():  # one state per device the saving process saw; this one may see fewer
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+def check_rng_state(state: RngState, source: Path) -> None:
+    """Try the saved states on throwaway generators: one that torch, numpy or Python refuses is
+    refused here, before the run starts, rather than when it is restored after the run started."""
+    key, pos = state.numpy[1], state.numpy[2]
+    if len(key) != 624 or not 0 <= pos <= 624:  # numpy accepts any position, then reads past the key
+        raise UserError(f"{source}: field 'rng.numpy' is not an MT19937 state (624 words and a position 0-624)")
+    try:
+        cpu, _, np_state, py_state = _rng_states(state)
+        torch.Generator().set_state(cpu)
+        np.random.RandomState().set_state(np_state)
+        random.Random().setstate(py_state)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise UserError(f"{source}: field 'rng' holds a state the generators refuse: "
+                        f"{' '.join(str(e).split())[:120]}") from None
+    if state.cuda and torch.cuda.is_available():
+        devices = range(min(len(state.cuda), torch.cuda.device_count()))
+        if any(len(state.cuda[i]) != torch.cuda.get_rng_state(i).numel() for i in devices):
+            raise UserError(f"{source}: field 'rng.cuda' does not hold CUDA generator states")
 
 
 def versions() -> dict[str, str]:
@@ -126,9 +155,9 @@ class Start:
     best_eval_loss: float | None = None
     cache_sequences: int = 0  # cache size the run last knew, for "Dataset expanded: A → B"
     resumed_from: str | None = None
-    rng: dict[str, Any] | None = None
-    scaler: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)  # run.json "runs" so far
+    rng: RngState | None = None
+    scaler: ScalerState | None = None
+    history: list[RunRecord] = field(default_factory=list)  # run.json "runs" so far
 
 
 class Trainer:
@@ -145,7 +174,7 @@ class Trainer:
         self.n_params = count_params(model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
         if start.scaler:
-            self.scaler.load_state_dict(start.scaler)
+            self.scaler.load_state_dict(asdict(start.scaler))
         self.model = model
         if dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -165,6 +194,8 @@ class Trainer:
         self.last_eval: tuple[int, float] | None = None
         self.saved_at_step = -1
         self.last_checkpoint: str | None = None
+        self.known_loss: tuple[int, float] | None = None  # (step, loss): logged, or read for a save
+        self.step_losses: list[torch.Tensor] = []  # the last step's micro-batch losses, still on the device
 
     # --- plan --------------------------------------------------------------------------------
     def plan_total(self) -> int:
@@ -216,44 +247,49 @@ class Trainer:
         self.replan(expanded=(n_before, info["n"]))
 
     # --- checkpoint state --------------------------------------------------------------------
-    def cache_record(self) -> dict[str, Any]:
+    def cache_record(self) -> CacheRecord:
         c, order = self.cache, self.s.order
-        return {
-            "dataset_name": c.dataset_name, "path": str(c.path), "total_sequences": self.s.cache_sequences,
-            "sequence_length": c.seq_len, "generation": c.generation, "manifest_hash": c.manifest_hash(),
-            "tokenizer_sha256": c.tokenizer_sha256, "consumed_manifest_hash": c.manifest_hash(order.known_chunks),
-            "dtype": str(c.dtype), "vocab_size": c.vocab_size,
-        }
+        return CacheRecord(
+            dataset_name=c.dataset_name, path=str(c.path), total_sequences=self.s.cache_sequences,
+            sequence_length=c.seq_len, generation=c.generation, manifest_hash=c.manifest_hash(),
+            tokenizer_sha256=c.tokenizer_sha256, consumed_manifest_hash=c.manifest_hash(order.known_chunks),
+            dtype=str(c.dtype), vocab_size=c.vocab_size,
+        )
 
-    def trainer_state(self, loss: float | None) -> dict[str, Any]:
+    def trainer_state(self, loss: float | None) -> TrainerState:
         s = self.s
-        best = s.best_eval_loss
-        return {
-            "format": TRAINER_STATE_FORMAT, "model_name": s.model_name,
-            "display_name": display_name(s.model_name, s.step, s.run), "step": s.step, "run": s.run,
-            "tokens_seen": s.tokens_seen, "loss": loss, "eval_loss": self.eval_at(s.step), "best_eval_loss": best,
-            "saved_at": time.time(), "elapsed_s": s.elapsed_s, "epoch": s.epoch, "cursor": s.cursor,
-            "growth_events": [e.to_dict() for e in s.order.events], "data": s.order.state(),
-            "plan": {"schedule": s.schedule.to_dict(), "global_batch": self.global_batch,
-                     "n_sequences": s.order.n_train_sequences},
-            "total_steps": s.schedule.total_steps,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": rng_state(), "cache": self.cache_record(), "config_hash": self.cfg.hash(),
-            "world_size": self.dist.world_size, "global_batch": self.global_batch, "precision": self.precision,
-            "versions": versions(),
-        }
+        return TrainerState(
+            format=TRAINER_STATE_FORMAT, model_name=s.model_name, display_name=display_name(s.model_name, s.step, s.run),
+            step=s.step, run=s.run, tokens_seen=s.tokens_seen, loss=loss, eval_loss=self.eval_at(s.step),
+            best_eval_loss=s.best_eval_loss, saved_at=time.time(), elapsed_s=s.elapsed_s, epoch=s.epoch,
+            cursor=s.cursor, growth_events=[e.to_dict() for e in s.order.events], data=s.order.state(),
+            plan=PlanRecord(schedule=s.schedule, global_batch=self.global_batch, n_sequences=s.order.n_train_sequences),
+            total_steps=s.schedule.total_steps,
+            scaler=ScalerState(**self.scaler.state_dict()) if self.scaler.is_enabled() else None,
+            rng=rng_state(), cache=self.cache_record(), config_hash=self.cfg.hash(), world_size=self.dist.world_size,
+            global_batch=self.global_batch, precision=self.precision, versions=versions(),
+        )
 
     def eval_at(self, step: int) -> float | None:
         return self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
 
-    def save(self, loss: float | None) -> None:
+    def loss_now(self) -> float:
+        """The loss at the current step: its logged value, else this step's own, read here (one sync
+        and one all-reduce, so only at a save or the finish, never per step). Every rank calls it."""
+        if self.known_loss is None or self.known_loss[0] != self.s.step:
+            (total,) = D.all_reduce_sum(self.dist, [torch.stack(self.step_losses).sum().item()])
+            self.known_loss = (self.s.step, total / self.dist.world_size)
+        return self.known_loss[1]
+
+    def save(self) -> None:
         if self.saved_at_step == self.s.step:
             return
         self.saved_at_step = self.s.step
+        loss = self.loss_now()
         if not self.dist.is_main:
             return
         saved = self.ckpt.save(step=self.s.step, model=self.raw_model, optimizer=self.optimizer,
-                               trainer_state=self.trainer_state(loss), tokenizer_dir=self.cache.tokenizer_dir,
+                               trainer_state=self.trainer_state(loss).to_dict(), tokenizer_dir=self.cache.tokenizer_dir,
                                eval_loss=self.eval_at(self.s.step))
         self.last_checkpoint = saved.display_name
         self.log.emit(P.CheckpointSaved(step=self.s.step, path=str(saved.path), display_name=saved.display_name,
@@ -296,7 +332,7 @@ class Trainer:
                  "stop_at_checkpoint" in cmds]
         return tuple(D.any_flags(self.dist, flags))  # type: ignore[return-value]
 
-    def pause(self, loss: float | None) -> bool:
+    def pause(self) -> bool:
         """Hold between steps until resumed (saving on request meanwhile); True if a stop arrived."""
         self.log.emit(P.State(state="paused", reason="requested"))
         while True:
@@ -304,7 +340,7 @@ class Trainer:
             stop, save, _, resume, stop_at_ckpt = self.control()
             self.stop_at_checkpoint |= stop_at_ckpt
             if save:
-                self.save(loss)
+                self.save()
             if stop:
                 return True
             if resume:
@@ -357,7 +393,6 @@ class Trainer:
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         loss_sum = torch.zeros((), device=self.device)
         steps_since_log, excluded, paused = 0, 0.0, 0.0  # excluded: eval, saves, control, pauses
-        last_loss: float | None = None
         t_log = time.perf_counter()
         while s.step < s.schedule.total_steps:
             lr = s.schedule.lr(s.step)
@@ -367,12 +402,14 @@ class Trainer:
             mine = rank_slice(ids, dist.rank, dist.world_size)
             self.trace(mine)
             rows = torch.from_numpy(read_sequences(self.cache, mine)).to(self.device, non_blocking=True)
+            self.step_losses.clear()
             for k in range(accum):
                 sync = k == accum - 1 or not dist.enabled
                 with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.device, self.precision):
                     loss = lm_loss(self.forward, rows[k * mb:(k + 1) * mb]) / accum
                 self.scaler.scale(loss).backward()
                 loss_sum += loss.detach()
+                self.step_losses.append(loss.detach())
             log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
             grad_norm = None
             if t.grad_clip > 0:
@@ -391,11 +428,11 @@ class Trainer:
 
             if log_now:
                 (mean_loss,) = D.all_reduce_sum(dist, [loss_sum.item() / steps_since_log])
-                last_loss = mean_loss / dist.world_size
+                self.known_loss = (s.step, mean_loss / dist.world_size)
                 now = time.perf_counter()
                 train_time = max(now - t_log - excluded, 1e-9)
                 s.elapsed_s += now - t_log - paused
-                self.log.emit(self.step_event(last_loss, lr, float(grad_norm) if grad_norm is not None else 0.0,
+                self.log.emit(self.step_event(self.known_loss[1], lr, float(grad_norm) if grad_norm is not None else 0.0,
                                               steps_since_log, train_time))
                 loss_sum.zero_()
                 steps_since_log, excluded, paused, t_log = 0, 0.0, 0.0, time.perf_counter()
@@ -404,9 +441,9 @@ class Trainer:
             if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()
             if s.step % t.save_interval == 0 or done:
-                self.save(last_loss)
+                self.save()
                 if self.stop_at_checkpoint:
-                    return self.finish("stopped", last_loss)
+                    return self.finish("stopped")
             if t.growth_check_interval and s.step % t.growth_check_interval == 0 and not done:
                 self.check_growth()
             stop, save, pause, _, stop_at_ckpt = self.control()
@@ -414,17 +451,17 @@ class Trainer:
             if stop_at_ckpt:
                 self.log.emit(P.State(state="stopping", reason="at the next checkpoint"))
             if save:
-                self.save(last_loss)
+                self.save()
             if pause and not stop:
                 t_pause = time.perf_counter()
-                stop = self.pause(last_loss)
+                stop = self.pause()
                 paused += time.perf_counter() - t_pause  # neither training time nor elapsed time
             if stop and not done:
                 self.log.emit(P.State(state="stopping", reason="signal" if self.signalled else "requested"))
-                self.save(last_loss)
-                return self.finish("stopped", last_loss)
+                self.save()
+                return self.finish("stopped")
             excluded += time.perf_counter() - t_boundary
-        return self.finish("completed", last_loss)
+        return self.finish("completed")
 
     def step_event(self, loss: float, lr: float, grad_norm: float, steps: int, train_time: float) -> P.Step:
         s = self.s
@@ -442,9 +479,9 @@ class Trainer:
             tokens_seen=s.tokens_seen,
         )
 
-    def finish(self, reason: str, loss: float | None) -> int:
-        self.save(loss)
-        self.log.emit(P.Finished(step=self.s.step, reason=reason, final_loss=loss,  # type: ignore[arg-type]
+    def finish(self, reason: str) -> int:
+        self.save()
+        self.log.emit(P.Finished(step=self.s.step, reason=reason, final_loss=self.loss_now(),  # type: ignore[arg-type]
                                  checkpoint=self.last_checkpoint))
         return 0
 
@@ -464,29 +501,24 @@ class Trainer:
         from engine.hardware import snapshot
 
         s = self.s
-        entry = {
-            "run": s.run, "started": time.time(), "start_step": s.step, "resumed_from": s.resumed_from,
-            "log": str(log_path.relative_to(self.layout.root)), "world_size": self.dist.world_size,
-            "precision": self.precision, "hardware": snapshot(self.layout),
-        }
-        atomic_write_json(self.layout.run_json(s.model_name), {"config": self.cfg.to_dict(), "runs": s.history + [entry]})
+        entry = RunRecord(
+            run=s.run, started=time.time(), start_step=s.step, resumed_from=s.resumed_from,
+            log=str(log_path.relative_to(self.layout.root)), world_size=self.dist.world_size,
+            precision=self.precision, hardware=snapshot(self.layout),
+        )
+        run_file = RunFile(config=self.cfg.to_dict(), runs=s.history + [entry])
+        atomic_write_json(self.layout.run_json(s.model_name), run_file.to_dict())
 
 
-def read_run_json(layout: Layout, model: str) -> dict[str, Any]:
+def read_run_json(layout: Layout, model: str) -> RunFile:
     path = layout.run_json(model)
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"no run named {model!r} in {layout.checkpoints_root} (missing {path.name})") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
-        raise UserError(f"{path} is not a packtrain run.json")
-    return data
+    if not path.exists():
+        raise UserError(f"no run named {model!r} in {layout.checkpoints_root} (missing {path.name})")
+    return RunFile.from_dict(read_file(path), path)
 
 
-def next_run_number(history: list[dict[str, Any]]) -> int:
-    return max((int(r.get("run", 0)) for r in history), default=0) + 1
+def next_run_number(history: list[RunRecord]) -> int:
+    return max((r.run for r in history), default=0) + 1
 
 
 
@@ -524,6 +556,13 @@ def open_cache(cfg: RunConfig, layout: Layout, dist: D.Dist, log: RunLog, *, wor
     return cache
 
 
+def token_ids(cache: Any) -> dict[str, int]:
+    """bos/eos/pad ids of the cache's tokenizer, for the model config and so for generate()."""
+    from engine.cache.tokenizer import special_token_ids
+
+    return special_token_ids(cache.tokenizer_dir, cache.eos_id)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch.optim.Optimizer:
     t = cfg.train
     return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
@@ -533,7 +572,11 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: str) -> torch
 def prepare_model(config: Any, cfg: RunConfig, device: str, dist: D.Dist) -> torch.nn.Module:
     model = build_model(config, cfg.train.seed).to(dist.device(device))
     if cfg.train.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -556,21 +599,28 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     from engine.checkpoint import Checkpointer
 
     cfg.validate()
+    if cfg.name:
+        validate_new_name(cfg.name, layout)  # now, not after a whole cache was built for it
     device = pick_device(cfg.train.device)
     dist = D.init(device)
     precision = D.broadcast(dist, pick_precision(cfg.train.precision, device, cfg, layout) if dist.is_main else None)
     log = RunLog(events=opts.events, enabled=dist.is_main)
     cache = open_cache(cfg, layout, dist, log, workers=workers)
-    model = prepare_model(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg, device, dist)
-    cfg.name = D.broadcast(dist, choose_name(cfg, layout, count_params(model), cache.dataset_name, cache.seq_len,
-                                                     name_prefix) if dist.is_main else None)
     order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
                             rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
+    if global_batch > order.n_train_sequences:
+        raise UserError(
+            f"a step needs {global_batch:,} sequences (micro_batch {cfg.train.micro_batch:,} x grad_accum "
+            f"{cfg.train.grad_accum:,} x {dist.world_size} processes) but {cache.path} holds only "
+            f"{order.n_train_sequences:,} training sequences; lower --micro-batch or --grad-accum, or grow the cache")
+    model = prepare_model(llama_config(cfg.model, cache.vocab_size, cache.seq_len, token_ids(cache)), cfg, device, dist)
+    cfg.name = D.broadcast(dist, choose_name(cfg, layout, count_params(model), cache.dataset_name, cache.seq_len,
+                                                     name_prefix) if dist.is_main else None)
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
         log.warn(w)
-    history = read_run_json(layout, cfg.name).get("runs", []) if layout.run_json(cfg.name).exists() else []
+    history = read_run_json(layout, cfg.name).runs if layout.run_json(cfg.name).exists() else []
     start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(history), schedule=schedule, order=order,
                   cache_sequences=cache.n_sequences, history=history)
     checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
@@ -615,12 +665,13 @@ def model_of(ref: str, layout: Layout) -> tuple[str, str]:
 
 
 def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None) -> Trainer:
-    """Rebuild the exact training state a checkpoint holds; refuse if its data changed underneath."""
-    from engine.checkpoint import Checkpointer, verify
+    """Rebuild the exact training state a checkpoint holds; refuse if its data changed underneath.
+    Everything is checked before the Trainer exists, so a refused resume writes nothing."""
+    from engine.checkpoint import Checkpointer
 
     name, ref = model_of(ref, layout)
-    history = read_run_json(layout, name)
-    saved_cfg = RunConfig.from_dict(history)
+    run_file = read_run_json(layout, name)
+    saved_cfg = RunConfig.from_dict(run_file.config)
     saved_cfg.name = saved_cfg.name or name
     cfg = override(RunConfig.from_dict(saved_cfg.to_dict())) if override else saved_cfg
     check_overrides(saved_cfg, cfg)
@@ -631,35 +682,36 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None) ->
     log = RunLog(events=opts.events, enabled=dist.is_main)
     checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
     path = Path(D.broadcast(dist, str(checkpointer.resolve(ref)) if dist.is_main else None))
-    problem = verify(path)  # before reading its config: a torn or foreign folder goes no further
-    if problem is not None:
-        raise UserError(f"checkpoint {path} is unusable: {problem}")
+    state = checkpointer.open(path)  # the files' hashes and the whole state's shape, before anything is built
+    source = path / TRAINER_STATE
+    check_rng_state(state.rng, source)
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
+    if state.global_batch != global_batch:
+        raise UserError(
+            f"global batch changed: the run used {state.global_batch} sequences per step, now "
+            f"{cfg.train.micro_batch} x {cfg.train.grad_accum} x {dist.world_size} = {global_batch}; "
+            "keep micro_batch x grad_accum x processes the same"
+        )
+    cache = open_cache(cfg, layout, dist, log, recorded=state.cache.path)
+    order = DataOrder.restore(state.data, state.growth_events, cache.chunk_sizes)
+    if state.cursor >= order.n_train_sequences or any(e.epoch > state.epoch for e in order.events):
+        raise UserError(f"{source}: field 'cursor' ({state.cursor:,} in epoch {state.epoch}) is not a position in "
+                        f"this run's data ({order.n_train_sequences:,} training sequences per epoch)")
+    check_resume_cache(asdict(state.cache), cache, cache.manifest_hash(order.known_chunks))
     from transformers import LlamaConfig
 
     try:
-        config = finish_config(LlamaConfig.from_json_file(str(path / "config.json")))
+        config = finish_config(LlamaConfig.from_json_file(str(path / "config.json")), token_ids(cache))
     except (OSError, ValueError) as e:
         raise UserError(f"checkpoint {path} has no usable config.json: {e}") from None
     model = prepare_model(config, cfg, device, dist)
     optimizer = make_optimizer(model, cfg, device)
-    state = checkpointer.load(path, model, optimizer)
-    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
-    if int(state.get("global_batch", global_batch)) != global_batch:
-        raise UserError(
-            f"global batch changed: the run used {state['global_batch']} sequences per step, now "
-            f"{cfg.train.micro_batch} x {cfg.train.grad_accum} x {dist.world_size} = {global_batch}; "
-            "keep micro_batch x grad_accum x processes the same"
-        )
-    cache = open_cache(cfg, layout, dist, log, recorded=state["cache"].get("path"))
-    order = DataOrder.restore(state["data"], state.get("growth_events", []), cache.chunk_sizes)
-    check_resume_cache(state["cache"], cache, cache.manifest_hash(order.known_chunks))
+    checkpointer.load(path, model, optimizer)
     start = Start(
-        cfg=cfg, model_name=name, run=next_run_number(history.get("runs", [])),
-        schedule=Schedule.from_dict(state["plan"]["schedule"]), order=order, step=int(state["step"]),
-        epoch=int(state["epoch"]), cursor=int(state["cursor"]), tokens_seen=int(state.get("tokens_seen", 0)),
-        elapsed_s=float(state.get("elapsed_s", 0.0)), best_eval_loss=state.get("best_eval_loss"),
-        cache_sequences=int(state["cache"]["total_sequences"]), resumed_from=state.get("display_name", path.name),
-        rng=state.get("rng"), scaler=state.get("scaler"), history=history.get("runs", []),
+        cfg=cfg, model_name=name, run=next_run_number(run_file.runs), schedule=state.plan.schedule, order=order,
+        step=state.step, epoch=state.epoch, cursor=state.cursor, tokens_seen=state.tokens_seen,
+        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss, cache_sequences=state.cache.total_sequences,
+        resumed_from=display_name(name, state.step, state.run), rng=state.rng, scaler=state.scaler, history=run_file.runs,
     )
     return Trainer(start, layout=layout, dist=dist, device=device, precision=precision, cache=cache, model=model,
                    optimizer=optimizer, checkpointer=checkpointer, log=log, opts=opts)
