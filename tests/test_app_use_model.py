@@ -16,25 +16,23 @@ from app.screens.checkpoints import CheckpointsScreen
 from app.screens.compare import CompareScreen
 from app.screens.playground import PlaygroundScreen
 from engine.paths import Layout
-from tests.train_support import build_tiny_cache, data_flags, run_engine, train_flags, write_corpus
-from tests.use_support import bytes_tokenizer_folder, make_checkpoint
+from tests.train_support import run_engine, train_flags, write_corpus
 
 pytestmark = pytest.mark.slow
 SIZE = (120, 36)
 FIRST, LAST = "tiny_checkpoint_10_run_1", "tiny_checkpoint_20_run_1"
-LONG = "long_checkpoint_1_run_1"  # random weights, context 1,024: long enough that a stop lands mid-sample
+CONTEXT = 512
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`tiny`, trained 20 steps on a byte-level cache, saved every 10; and `long`, made untrained."""
+    """`tiny`, trained 20 steps on a byte-level cache, saved every 10, with a context of 512 bytes:
+    room for a sample long enough that a stop lands in the middle of it."""
     root = tmp_path_factory.mktemp("tui-use")
-    corpus = write_corpus(root)
-    build_tiny_cache(root, corpus)
-    done = run_engine(root, "train", "--name", "tiny", *data_flags(corpus),
-                      *train_flags(max_steps=20, save_interval=10))
+    data = ["--source", str(write_corpus(root)), "--tokenizer", "bytes", "--seq-len", str(CONTEXT),
+            "--docs-per-chunk", "40"]
+    done = run_engine(root, "train", "--name", "tiny", *data, *train_flags(max_steps=20, save_interval=10))
     assert done.returncode == 0, done.stderr
-    make_checkpoint(Layout(root), "long", bytes_tokenizer_folder(root / "tokenizer"), context=1024)
     return root
 
 
@@ -75,7 +73,7 @@ async def test_playground_streams_text_and_stop_ends_it(layout: Layout) -> None:
     app = PacktrainApp(layout)
     async with app.run_test(size=SIZE) as pilot:
         await home(pilot)
-        await highlight(pilot, LONG)
+        await highlight(pilot, LAST)
         await pilot.press("G")
         screen = await wait_for(pilot, lambda: isinstance(app.screen, PlaygroundScreen) and app.screen, 10, "playground")
         await wait_for(pilot, lambda: screen.loaded, 60, "the model to load")
@@ -98,13 +96,13 @@ async def test_playground_streams_text_and_stop_ends_it(layout: Layout) -> None:
         await wait_for(pilot, lambda: "Done (length): 40 tokens" in screen_text(app), 60, "a finished sample")
         assert len(screen.text) >= 20 and str(screen.query_one("#output").content) == screen.text
 
-        screen.query_one("#f-max_new_tokens").value = "1000"
+        screen.query_one("#f-max_new_tokens").value = str(CONTEXT - 8)
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: len(screen.text) > 5, 60, "streamed text")
         assert "Generating" in screen_text(app)
         await pilot.press("ctrl+t")
         await wait_for(pilot, lambda: "Done (interrupted)" in screen_text(app), 60, "the stop")
-        assert screen.request is None and 5 < len(screen.text) < 1000
+        assert screen.request is None and 5 < len(screen.text) < CONTEXT - 8
 
         await pilot.press("escape")
         await wait_for(pilot, lambda: isinstance(app.screen, CheckpointsScreen), 10, "back home")
@@ -149,7 +147,7 @@ async def test_compare_shows_both_tables_rows_and_samples(layout: Layout) -> Non
     async with app.run_test(size=SIZE) as pilot:
         await home(pilot)
         await pilot.press("C")
-        assert "Mark (Space) two or more" in screen_text(app)
+        await wait_for(pilot, lambda: "Mark (Space) two or more" in screen_text(app), 5, "the refusal")
         await highlight(pilot, LAST)
         await pilot.press("space")
         await highlight(pilot, FIRST)

@@ -225,21 +225,21 @@ class CheckpointsScreen(ReportsWorkerFailures, Screen[None]):
         key = self._current_key()
         entry = self.entries.get(key or "")
         if entry is None or not entry.valid:
-            self.notify("Highlight a valid checkpoint to open the playground.", severity="warning")
+            self.query_one("#activity", Static).update("Highlight a valid checkpoint to open the playground.")
             return
         self.app.push_screen(PlaygroundScreen(entry))
 
     def action_evaluate(self) -> None:
         entries = self.chosen()
         if not entries:
-            self.notify("Highlight or mark (Space) valid checkpoints to evaluate.", severity="warning")
+            self.query_one("#activity", Static).update("Highlight or mark (Space) valid checkpoints to evaluate.")
             return
         self.evaluate(entries)
 
     def action_compare(self) -> None:
         entries = self.chosen()
         if len(entries) < 2:
-            self.notify("Mark (Space) two or more valid checkpoints to compare.", severity="warning")
+            self.query_one("#activity", Static).update("Mark (Space) two or more valid checkpoints to compare.")
             return
         self.app.push_screen(CompareScreen(entries))
 
