@@ -61,15 +61,15 @@ def kept_eval_cells(entry: Any) -> tuple[str, str]:
 class CheckpointsScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("enter", "open", "Resume / attach", show=True),
-        Binding("g,G", "playground", "Playground"),
+        Binding("g,G", "playground", "Play"),
         Binding("space", "mark", "Mark", show=False),
-        Binding("e,E", "evaluate", "Evaluate"),
+        Binding("e,E", "evaluate", "Eval"),
         Binding("c,C", "compare", "Compare"),
-        Binding("n", "new", "New training"),
+        Binding("n", "new", "New"),
         Binding("t,plus", "extend", "Extend"),
         Binding("x", "manage", "Manage"),
-        Binding("l", "runs", "Runs & logs"),
-        Binding("r", "reload", "Refresh"),
+        Binding("l", "runs", "Runs"),
+        Binding("r", "reload", "Refresh", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "app.quit", "Quit"),
     ]
@@ -225,21 +225,21 @@ class CheckpointsScreen(ReportsWorkerFailures, Screen[None]):
         key = self._current_key()
         entry = self.entries.get(key or "")
         if entry is None or not entry.valid:
-            self.query_one("#activity", Static).update("Highlight a valid checkpoint to open the playground.")
+            self.say("Highlight a valid checkpoint to open the playground.")
             return
         self.app.push_screen(PlaygroundScreen(entry))
 
     def action_evaluate(self) -> None:
         entries = self.chosen()
         if not entries:
-            self.query_one("#activity", Static).update("Highlight or mark (Space) valid checkpoints to evaluate.")
+            self.say("Highlight or mark (Space) valid checkpoints to evaluate.")
             return
         self.evaluate(entries)
 
     def action_compare(self) -> None:
         entries = self.chosen()
         if len(entries) < 2:
-            self.query_one("#activity", Static).update("Mark (Space) two or more valid checkpoints to compare.")
+            self.say("Mark (Space) two or more valid checkpoints to compare.")
             return
         self.app.push_screen(CompareScreen(entries))
 
@@ -247,22 +247,27 @@ class CheckpointsScreen(ReportsWorkerFailures, Screen[None]):
     async def evaluate(self, entries: list[Any]) -> None:
         """`eval --events` per checkpoint, one after another; the engine keeps each result, so the
         list shows them from its catalog like any other column."""
-        activity = self.query_one("#activity", Static)
         failed: list[str] = []
         for i, entry in enumerate(entries, 1):
             which = f"Evaluating {entry.display_name} ({i}/{len(entries)})"
-            activity.update(f"{which}...")
+            self.say(f"{which}...")
             stream = EventStream(["eval", str(entry.path), "--events"])
             async for event in stream.events(self.app.layout):
                 if isinstance(event, P.EvalProgress):
-                    activity.update(f"{which}: batch {event.batches_done}/{event.batches_total}")
+                    self.say(f"{which}: batch {event.batches_done}/{event.batches_total}")
             if stream.returncode:
                 failed.append(f"{entry.display_name}: {stream.message}")
             self.reload()
-        activity.update("; ".join(failed) if failed else f"Evaluated {len(entries)} checkpoint(s).")
+        self.say("; ".join(failed) if failed else f"Evaluated {len(entries)} checkpoint(s).")
+
+    def say(self, line: str) -> None:
+        """One line under the list for what E, C and G did or why they did nothing; none when empty."""
+        activity = self.query_one("#activity", Static)
+        activity.update(line)
+        activity.display = bool(line)
 
     def worker_failed(self, worker: Worker[Any], message: str) -> None:
-        self.query_one("#activity", Static).update(f"error: {message}")
+        self.say(f"error: {message}")
 
     def action_new(self) -> None:
         self.app.open_new_training()
