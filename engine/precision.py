@@ -78,7 +78,7 @@ def probe_shape(cfg: "RunConfig") -> ProbeShape:
     sequence cut to PROBE_TOKENS when longer (the matmuls keep the run's sizes)."""
     from engine.model import llama_config
 
-    c = llama_config(cfg.model, SHAPE_VOCAB, cfg.data.seq_len)  # the vocabulary does not enter the probe
+    c = llama_config(cfg.model, SHAPE_VOCAB, cfg.data.seq_len, {})  # neither vocabulary nor special ids enter the probe
     seq_len = min(cfg.data.seq_len, PROBE_TOKENS)
     rows = max(1, min(cfg.train.micro_batch, PROBE_TOKENS // seq_len))
     return ProbeShape(hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
