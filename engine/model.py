@@ -36,14 +36,14 @@ def llama_config(model: ModelConfig, vocab_size: int, seq_len: int, token_ids: M
     return finish_config(config, token_ids)
 
 
-def finish_config(config: LlamaConfig, token_ids: Mapping[str, int]) -> LlamaConfig:
+def finish_config(config: LlamaConfig, token_ids: Mapping[str, int] | None = None) -> LlamaConfig:
     """Settings that are not part of the shape: SDPA attention, no KV cache, and the tokenizer's
     special ids (LlamaConfig's defaults, bos 1 and eos 2, belong to another tokenizer: generate()
     would never stop at the real EOS). Set before the model is built, so its generation config and
     every checkpoint's config.json and generation_config.json carry them too."""
     config._attn_implementation = "sdpa"
     config.use_cache = False
-    for key, value in token_ids.items():
+    for key, value in (token_ids or {}).items():
         setattr(config, key, value)
     return config
 
