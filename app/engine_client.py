@@ -77,10 +77,11 @@ class EngineCommandError(Exception):
 async def start_command(layout: Layout, args: Sequence[str], **options: Any) -> asyncio.subprocess.Process:
     """Start a short engine command with pipes. A program that cannot start (a missing interpreter,
     no processes left) is the command's failure, said in one line like the engine's own."""
+    options.setdefault("stdin", asyncio.subprocess.DEVNULL)
     try:
         return await asyncio.create_subprocess_exec(
-            *engine_argv(layout, *args), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=engine_env(), **options,
+            *engine_argv(layout, *args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=engine_env(), **options,
         )
     except OSError as e:
         raise EngineCommandError(f"could not start the engine: {os_error_line(e)}") from None
@@ -109,6 +110,18 @@ async def run_json(layout: Layout, *args: str) -> Any:
         raise EngineCommandError(f"unexpected output from packtrain-engine {' '.join(args)}") from None
 
 
+async def stdout_events(stdout: asyncio.StreamReader) -> AsyncIterator[protocol.Event]:
+    """Protocol events, one per line; a line that is not one (a stray print) is kept as a Log."""
+    async for raw in stdout:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line:
+            continue
+        try:
+            yield protocol.decode(line)
+        except ValueError:
+            yield protocol.Log(message=line)
+
+
 @dataclass
 class EventStream:
     """Events printed by a `--events` command on stdout, read as they come."""
@@ -123,14 +136,8 @@ class EventStream:
         assert self._proc.stdout is not None and self._proc.stderr is not None
         stderr_task = asyncio.ensure_future(self._proc.stderr.read())
         try:
-            async for raw in self._proc.stdout:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line:
-                    continue
-                try:
-                    yield protocol.decode(line)
-                except ValueError:
-                    yield protocol.Log(message=line)
+            async for event in stdout_events(self._proc.stdout):
+                yield event
             self.stderr = (await stderr_task).decode("utf-8", "replace")
             self.returncode = await self._proc.wait()
         finally:

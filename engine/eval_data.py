@@ -77,7 +77,7 @@ def for_model(data: EvalData, loaded: LoadedModel, layout: Layout) -> EvalData:
 
 def held_out(loaded: LoadedModel, layout: Layout, count: int) -> EvalData:
     from engine.cache.metadata import METADATA_FILE
-    from engine.cache.sources import cache_path_for
+    from engine.cache.naming import cache_path_for
     from engine.data import DataOrder, check_resume_cache, read_sequences
 
     state = loaded.state

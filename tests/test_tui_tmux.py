@@ -2,6 +2,7 @@
 
 Start a tiny training with Enter-Enter-Enter, watch the step count rise, detach, quit, relaunch,
 find the run listed as running, attach, stop it with confirmation, and find its checkpoint listed.
+Then, on a trained checkpoint, open the Playground and see the model's text on the terminal.
 """
 
 from __future__ import annotations
@@ -138,3 +139,35 @@ def test_train_detach_relaunch_attach_stop_in_a_real_terminal(terminal: tuple[Tm
     assert "running: attach" not in text and "latest" in text
     tmux.keys("q")
     assert control.live_engine(layout, "117K_Corpus_32") is None
+
+
+def test_playground_generates_text_in_a_real_terminal(terminal: tuple[Tmux, Layout], tmp_path: Path) -> None:
+    """Pick a checkpoint, G, type a prompt, Ctrl+G: the model's text appears on the terminal."""
+    tmux, layout = terminal
+    corpus = make_corpus(tmp_path / "corpus", 60)
+    trained = subprocess.run(
+        [sys.executable, "-m", "engine", "--root", str(layout.root), "train", "--name", "tiny", "--source",
+         str(corpus), "--tokenizer", "bytes", "--seq-len", "64", "--docs-per-chunk", "20", "--preset", "tiny", "--max-steps", "30",
+         "--micro-batch", "8", "--lr", "3e-3", "--eval-interval", "1000", "--save-interval", "1000",
+         "--precision", "fp32", "--device", "cpu"],
+        cwd=REPO, env=dict(os.environ, PACKTRAIN_HOME=str(layout.root), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+                           HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+
+    tmux.type(f"{shlex.quote(sys.executable)} -m app")
+    tmux.keys("Enter")
+    tmux.wait_for("Environment checks", 30)
+    tmux.keys("Enter")
+    tmux.wait_for("tiny_checkpoint_30_run_1")
+    tmux.keys("G")
+    tmux.wait_for("Ctrl+G generates.", 60)
+    tmux.type("the model ")
+    tmux.keys("C-g")
+    text = tmux.wait(lambda t: "Done (" in t, "a finished sample", 60)
+    lines = text.splitlines()
+    below_status = "\n".join(lines[next(i for i, line in enumerate(lines) if "Done (" in line) + 1:-1])
+    assert re.search(r"[a-z]{3,}", below_status), f"no generated text on the terminal:\n{text}"
+    tmux.keys("Escape")
+    tmux.wait_for("tiny_checkpoint_30_run_1", 20)
+    tmux.keys("q")
+    tmux.wait(lambda t: t.rstrip().endswith("$"), "the shell prompt", 20)

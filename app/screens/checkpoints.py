@@ -4,23 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
+from textual.worker import Worker
 
+from app.engine_client import EventStream
 from app.formatting import format_count, format_loss, format_time
+from app.screens.compare import CompareScreen
 from app.screens.extend import ExtendScreen
 from app.screens.manage import ManageScreen
 from app.screens.modals import HelpScreen
+from app.screens.playground import PlaygroundScreen
 from app.screens.runs import RunsScreen
+from app.workers import ReportsWorkerFailures
 from engine import control
+from engine import protocol as P
 from engine.units import format_bytes
 
 RUNNING = "running: attach"
 HELP = [
     ("Enter", "resume the highlighted checkpoint, or attach to its running engine"),
+    ("G", "playground: generate text from the highlighted checkpoint"),
+    ("Space", "mark or unmark the highlighted checkpoint (for E and C)"),
+    ("E", "evaluate the marked checkpoints (or the highlighted one): eval loss and BPB columns"),
+    ("C", "compare the marked checkpoints: one eval table and the same prompt from each"),
     ("n", "start a new training"),
     ("t or +", "train the highlighted checkpoint's run longer: a new total of steps or epochs"),
     ("x", "manage checkpoints: select and delete, oldest first"),
@@ -29,7 +40,8 @@ HELP = [
     ("q", "quit (asks first while attached to a training engine)"),
 ]
 REFRESH_S = 3.0
-COLUMNS = ("Checkpoint", "Status", "Step", "Loss", "Saved", "Dataset", "Seqs", "Size")
+COLUMNS = ("Checkpoint", "Status", "Step", "Loss", "Eval", "BPB", "Saved", "Dataset", "Seqs", "Size")
+MARK = "* "
 
 
 def status_of(entry: Any, live: set[str]) -> str:
@@ -40,14 +52,24 @@ def status_of(entry: Any, live: set[str]) -> str:
     return "latest" if entry.is_latest else "valid"
 
 
-class CheckpointsScreen(Screen[None]):
+def kept_eval_cells(entry: Any) -> tuple[str, str]:
+    """Eval loss and bits per byte of the newest `eval` of these exact weights, kept by the engine."""
+    kept = entry.kept_eval
+    return (format_loss(kept["loss"]), f"{kept['bpb']:.3f}") if kept else ("-", "-")
+
+
+class CheckpointsScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("enter", "open", "Resume / attach", show=True),
-        Binding("n", "new", "New training"),
+        Binding("g,G", "playground", "Play"),
+        Binding("space", "mark", "Mark", show=False),
+        Binding("e,E", "evaluate", "Eval"),
+        Binding("c,C", "compare", "Compare"),
+        Binding("n", "new", "New"),
         Binding("t,plus", "extend", "Extend"),
         Binding("x", "manage", "Manage"),
-        Binding("l", "runs", "Runs & logs"),
-        Binding("r", "reload", "Refresh"),
+        Binding("l", "runs", "Runs"),
+        Binding("r", "reload", "Refresh", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "app.quit", "Quit"),
     ]
@@ -56,6 +78,7 @@ class CheckpointsScreen(Screen[None]):
         super().__init__()
         self.entries: dict[str, Any] = {}
         self.live: set[str] = set()
+        self.marked: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -65,6 +88,7 @@ class CheckpointsScreen(Screen[None]):
             table.add_columns(*COLUMNS)
             yield table
             yield Static("", id="detail", markup=False)
+            yield Static("", id="activity", markup=False)
             yield Static(
                 "No checkpoints yet.\nPress N to start a new training.", id="empty", classes="empty-state"
             )
@@ -85,17 +109,18 @@ class CheckpointsScreen(Screen[None]):
         rows: list[tuple[str, tuple[str, ...]]] = []
         shown_live: set[str] = set()
         for model in sorted(live - {c.model for c in checkpoints}):
-            rows.append((f"live:{model}", (model, RUNNING, "-", "-", "-", "-", "-", "-")))
+            rows.append((f"live:{model}", (model, RUNNING, *["-"] * (len(COLUMNS) - 2))))
             shown_live.add(model)
         self.entries = {}
         for c in checkpoints:
             key = f"ckpt:{c.path}"
             self.entries[key] = c
             rows.append((key, (
-                c.display_name, status_of(c, live), format_count(c.step), format_loss(c.loss),
-                format_time(c.saved_at), c.dataset or "-", format_count(c.sequences), format_bytes(c.size_bytes),
+                (MARK if key in self.marked else "") + c.display_name, status_of(c, live), format_count(c.step),
+                format_loss(c.loss), *kept_eval_cells(c), format_time(c.saved_at), c.dataset or "-", format_count(c.sequences), format_bytes(c.size_bytes),
             )))
         self.live = live
+        self.marked &= set(self.entries)
         self._fill(rows)
 
     def _fill(self, rows: list[tuple[str, tuple[str, ...]]]) -> None:
@@ -181,6 +206,68 @@ class CheckpointsScreen(Screen[None]):
             self.notify(f"{entry.display_name} is not valid: {entry.reason}", severity="warning")
         else:
             self.app.open_resume(entry)
+
+    def chosen(self) -> list[Any]:
+        """The marked checkpoints, else the highlighted one; only valid ones can be loaded."""
+        keys = [k for k in self.entries if k in self.marked] or [self._current_key() or ""]
+        return [self.entries[k] for k in keys if k in self.entries and self.entries[k].valid]
+
+    def action_mark(self) -> None:
+        key = self._current_key()
+        if key is None or key not in self.entries:
+            return
+        self.marked ^= {key}
+        self.reload()
+        table = self.query_one(DataTable)
+        table.move_cursor(row=table.cursor_row + 1)
+
+    def action_playground(self) -> None:
+        key = self._current_key()
+        entry = self.entries.get(key or "")
+        if entry is None or not entry.valid:
+            self.say("Highlight a valid checkpoint to open the playground.")
+            return
+        self.app.push_screen(PlaygroundScreen(entry))
+
+    def action_evaluate(self) -> None:
+        entries = self.chosen()
+        if not entries:
+            self.say("Highlight or mark (Space) valid checkpoints to evaluate.")
+            return
+        self.evaluate(entries)
+
+    def action_compare(self) -> None:
+        entries = self.chosen()
+        if len(entries) < 2:
+            self.say("Mark (Space) two or more valid checkpoints to compare.")
+            return
+        self.app.push_screen(CompareScreen(entries))
+
+    @work(exclusive=True, group="evaluate", exit_on_error=False)
+    async def evaluate(self, entries: list[Any]) -> None:
+        """`eval --events` per checkpoint, one after another; the engine keeps each result, so the
+        list shows them from its catalog like any other column."""
+        failed: list[str] = []
+        for i, entry in enumerate(entries, 1):
+            which = f"Evaluating {entry.display_name} ({i}/{len(entries)})"
+            self.say(f"{which}...")
+            stream = EventStream(["eval", str(entry.path), "--events"])
+            async for event in stream.events(self.app.layout):
+                if isinstance(event, P.EvalProgress):
+                    self.say(f"{which}: batch {event.batches_done}/{event.batches_total}")
+            if stream.returncode:
+                failed.append(f"{entry.display_name}: {stream.message}")
+            self.reload()
+        self.say("; ".join(failed) if failed else f"Evaluated {len(entries)} checkpoint(s).")
+
+    def say(self, line: str) -> None:
+        """One line under the list for what E, C and G did or why they did nothing; none when empty."""
+        activity = self.query_one("#activity", Static)
+        activity.update(line)
+        activity.display = bool(line)
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        self.say(f"error: {message}")
 
     def action_new(self) -> None:
         self.app.open_new_training()
