@@ -23,6 +23,7 @@ from engine.presets import PRESETS
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("auto", "torch", "mlx")  # auto: mlx on Apple Silicon when mlx-lm is installed, else torch
 MAX_SEQ_LEN = 1 << 20
 
 
@@ -70,6 +71,7 @@ class TrainConfig:
     estimated_total_sequences: int | None = None  # smart warmup: plan warmup on the full dataset
     precision: str = "auto"
     device: str = "auto"
+    backend: str = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
     seed: int = 1
@@ -171,6 +173,7 @@ class RunConfig:
         _require(t.max_tokens is None or t.max_tokens >= 1, f"train.max_tokens must be positive, got {t.max_tokens}")
         _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
         _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
+        _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {t.backend!r}")
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
         return self
 

@@ -10,23 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig
+from engine.backends.torch_backend import pick_precision, prepare_model, rng_state, set_rng_state
+from engine.backends.torch_model import build_model, count_params, hf_config, lm_loss, param_groups
+from engine.config import ModelConfig, TrainConfig
 from engine.errors import UserError
-from engine.model import build_model, count_params, llama_config, lm_loss, param_groups
+from engine.model_config import llama_config
 from engine.presets import PRESETS
-from engine.train import pick_precision, rng_state, set_rng_state
 from tests.train_support import build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return build_model(llama_config(ModelConfig(preset="tiny"), 300, 32), seed=3)
+    return build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32)), seed=3)
 
 
 def test_model_matches_the_preset_and_uses_sdpa(model: torch.nn.Module) -> None:
     assert count_params(model) == PRESETS["tiny"].n_params(300)
     assert model.config._attn_implementation == "sdpa"
-    again = build_model(llama_config(ModelConfig(preset="tiny"), 300, 32), seed=3)
+    again = build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32)), seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
@@ -120,17 +121,11 @@ def test_human_progress_line_format() -> None:
 
 def test_gradient_checkpointing_recomputes_the_same_gradients() -> None:
     """--grad-checkpointing trades compute for memory; it must not change what the step computes."""
-    from engine.config import RunConfig
-    from engine.distributed import Dist
-    from engine.train import prepare_model
-
-    config = llama_config(ModelConfig(preset="tiny"), 300, 32)
+    config = hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32))
     rows = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
     grads = []
     for enabled in (False, True):
-        cfg = RunConfig()
-        cfg.train.grad_checkpointing = enabled
-        m = prepare_model(config, cfg, "cpu", Dist())
+        m = prepare_model(config, TrainConfig(grad_checkpointing=enabled), torch.device("cpu"))
         assert m.is_gradient_checkpointing is enabled
         m.train()
         lm_loss(m, rows).backward()

@@ -1,4 +1,5 @@
-"""`packtrain-engine info [--json]`: the hardware snapshot a run would record, before starting one."""
+"""`packtrain-engine info [--json]`: the backend a run would pick and why, and the hardware snapshot it
+would record, before starting one."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 import sys
 from typing import Any
 
+from engine.config import BACKENDS
 from engine.paths import Layout
 
 LABELS = {
+    "backend": "Backend",
+    "backend_reason": "Backend choice",
     "device": "Device",
     "device_name": "Device name",
     "device_count": "Devices",
@@ -31,13 +35,16 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p = sub.add_parser("info", help="show device, bf16 support, memory, disk and library versions",
                        description="Show the hardware snapshot saved into every run.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="report for this training backend (default: the one `train` would pick here)")
     p.set_defaults(handler=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from engine.hardware import snapshot
+    from engine.backends import choose, load
 
-    snap = snapshot(Layout.resolve())
+    choice = choose(args.backend)
+    snap = {"backend": choice.name, "backend_reason": choice.reason, **load(choice.name).facts(Layout.resolve())}
     if args.json:
         print(json.dumps(snap, indent=2))
         return 0

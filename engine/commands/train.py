@@ -1,7 +1,7 @@
 """`train`, `resume` and `demo`: the engine process that trains, streams events and obeys control.
 
 Every config field is a flag named after it (engine.config), so a TUI form, a YAML file, run.json
-and a shell line all say the same thing. Training imports torch lazily: `--help` stays instant.
+and a shell line all say the same thing. Training imports its framework lazily: `--help` stays instant.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                                    "keep the computation the same may change (length, intervals, precision, "
                                    "device, micro_batch x grad_accum at the same global batch).")
     r.add_argument("ref", metavar="NAME|CHECKPOINT")
+    r.add_argument("--reset-optimizer", action="store_true",
+                   help="continue the weights with fresh AdamW state (when the saved optimizer state does not fit)")
     _common(r)
     add_config_flags(r)
     r.set_defaults(handler=cmd_resume)
@@ -64,20 +66,21 @@ def _options(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = RunConfig.load(args.config) if args.config else RunConfig()
     cfg = apply_config_flags(cfg, args).validate()  # refuse bad input before paying for the torch import
-    from engine.train import new_run, run_to_end
+    from engine.assemble import new_run, run_to_end
 
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from engine.train import resume_run, run_to_end
+    from engine.assemble import resume_run, run_to_end
 
     return run_to_end(lambda: resume_run(args.ref, Layout.resolve(), _options(args),
-                                         override=lambda cfg: apply_config_flags(cfg, args)))
+                                         override=lambda cfg: apply_config_flags(cfg, args),
+                                         reset_optimizer=args.reset_optimizer))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(RunConfig.from_dict(DEMO), args).validate()
-    from engine.train import new_run, run_to_end
+    from engine.assemble import new_run, run_to_end
 
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers, name_prefix="demo_"))

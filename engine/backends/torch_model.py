@@ -1,38 +1,22 @@
-"""The model: a transformers LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, SDPA attention) from a preset
-or any LlamaConfig JSON, so every checkpoint is a plain HF folder that `from_pretrained` loads.
+"""The torch model: a transformers LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, SDPA attention) built from
+LlamaConfig fields, so every checkpoint is a plain HF folder that `from_pretrained` loads.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.config import ModelConfig
 from engine.errors import UserError
-from engine.presets import get_preset
 
 
-def llama_config(model: ModelConfig, vocab_size: int, seq_len: int) -> LlamaConfig:
-    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read."""
-    if model.model_config is None:
-        kwargs = get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
-    else:
-        try:
-            kwargs = json.loads(Path(model.model_config).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read model config {model.model_config}: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise UserError(f"model config {model.model_config} must be a JSON object of LlamaConfig fields")
-        kwargs = {k: v for k, v in kwargs.items() if k not in {"architectures", "model_type", "transformers_version"}}
-        kwargs.setdefault("vocab_size", vocab_size)
-        if kwargs["vocab_size"] < vocab_size:
-            raise UserError(f"model config vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-        if kwargs.get("max_position_embeddings", seq_len) < seq_len:
-            raise UserError(f"model config max_position_embeddings {kwargs['max_position_embeddings']} < seq_len {seq_len}")
+def hf_config(fields: Mapping[str, Any]) -> LlamaConfig:
+    """A LlamaConfig from config.json fields (engine.model_config.llama_config or a checkpoint's)."""
+    kwargs = {k: v for k, v in fields.items() if k not in {"architectures", "model_type", "transformers_version"}}
     try:
         config = LlamaConfig(**kwargs)
     except (TypeError, ValueError) as e:

@@ -1,0 +1,220 @@
+"""Run assembly: everything a new run or a resumed one needs, checked, then handed to the same loop.
+
+A new run picks a backend, opens (or builds) its cache, builds a fresh model and chooses a name; a
+resume reads run.json and a verified checkpoint, rebuilds the model from its config.json, restores
+weights, optimizer and counters, and refuses when the data under it changed. Both end in a Trainer
+(engine.train). Framework-free: the backend is loaded by name (engine.backends).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.atomic import read_json
+from engine.backends import choose, load
+from engine.backends.base import Backend
+from engine.catalog import DISPLAY_RE
+from engine.checkpoint import Checkpointer, verify
+from engine.config import RunConfig
+from engine.data import DataOrder, check_resume_cache
+from engine.errors import UserError
+from engine.model_config import llama_config, read_config_json
+from engine.names import existing_names, suggest_names
+from engine.paths import CHECKPOINT_RE, Layout, check_name
+from engine.run_log import RunLog
+from engine.schedule import Schedule, plan_schedule
+from engine.train import Options, Start, Trainer
+
+
+def read_run_json(layout: Layout, model: str) -> dict[str, Any]:
+    path = layout.run_json(model)
+    try:
+        data = read_json(path)
+    except FileNotFoundError:
+        raise UserError(f"no run named {model!r} in {layout.checkpoints_root} (missing {path.name})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
+        raise UserError(f"{path} is not a packtrain run.json")
+    return data
+
+
+def next_run_number(history: list[dict[str, Any]]) -> int:
+    return max((int(r.get("run", 0)) for r in history), default=0) + 1
+
+
+def open_backend(cfg: RunConfig) -> tuple[Backend, str]:
+    """The framework this run trains with on this machine, and a log line saying which and why."""
+    choice = choose(cfg.train.backend)
+    backend = load(choice.name)(cfg.train)
+    return backend, f"Backend: {choice.name} on {backend.device}, {backend.precision} ({choice.reason})"
+
+
+def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *, workers: int | None = None,
+               recorded: str | None = None) -> Any:
+    """The run's cache: an explicit path, else the one its data config names; a missing cache is
+    built first when the config names a source (rank 0 builds, the others wait)."""
+    from engine.cache.build import build_cache, cache_path_for
+    from engine.cache.metadata import METADATA_FILE
+    from engine.cache.reader import PackedCache
+    from engine.cache.tokenizer import parse_tokenizer_spec
+
+    d = cfg.data
+    path = Path(d.cache).expanduser() if d.cache else cache_path_for(d, layout)
+    if recorded and not (path / METADATA_FILE).is_file() and Path(recorded).is_dir():
+        path = Path(recorded)  # the root moved or was renamed: the checkpoint knows where it trained
+    if not (path / METADATA_FILE).is_file():
+        if d.cache or not d.source or recorded:
+            raise UserError(f"no packed cache at {path}; build it with `packtrain-engine cache build`")
+        if backend.dist.is_main:
+            log.info(f"Building cache {path} from {d.source} ...")
+            build_cache(d, layout, workers=workers, on_event=log.emit)
+        backend.barrier()
+    cache = PackedCache(path)
+    spec = str((cache.meta.get("tokenizer") or {}).get("spec", ""))
+    if d.cache:  # an explicit cache decides what the data is; the saved config says so too
+        d.seq_len, d.tokenizer = cache.seq_len, spec or d.tokenizer
+    elif not recorded and spec and spec != parse_tokenizer_spec(d.tokenizer).spec:
+        raise UserError(f"cache {path} was built with tokenizer {spec!r}, not {d.tokenizer!r}: pass "
+                        f"--tokenizer {spec} to train on it, or another --dataset-name to build a new one")
+    return cache
+
+
+def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
+    """The given name, refused once it has a checkpoint (a run that died before its first save
+    left nothing to resume, so its name is free again); else the first free suggestion."""
+    if cfg.name:
+        name = check_name(cfg.name, "model name")
+        model_dir = layout.model_dir(name)
+        if any(CHECKPOINT_RE.match(p.name) for p in (model_dir.iterdir() if model_dir.is_dir() else [])):
+            raise UserError(f"model {name!r} already exists in {layout.checkpoints_root}; "
+                            f"continue it with `packtrain-engine resume {name}` or choose another --name")
+        return name
+    taken = existing_names(layout)
+    base = prefix + suggest_names(n_params, dataset, seq_len)[0]
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | None = None,
+            name_prefix: str = "") -> Trainer:
+    """Everything a fresh run needs, checked before anything about the run is written."""
+    cfg.validate()
+    backend, backend_line = open_backend(cfg)
+    dist = backend.dist
+    log = RunLog(events=opts.events, enabled=dist.is_main)
+    log.info(backend_line)
+    cache = open_cache(cfg, layout, backend, log, workers=workers)
+    backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg.train)
+    cfg.name = backend.broadcast(choose_name(cfg, layout, backend.n_params, cache.dataset_name, cache.seq_len,
+                                             name_prefix) if dist.is_main else None)
+    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks)
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
+    schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
+    for w in warnings:
+        log.warn(w)
+    history = read_run_json(layout, cfg.name).get("runs", []) if layout.run_json(cfg.name).exists() else []
+    start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(history), schedule=schedule, order=order,
+                  cache_sequences=cache.n_sequences, history=history)
+    checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
+    return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
+
+
+# Settings a resume may change: how long and how often, and how the same math is executed.
+RESUMABLE = {
+    "train": {"max_steps", "max_tokens", "epochs", "epoch_fraction", "save_interval", "keep_last", "log_interval",
+              "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
+              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend"},
+    "data": {"cache"},
+}
+
+
+def check_overrides(saved: RunConfig, wanted: RunConfig) -> None:
+    before, after = saved.to_dict(), wanted.to_dict()
+    if before["name"] != after["name"]:
+        raise UserError("a resumed run keeps its name; copy the checkpoint folder to train it under another name")
+    for section in ("model", "data", "train"):
+        for key, value in after[section].items():
+            if value != before[section][key] and key not in RESUMABLE.get(section, set()):
+                raise UserError(f"cannot change {section}.{key} when resuming ({before[section][key]!r} -> {value!r}): "
+                                "it would change what the run computes; start a new run instead")
+
+
+def model_of(ref: str, layout: Layout) -> tuple[str, str]:
+    """(model, checkpoint reference) for a model name or folder, a display name or a checkpoint folder."""
+    m = DISPLAY_RE.match(ref)
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "trainer_state.json").exists():
+        path = path.resolve()
+        if path.parent.parent != layout.checkpoints_root:
+            raise UserError(f"{path} is not under {layout.checkpoints_root}; pass --root to its packtrain root")
+        return path.parent.name, str(path)
+    if path.is_dir() and (path / "run.json").exists():
+        return path.resolve().name, path.resolve().name
+    if m and not layout.run_json(ref).exists():
+        return m.group("model"), ref
+    return check_name(ref, "model name"), ref
+
+
+def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
+               reset_optimizer: bool = False) -> Trainer:
+    """Rebuild the exact training state a checkpoint holds; refuse if its data changed underneath.
+    `reset_optimizer` carries the weights only (fresh AdamW moments), e.g. onto another optimizer layout."""
+    name, ref = model_of(ref, layout)
+    history = read_run_json(layout, name)
+    saved_cfg = RunConfig.from_dict(history)
+    saved_cfg.name = saved_cfg.name or name
+    cfg = override(RunConfig.from_dict(saved_cfg.to_dict())) if override else saved_cfg
+    check_overrides(saved_cfg, cfg)
+    cfg.validate()
+    backend, backend_line = open_backend(cfg)
+    dist = backend.dist
+    log = RunLog(events=opts.events, enabled=dist.is_main)
+    log.info(backend_line)
+    checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
+    path = Path(backend.broadcast(str(checkpointer.resolve(ref)) if dist.is_main else None))
+    problem = verify(path)  # before reading its config: a torn or foreign folder goes no further
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is unusable: {problem}")
+    backend.build(read_config_json(path), cfg.train)
+    state = checkpointer.load(path, backend, optimizer=not reset_optimizer)
+    saved_backend = state.get("backend", "torch")
+    if saved_backend != backend.name:
+        log.info(f"Continuing a {saved_backend} checkpoint on {backend.name}: the weights"
+                 + (" carry, the optimizer starts fresh" if reset_optimizer else " and AdamW state carry")
+                 + f"; losses follow a {saved_backend} resume only to float tolerance")
+    elif reset_optimizer:
+        log.info("Optimizer state reset (--reset-optimizer): the weights carry, AdamW moments start at zero")
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
+    if int(state.get("global_batch", global_batch)) != global_batch:
+        raise UserError(
+            f"global batch changed: the run used {state['global_batch']} sequences per step, now "
+            f"{cfg.train.micro_batch} x {cfg.train.grad_accum} x {dist.world_size} = {global_batch}; "
+            "keep micro_batch x grad_accum x processes the same"
+        )
+    cache = open_cache(cfg, layout, backend, log, recorded=state["cache"].get("path"))
+    order = DataOrder.restore(state["data"], state.get("growth_events", []), cache.chunk_sizes)
+    check_resume_cache(state["cache"], cache, cache.manifest_hash(order.known_chunks))
+    start = Start(
+        cfg=cfg, model_name=name, run=next_run_number(history.get("runs", [])),
+        schedule=Schedule.from_dict(state["plan"]["schedule"]), order=order, step=int(state["step"]),
+        epoch=int(state["epoch"]), cursor=int(state["cursor"]), tokens_seen=int(state.get("tokens_seen", 0)),
+        elapsed_s=float(state.get("elapsed_s", 0.0)), best_eval_loss=state.get("best_eval_loss"),
+        cache_sequences=int(state["cache"]["total_sequences"]), resumed_from=state.get("display_name", path.name),
+        rng=state.get("rng"), scaler=state.get("scaler"), history=history.get("runs", []),
+    )
+    return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
+
+
+def run_to_end(make: Any) -> int:
+    """Build a trainer with `make()` and run it; the process group is torn down either way."""
+    trainer = None
+    try:
+        trainer = make()
+        return trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.backend.shutdown()

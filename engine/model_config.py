@@ -1,0 +1,77 @@
+"""The model's shape as Hugging Face LlamaConfig fields: a preset, or a user's LlamaConfig JSON checked
+against the cache it will read. Plain dicts, so run assembly needs no framework; each backend builds
+its model from them, and a checkpoint's config.json holds the same fields.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.config import ModelConfig
+from engine.errors import UserError
+from engine.presets import get_preset
+
+NOT_FIELDS = {"architectures", "model_type", "transformers_version"}
+# transformers' LlamaConfig defaults for the fields a training model reads, so a backend that does
+# not import transformers completes a partial config.json the way transformers would.
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "initializer_range": 0.02, "max_position_embeddings": 2048, "mlp_bias": False, "pad_token_id": None,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def llama_config(model: ModelConfig, vocab_size: int, seq_len: int) -> dict[str, Any]:
+    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read."""
+    if model.model_config is None:
+        return get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
+    try:
+        kwargs = json.loads(Path(model.model_config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read model config {model.model_config}: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"model config {model.model_config} must be a JSON object of LlamaConfig fields")
+    kwargs = {k: v for k, v in kwargs.items() if k not in NOT_FIELDS}
+    kwargs.setdefault("vocab_size", vocab_size)
+    if kwargs["vocab_size"] < vocab_size:
+        raise UserError(f"model config vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    if kwargs.get("max_position_embeddings", seq_len) < seq_len:
+        raise UserError(f"model config max_position_embeddings {kwargs['max_position_embeddings']} < seq_len {seq_len}")
+    return kwargs
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's config.json; one error line when it is missing or not a JSON object."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path} has no usable config.json: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"checkpoint {path} has no usable config.json: not a JSON object")
+    return config
+
+
+def complete(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Every field a llama model reads, as config.json spells it for transformers 5 (rope_parameters)
+    and for mlx-lm (rope_theta), with LlamaConfig's defaults where `fields` is silent."""
+    missing = [k for k in REQUIRED if k not in fields]
+    if missing:
+        raise UserError(f"invalid model config: {', '.join(missing)} missing")
+    out = {**LLAMA_DEFAULTS, **{k: v for k, v in fields.items() if k not in NOT_FIELDS}}
+    rope = dict(out.pop("rope_parameters", None) or {})
+    theta = float(rope.get("rope_theta", out.pop("rope_theta", 10000.0)))
+    if rope.get("rope_type", "default") != "default" or out.get("rope_scaling"):
+        raise UserError("invalid model config: only default RoPE (no rope scaling) is supported here")
+    heads = int(out["num_attention_heads"])
+    if heads < 1 or int(out["hidden_size"]) % heads:
+        raise UserError(f"invalid model config: hidden_size {out['hidden_size']} is not a multiple of "
+                        f"num_attention_heads {heads}")
+    out.setdefault("num_key_value_heads", heads)
+    out.setdefault("head_dim", int(out["hidden_size"]) // heads)
+    out.update(rope_parameters={"rope_theta": theta, "rope_type": "default"}, rope_theta=theta,
+               model_type="llama", architectures=["LlamaForCausalLM"], use_cache=True)
+    return dict(sorted(out.items()))
