@@ -16,7 +16,7 @@ from engine.config import ModelConfig, TrainConfig
 from engine.errors import UserError
 from engine.model_config import llama_config
 from engine.presets import PRESETS
-from tests.train_support import build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
+from tests.train_support import BACKENDS, build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +67,12 @@ def test_rng_state_is_json_and_restores_exactly() -> None:
 
 
 @pytest.mark.slow
-def test_live_growth_is_picked_up_at_a_step_boundary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_live_growth_is_picked_up_at_a_step_boundary(tmp_path: Path, backend: str) -> None:
     corpus = write_corpus(tmp_path)
     build_tiny_cache(tmp_path, corpus, "--max-chunks", "4")
     flags = [*data_flags(corpus), *train_flags(growth_check_interval=2, save_interval=1000, micro_batch=2,
-                                               grad_accum=1)]
+                                               grad_accum=1, backend=backend)]
     proc = start_engine(tmp_path, "train", "--name", "live", *flags)
     try:
         plan = wait_event(proc, lambda e: e["event"] == "plan")
