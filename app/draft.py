@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import atomic_write_text
-from engine.cache.sources import cache_path_for, derive_dataset_name
+from engine.cache.naming import cache_path_for, derive_dataset_name
 from engine.config import RunConfig
 from engine.names import existing_names, suggest_names
 from engine.paths import Layout

@@ -7,10 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from engine.cli import Parser
 from engine.config import RunConfig
 from engine.errors import UserError
 from engine.paths import Layout
+from engine.usage import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,7 +55,8 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
                recorded: str | None = None) -> Any:
     """The run's cache: an explicit path, else the one its data config names; a missing cache is
     built first when the config names a source (rank 0 builds, the others wait)."""
-    from engine.cache.build import build_cache, cache_path_for
+    from engine.cache.build import build_cache
+    from engine.cache.naming import cache_path_for
     from engine.cache.metadata import METADATA_FILE
     from engine.cache.reader import PackedCache
     from engine.cache.tokenizer import parse_tokenizer_spec

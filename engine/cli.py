@@ -13,16 +13,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from engine.errors import UserError
-
-
-class Parser(argparse.ArgumentParser):
-    """Usage mistakes read like every other refusal: one `error:` line (argparse prints two)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+from engine.usage import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:

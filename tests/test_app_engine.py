@@ -100,6 +100,7 @@ async def test_environment_checks_complete_from_the_engine(layout: Layout) -> No
         assert "[CHECKING] Device" in screen_text(app)  # painted before the engine answered
         await wait_for(pilot, lambda: "All checks complete" in screen_text(app), 60, "engine info")
         text = screen_text(app)
+        assert "[COMPLETE] Backend: torch (auto: not Apple Silicon" in text
         assert "[COMPLETE] Device: CPU" in text and "[COMPLETE] bf16" in text
         assert "[COMPLETE] Libraries: torch 2." in text and "transformers" in text
         assert f"[COMPLETE] Data root: {str(layout.root)[:30]}" in text

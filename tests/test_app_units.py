@@ -189,3 +189,12 @@ async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_pa
         await pilot.pause()
         assert [n.message for n in app._notifications] == ["Could not send 'save' to the engine: Not a directory"]
     assert not (tmp_path / "a_file" / "root").exists()
+
+
+def test_environment_names_the_backend_and_its_libraries() -> None:
+    from app.screens.environment import engine_checks
+
+    checks = engine_checks({"backend": "mlx", "backend_reason": "auto: Apple Silicon with mlx-lm installed",
+                            "device": "gpu", "device_name": "Apple arm64 (Metal)", "mlx": "0.32.4", "mlx_lm": "0.32.2"})
+    assert checks["backend"] == "mlx (auto: Apple Silicon with mlx-lm installed)"
+    assert checks["libs"] == "mlx 0.32.4, mlx-lm 0.32.2" and checks["device"] == "GPU (Apple arm64 (Metal))"

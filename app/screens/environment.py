@@ -1,7 +1,8 @@
 """First screen: what this machine offers, as checks that turn [COMPLETE] one by one.
 
-Checks that need only the standard library and psutil complete at once; the ones that need torch
-come from `packtrain-engine info --json` in a worker, so the screen paints before torch loads.
+Checks that need only the standard library and psutil complete at once; the ones that need the
+training framework (which backend and why, device, libraries) come from `packtrain-engine info
+--json` in a worker, so the screen paints before torch or mlx loads.
 """
 
 from __future__ import annotations
@@ -58,18 +59,22 @@ def engine_checks(info: dict[str, Any]) -> dict[str, str]:
     device = str(info.get("device", "cpu")).upper()
     name = info.get("device_name") or ""
     vram = info.get("vram_gb")
+    backend = str(info.get("backend", "torch"))
+    libs = ("mlx", "mlx_lm") if backend == "mlx" else ("torch", "transformers")
     return {
+        "backend": f"{backend} ({info['backend_reason']})" if info.get("backend_reason") else backend,
         "device": f"{device} ({name})" if name else device,
         "bf16": "supported" if info.get("bf16") else "not supported (fp32 will be used)",
         "ram": f"{info.get('ram_available_gb', 0):.1f} GiB free of {info.get('ram_total_gb', 0):.1f} GiB; "
                + (f"VRAM {vram:.1f} GiB" if vram else "no VRAM"),
-        "libs": f"torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}",
+        "libs": ", ".join(f"{lib.replace('_', '-')} {info.get(lib, '?')}" for lib in libs),
         "root": f"{info.get('root', '')} ({info.get('disk_free_gb', 0):,.1f} GiB free)",
     }
 
 
 CHECKS = (
     ("python", "Python"),
+    ("backend", "Backend"),
     ("device", "Device"),
     ("bf16", "bf16"),
     ("ram", "Memory"),

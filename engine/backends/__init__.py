@@ -42,7 +42,7 @@ def choose(choice: str) -> Choice:
             raise UserError("train.backend is mlx but mlx-lm is not installed; pip install -e '.[mlx]'")
         return Choice("mlx", "chosen with --backend mlx")
     if not apple_silicon():
-        return Choice("torch", f"auto: mlx is for Apple Silicon, this is {platform.system()} {platform.machine()}")
+        return Choice("torch", f"auto: not Apple Silicon, this is {platform.system()} {platform.machine()}")
     if not has_mlx_lm():
         return Choice("torch", "auto: Apple Silicon, but mlx-lm is not installed (pip install -e '.[mlx]')")
     return Choice("mlx", "auto: Apple Silicon with mlx-lm installed")

@@ -32,7 +32,8 @@ from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, MET
                                    TOKENIZER_DIR, chunk_id_of, dtype_name_for_vocab, load_metadata, metadata_path,
                                    save_metadata)
 from engine.cache.registry import register_cache
-from engine.cache.sources import Source, cache_path_for, derive_dataset_name, open_source
+from engine.cache.naming import cache_path_for, derive_dataset_name
+from engine.cache.sources import Source, open_source
 from engine.cache.stats import write_stats
 from engine.cache.tokenizer import (TokenizerPlan, check_cache_tokenizer, check_hub_tokenizer, parse_tokenizer_spec,
                                     prepare_tokenizer, tokenizer_file, write_tokenizer)

@@ -27,12 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.cache.hub import prepare_hub_access, unreachable
+from engine.cache.naming import RECORD_BUILDERS, TEXT_SUFFIXES, looks_like_path
 from engine.config import DataConfig
 from engine.errors import UserError
-from engine.paths import Layout
 
-TEXT_SUFFIXES = (".txt", ".md", ".py")
-RECORD_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 SUPPORTED = ", ".join((*TEXT_SUFFIXES, *RECORD_BUILDERS))
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -218,11 +216,6 @@ def open_source(data: DataConfig) -> Source:
     return source
 
 
-def looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", ".", "~")) or Path(spec).suffix.lower() in (*TEXT_SUFFIXES, *RECORD_BUILDERS) \
-        or spec.count("/") > 1
-
-
 def is_hub_name(spec: str) -> bool:
     return not looks_like_path(spec) and bool(HUB_NAME_RE.match(spec))
 
@@ -368,31 +361,3 @@ def _dataset_source(ds: Any, spec: str, kind: str, options: dict[str, Any], colu
     if streaming and not source.head(max_docs=1):
         raise UserError(f"source {spec!r} holds no documents")
     return source
-
-
-def cache_path_for(data: DataConfig, layout: Layout) -> Path:
-    """The folder a cache for `data` lives in: --cache, else cache/packed_sequences/<seq_len>/<name>.
-    Here rather than in build.py so the TUI (which must not load the builder) uses the same rule."""
-    if data.cache:
-        return Path(data.cache).expanduser().resolve()
-    return layout.cache_dir(data.seq_len, derive_dataset_name(data))
-
-
-def derive_dataset_name(data: DataConfig) -> str:
-    """'stdlib' -> 'stdlib'; 'HuggingFaceFW/fineweb-edu' + subset 'sample-10BT' -> 'fineweb-edu-sample-10BT';
-    './data/stories.jsonl' -> 'stories'; always a legal folder name."""
-    if data.dataset_name:
-        return data.dataset_name
-    spec = (data.source or "data").strip().rstrip("/")
-    if spec == "stdlib":
-        return "stdlib"
-    local = os.path.exists(os.path.expanduser(spec)) or glob.has_magic(spec) or looks_like_path(spec)
-    if local:
-        path = Path(os.path.expanduser(spec))
-        while glob.has_magic(str(path)) and path != path.parent:
-            path = path.parent
-        base = path.stem if path.suffix else path.name or "data"
-    else:
-        base = spec.split("/")[-1] + (f"-{data.subset}" if data.subset else "")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip(".-")[:64]
-    return name or "data"
