@@ -38,8 +38,10 @@ from engine.catalog import (
     checkpoint_dirs, checkpoint_problem, display_name, find_checkpoint, read_latest, read_manifest,
     read_trainer_state, remove_checkpoint_dir, write_latest,
 )
+from engine.config import TrainConfig
 from engine.control import engine_lock_held, live_engine
 from engine.errors import UserError
+from engine.model_config import read_config_json
 from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
 
 MODEL_FILE = "model.safetensors"
@@ -351,6 +353,13 @@ def check_shape(path: Path, current: dict[str, Any]) -> None:
         if key in saved and key in current and saved[key] != current[key]:
             raise UserError(f"checkpoint {path.name} is for a different model: {key} is {saved[key]} there, "
                             f"{current[key]} here")
+
+
+def load_folder(path: Path, backend: Backend, train: TrainConfig) -> None:
+    """Build `backend`'s model from any HF Llama folder with one model.safetensors (a checkpoint, an
+    export, a hub snapshot) and load its weights: how a model is used outside training."""
+    backend.build(read_config_json(path), train)
+    load_weights(path, backend)
 
 
 def load_weights(path: Path, backend: Backend) -> None:

@@ -292,15 +292,16 @@ class Trainer:
             s.epoch, s.cursor = next_epoch, next_cursor
             s.tokens_seen += self.global_batch * self.seq_len
 
-            if log_now:
-                norm = [result.grad_norm] if result.grad_norm is not None else []
-                values = backend.to_host(losses + norm)
-                (mean_loss,) = backend.all_reduce_sum([sum(values[:len(losses)]) / len(losses)])
+            if log_now:  # the one host sync per log interval
+                has_norm = result.grad_norm is not None
+                host = backend.to_host(losses + [result.grad_norm] if has_norm else losses)
+                grad_norm = host.pop() if has_norm else 0.0
+                (mean_loss,) = backend.all_reduce_sum([sum(host) / len(host)])
                 last_loss = mean_loss / dist.world_size
                 now = time.perf_counter()
                 train_time = max(now - t_log - excluded, 1e-9)
                 s.elapsed_s += now - t_log - paused
-                self.log.emit(self.step_event(last_loss, lr, values[-1] if norm else 0.0, len(losses), train_time))
+                self.log.emit(self.step_event(last_loss, lr, grad_norm, len(host), train_time))
                 losses = []
                 excluded, paused, t_log = 0.0, 0.0, time.perf_counter()
             t_boundary = time.perf_counter()

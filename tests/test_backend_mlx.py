@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from engine import catalog  # noqa: E402
 from engine.backends.mlx_backend import MLXBackend  # noqa: E402
 from engine.backends.torch_backend import TorchBackend  # noqa: E402
-from engine.checkpoint import Checkpointer, export_hf  # noqa: E402
+from engine.checkpoint import Checkpointer, export_hf, load_folder  # noqa: E402
 from engine.config import TrainConfig  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.paths import Layout  # noqa: E402
@@ -106,7 +106,7 @@ def test_optimizer_state_that_cannot_carry_is_refused_with_the_way_out(tmp_path:
     assert_close(m.weights(), t.weights(), 0)
 
 
-def test_an_mlx_checkpoint_is_listed_and_exports_an_hf_folder_both_frameworks_load(tmp_path: Path) -> None:
+def test_an_mlx_checkpoint_is_listed_and_exports_an_hf_folder_both_backends_load(tmp_path: Path) -> None:
     from mlx_lm.utils import load_model
     from transformers import AutoModelForCausalLM
 
@@ -128,6 +128,10 @@ def test_an_mlx_checkpoint_is_listed_and_exports_an_hf_folder_both_frameworks_lo
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
     reloaded, _ = load_model(Path(exported))
     np.testing.assert_allclose(np.array(reloaded(mx.array(x))), ours, rtol=1e-5, atol=1e-5)
+    for kind in (TorchBackend, MLXBackend):  # how the engine opens a model outside training
+        opened = kind(TRAIN)
+        load_folder(exported, opened, TRAIN)
+        assert opened.eval_loss(rows(9)) == pytest.approx(m.eval_loss(rows(9)), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ LABELS = {
     "cpu_count": "CPU cores",
     "torch": "torch",
     "transformers": "transformers",
+    "mlx": "mlx",
+    "mlx_lm": "mlx-lm",
     "python": "Python",
     "root": "Data root",
     "disk_free_gb": "Disk free",
