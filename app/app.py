@@ -15,6 +15,7 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 from textual.message import Message
+from textual.worker import Worker
 
 from app import engine_client
 from app.draft import default_config
@@ -27,8 +28,10 @@ from app.screens.dashboard import DashboardScreen
 from app.screens.environment import EnvironmentScreen
 from app.screens.modals import QuitScreen
 from app.screens.naming import NamingScreen
+from app.workers import ReportsWorkerFailures
 from engine import catalog as disk_catalog
 from engine.config import RunConfig
+from engine.errors import os_error_line
 from engine.paths import Layout
 
 
@@ -43,7 +46,7 @@ class EngineUpdate(Message):
         return isinstance(message, EngineUpdate) and message.state is self.state
 
 
-class PacktrainApp(App[None]):
+class PacktrainApp(ReportsWorkerFailures, App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "packtrain"
     ENABLE_COMMAND_PALETTE = False
@@ -91,7 +94,7 @@ class PacktrainApp(App[None]):
         try:
             handle = engine_client.spawn_engine(self.layout, model, *args)
         except OSError as e:
-            self.notify(f"Could not start the engine: {e}", severity="error")
+            self.notify(f"could not start the engine: {os_error_line(e)}", severity="error", markup=False)
             return
         self._watch(handle)
 
@@ -118,9 +121,14 @@ class PacktrainApp(App[None]):
         except EngineGone as e:
             state.fail(str(e), e.lines)
             self.post_message(EngineUpdate(state))
-        except (OSError, ValueError) as e:  # an unreadable log: say so rather than freeze the dashboard
-            state.fail(f"cannot follow the engine's log: {e}", [])
-            self.post_message(EngineUpdate(state))
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        """The dashboard following the engine says it failed (an unreadable log, say) instead of freezing."""
+        if worker.group == "engine" and self.run_state is not None:
+            self.run_state.fail(f"cannot follow the engine: {message}", [])
+            self.post_message(EngineUpdate(self.run_state))
+        else:
+            super().worker_failed(worker, message)
 
     def on_engine_update(self, message: EngineUpdate) -> None:
         for screen in self.screen_stack:

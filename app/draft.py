@@ -15,7 +15,7 @@ from typing import Any
 from engine.atomic import atomic_write_text
 from engine.cache.naming import cache_path_for, derive_dataset_name
 from engine.config import RunConfig
-from engine.names import existing_names, suggest_names
+from engine.names import suggest_names, taken_names
 from engine.paths import Layout
 from engine.presets import PRESETS
 
@@ -54,7 +54,7 @@ def dataset_label(cfg: RunConfig) -> str:
 
 
 def name_suggestions(cfg: RunConfig, layout: Layout) -> list[str]:
-    return suggest_names(param_count(cfg), dataset_label(cfg), cfg.data.seq_len, existing_names(layout))
+    return suggest_names(param_count(cfg), dataset_label(cfg), cfg.data.seq_len, taken_names(layout))
 
 
 def save_config(layout: Layout, cfg: RunConfig) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 
 import engine
 from engine import control, protocol
+from engine.errors import os_error_line
 from engine.paths import Layout
 
 POLL_S = 0.25
@@ -85,11 +86,24 @@ class CommandResult:
         return error_line(self.stderr or self.stdout)
 
 
+class EngineCommandError(Exception):
+    """An engine command failed; the message is the engine's own one-line explanation."""
+
+
+async def start_command(layout: Layout, args: Sequence[str], **options: Any) -> asyncio.subprocess.Process:
+    """Start a short engine command with pipes. A program that cannot start (a missing interpreter,
+    no processes left) is the command's failure, said in one line like the engine's own."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            *engine_argv(layout, *args), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=engine_env(), **options,
+        )
+    except OSError as e:
+        raise EngineCommandError(f"could not start the engine: {os_error_line(e)}") from None
+
+
 async def run_command(layout: Layout, *args: str) -> CommandResult:
-    proc = await asyncio.create_subprocess_exec(
-        *engine_argv(layout, *args), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=engine_env(),
-    )
+    proc = await start_command(layout, args)
     try:
         out, err = await proc.communicate()
     except asyncio.CancelledError:  # the screen went away: do not leave the child behind
@@ -111,10 +125,6 @@ async def run_json(layout: Layout, *args: str) -> Any:
         raise EngineCommandError(f"unexpected output from packtrain-engine {' '.join(args)}") from None
 
 
-class EngineCommandError(Exception):
-    """An engine command failed; the message is the engine's own one-line explanation."""
-
-
 @dataclass
 class EventStream:
     """Events printed by a `--events` command on stdout, read as they come."""
@@ -125,10 +135,7 @@ class EventStream:
     _proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
     async def events(self, layout: Layout) -> AsyncIterator[protocol.Event]:
-        self._proc = await asyncio.create_subprocess_exec(
-            *engine_argv(layout, *self.args), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=1 << 22, env=engine_env(),
-        )
+        self._proc = await start_command(layout, self.args, limit=1 << 22)
         assert self._proc.stdout is not None and self._proc.stderr is not None
         stderr_task = asyncio.ensure_future(self._proc.stderr.read())
         try:
@@ -138,7 +145,7 @@ class EventStream:
                     continue
                 try:
                     yield protocol.decode(line)
-                except (ValueError, TypeError):
+                except ValueError:
                     yield protocol.Log(message=line)
             self.stderr = (await stderr_task).decode("utf-8", "replace")
             self.returncode = await self._proc.wait()

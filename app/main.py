@@ -8,9 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from engine.config import RunConfig
-from engine.errors import UserError
+from engine.errors import Parser, UserError
 from engine.paths import Layout
-from engine.usage import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:

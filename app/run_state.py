@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
-from functools import cache
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from dataclasses import dataclass, field
 
 from engine import protocol
 
 CURVE_POINTS = 1024
 SPARK_POINTS = 120
 LOG_LINES = 400
-NAN = float("nan")
 
 
 class DownsampledSeries:
@@ -60,87 +55,6 @@ class DownsampledSeries:
         return len(self.xs) + (1 if self._bucket else 0)
 
 
-NULL_MEANS_UNKNOWN = {"eta_s"}  # float fields where null is a value of its own, not a NaN
-
-
-def _checker(hint: Any) -> Callable[[Any], bool]:
-    """A fast type test for one annotated event field (JSON only ever gives exact int/float/str)."""
-    origin = get_origin(hint)
-    if hint is Any:
-        return lambda v: True
-    if origin in (Union, UnionType):
-        options = [_checker(h) for h in get_args(hint)]
-        return lambda v: any(check(v) for check in options)
-    if origin is Literal:
-        allowed = get_args(hint)
-        return lambda v: v in allowed
-    if origin is not None:
-        return lambda v: isinstance(v, origin)
-    if hint is float:
-        return lambda v: v.__class__ in (float, int)
-    if hint in (int, str, bool, type(None)):
-        return lambda v: v.__class__ is hint
-    return lambda v: isinstance(v, hint)
-
-
-@cache
-def _schema(cls: type) -> tuple[list[str], list[tuple[str, Callable[[Any], bool]]]]:
-    """(float fields a null turns back into NaN, (field, type test) pairs) of one event class."""
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    nan_fields = [n for n in names if hints[n] is float and n not in NULL_MEANS_UNKNOWN]
-    checks = [(n, (lambda c: lambda v: v is None or c(v))(_checker(hints[n])) if n in NULL_MEANS_UNKNOWN
-               else _checker(hints[n])) for n in names]
-    return nan_fields, checks
-
-
-def well_formed(e: protocol.Event) -> protocol.Event:
-    """An event as the views may format it. The wire turns NaN/inf into null (a diverged eval loss
-    arrives as null), so float fields get NaN back; an event with a field of the wrong type (a
-    hand-edited or foreign log) becomes Unknown instead of crashing the dashboard that follows it."""
-    nan_fields, checks = _schema(type(e))
-    nulls = {n: NAN for n in nan_fields if getattr(e, n) is None}
-    if nulls:
-        e = replace(e, **nulls)
-    if all(check(getattr(e, n)) for n, check in checks):
-        return e
-    return protocol.Unknown(ts=e.ts if e.ts.__class__ in (float, int) else 0.0, raw=protocol.to_dict(e))
-
-
-def event_line(event: protocol.Event) -> str | None:
-    """The log-pane line for an event, or None for events that only feed gauges and curves."""
-    e = event
-    if isinstance(e, protocol.Step):
-        return protocol.format_step(e)
-    if isinstance(e, protocol.RunStarted):
-        origin = f" from {e.resumed_from}" if e.resumed_from else ""
-        return f"Run {e.run} of {e.model} started at step {e.start_step:,}{origin} (pid {e.pid})"
-    if isinstance(e, protocol.Plan):
-        was = f" (was {e.previous_total_steps:,})" if e.previous_total_steps else ""
-        return (f"Plan: {e.total_steps:,} steps{was}, warmup {e.warmup_steps:,}, {e.epochs:g} epoch(s), "
-                f"{e.n_sequences:,} sequences, global batch {e.global_batch}, {e.schedule}")
-    if isinstance(e, protocol.CacheExpanded):  # the engine logs "Dataset expanded: A → B" itself
-        return f"Using dynamic total steps: {e.total_steps_after:,} (was {e.total_steps_before:,})"
-    if isinstance(e, protocol.CheckpointSaved):
-        return f"Saved {e.display_name} ({e.bytes / 1e6:,.1f} MB in {e.seconds:.1f}s)"
-    if isinstance(e, protocol.Eval):
-        return f"Eval at step {e.step:,}: loss {e.loss:.3f}, perplexity {e.perplexity:,.2f}"
-    if isinstance(e, protocol.State):
-        return f"Engine {e.state}" + (f": {e.reason}" if e.reason else "")
-    if isinstance(e, (protocol.Log, protocol.Warning)):
-        prefix = "warning: " if isinstance(e, protocol.Warning) or getattr(e, "level", "") == "warning" else ""
-        return prefix + e.message
-    if isinstance(e, protocol.Error):
-        return f"error: {e.message}"
-    if isinstance(e, protocol.Finished):
-        return f"Finished ({e.reason}) at step {e.step:,}" + (f"; checkpoint {e.checkpoint}" if e.checkpoint else "")
-    if isinstance(e, protocol.CacheProgress | protocol.CacheReady):
-        return None
-    if isinstance(e, protocol.Unknown):
-        return f"(unknown event) {e.raw}"
-    return None
-
-
 @dataclass
 class RunState:
     """The folded view of one engine's event log."""
@@ -174,11 +88,10 @@ class RunState:
     version: int = 0  # bumped per applied batch; views redraw only when it moved
 
     def apply(self, events: list[protocol.Event]) -> None:
-        clean = [well_formed(e) for e in events]
-        for e in clean:
+        for e in events:
             self._apply(e)
-        for e in clean[-LOG_LINES:]:  # older lines of a big batch would scroll away unseen
-            line = event_line(e)
+        for e in events[-LOG_LINES:]:  # older lines of a big batch would scroll away unseen
+            line = protocol.describe(e)
             if line is not None:
                 self.logs.append(line)
                 self.log_count += 1

@@ -36,8 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from engine.assemble import new_run  # noqa: E402
-from engine.backends.torch_backend import autocast  # noqa: E402
-from engine.backends.torch_model import build_model, hf_config, lm_loss, param_groups  # noqa: E402
+from engine.backends.torch_model import autocast, build_model, hf_config, lm_loss, param_groups  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.data import read_sequences, rank_slice  # noqa: E402
 from engine.model_config import llama_config  # noqa: E402

@@ -17,11 +17,11 @@ from engine.backends.base import Backend
 from engine.catalog import DISPLAY_RE
 from engine.checkpoint import Checkpointer, verify
 from engine.config import RunConfig
-from engine.data import DataOrder, check_resume_cache
+from engine.data import DataOrder, check_resume_cache, rows_in_budget
 from engine.errors import UserError
 from engine.model_config import llama_config, read_config_json
-from engine.names import existing_names, suggest_names
-from engine.paths import CHECKPOINT_RE, Layout, check_name
+from engine.names import suggest_names, taken_names, validate_new_name
+from engine.paths import Layout, check_name
 from engine.run_log import RunLog
 from engine.schedule import Schedule, plan_schedule
 from engine.train import Options, Start, Trainer
@@ -44,10 +44,10 @@ def next_run_number(history: list[dict[str, Any]]) -> int:
     return max((int(r.get("run", 0)) for r in history), default=0) + 1
 
 
-def open_backend(cfg: RunConfig) -> tuple[Backend, str]:
+def open_backend(cfg: RunConfig, layout: Layout) -> tuple[Backend, str]:
     """The framework this run trains with on this machine, and a log line saying which and why."""
     choice = choose(cfg.train.backend)
-    backend = load(choice.name)(cfg.train)
+    backend = load(choice.name)(cfg, layout)
     return backend, f"Backend: {choice.name} on {backend.device}, {backend.precision} ({choice.reason})"
 
 
@@ -72,7 +72,7 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
             log.info(f"Building cache {path} from {d.source} ...")
             build_cache(d, layout, workers=workers, on_event=log.emit)
         backend.barrier()
-    cache = PackedCache(path)
+    cache = PackedCache(path, cache_bytes=cfg.train.shuffle_buffer_mb << 20)
     spec = str((cache.meta.get("tokenizer") or {}).get("spec", ""))
     if d.cache:  # an explicit cache decides what the data is; the saved config says so too
         d.seq_len, d.tokenizer = cache.seq_len, spec or d.tokenizer
@@ -83,16 +83,11 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
 
 
 def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
-    """The given name, refused once it has a checkpoint (a run that died before its first save
-    left nothing to resume, so its name is free again); else the first free suggestion."""
+    """The given name unless it is taken (engine.names.taken_reason, the TUI's rule too); else the
+    first free suggestion."""
     if cfg.name:
-        name = check_name(cfg.name, "model name")
-        model_dir = layout.model_dir(name)
-        if any(CHECKPOINT_RE.match(p.name) for p in (model_dir.iterdir() if model_dir.is_dir() else [])):
-            raise UserError(f"model {name!r} already exists in {layout.checkpoints_root}; "
-                            f"continue it with `packtrain-engine resume {name}` or choose another --name")
-        return name
-    taken = existing_names(layout)
+        return validate_new_name(cfg.name, layout)
+    taken = taken_names(layout)
     base = prefix + suggest_names(n_params, dataset, seq_len)[0]
     name, k = base, 2
     while name in taken:
@@ -104,7 +99,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
             name_prefix: str = "") -> Trainer:
     """Everything a fresh run needs, checked before anything about the run is written."""
     cfg.validate()
-    backend, backend_line = open_backend(cfg)
+    backend, backend_line = open_backend(cfg, layout)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
     log.info(backend_line)
@@ -112,7 +107,8 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg.train)
     cfg.name = backend.broadcast(choose_name(cfg, layout, backend.n_params, cache.dataset_name, cache.seq_len,
                                              name_prefix) if dist.is_main else None)
-    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks)
+    order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
+                            rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
@@ -171,7 +167,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     cfg = override(RunConfig.from_dict(saved_cfg.to_dict())) if override else saved_cfg
     check_overrides(saved_cfg, cfg)
     cfg.validate()
-    backend, backend_line = open_backend(cfg)
+    backend, backend_line = open_backend(cfg, layout)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
     log.info(backend_line)
@@ -215,7 +211,11 @@ def run_to_end(make: Any) -> int:
     trainer = None
     try:
         trainer = make()
-        return trainer.run()
+        code = trainer.run()
+        # Ranks leave together: a rank that tears the gloo group down while a worker thread still
+        # drops its last collective deadlocks on the GIL (pytorch#56297); the wait lets it finish.
+        trainer.backend.barrier()
+        return code
     finally:
         if trainer is not None:
             trainer.backend.shutdown()

@@ -12,11 +12,12 @@ must apply the same refusals: only committed checkpoint folders inside checkpoin
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from typing import Any
 from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, read_json
 from engine.control import EngineInfo, engine_lock_held, live_engine, live_engines
 from engine.errors import UserError
-from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, check_name
-from engine.protocol import read_events, to_dict
+from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, is_name
+from engine.protocol import Event, Finished, Plan, RunStarted, Step, decode, read_events, to_dict
 
 __all__ = [
     "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "list_caches",
@@ -174,7 +175,7 @@ class CheckpointEntry:
 def model_names(layout: Layout) -> list[str]:
     root = layout.checkpoints_root
     try:
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name) and not p.name.startswith("."))
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and is_name(p.name))
     except OSError:
         return []
 
@@ -262,59 +263,63 @@ def list_runs(layout: Layout) -> list[RunEntry]:
     engines: dict[str, EngineInfo | None] = {}
     runs = []
     for path in logs:
-        header = _first_event(path)
+        header = _header(path)
         m = RUN_LOG_RE.match(path.name)
         assert m is not None
-        model = header["model"] if _is_name(header.get("model")) else m.group("model")
+        model = header.model if header is not None and is_name(header.model) else m.group("model")
         if model not in engines:
-            engines[model] = live_engine(layout, model) if _is_name(model) else None
-        runs.append(_run_entry(path, header, model, _int(header.get("run")) or int(m.group("run")), engines[model]))
+            engines[model] = live_engine(layout, model) if is_name(model) else None
+        run = (header.run if header is not None else 0) or int(m.group("run"))
+        runs.append(_run_entry(path, header, model, run, engines[model]))
     return sorted(runs, key=lambda r: (r.started or 0.0, r.run), reverse=True)
 
 
-def _is_name(v: Any) -> bool:
-    try:
-        check_name(v)
-    except UserError:
-        return False
-    return True
-
-
-def _run_entry(path: Path, header: dict[str, Any], model: str, run: int, engine: EngineInfo | None) -> RunEntry:
-    """Fields of the wrong type in a log (hand-edited, another tool's) read as unknown, never crash a list."""
-    last_step = total = loss = finished = None
-    for event in reversed(_tail_events(path)):
-        kind = event.get("event")
-        if kind == "finished" and finished is None:
-            finished = _str(event.get("reason"))
-        elif kind == "step" and last_step is None:
-            last_step, total, loss = _int(event.get("step")), _int(event.get("total_steps")), _num(event.get("loss"))
-        elif kind == "plan" and total is None:
-            total = _int(event.get("total_steps"))
-        if last_step is not None and finished is not None:
+def _run_entry(path: Path, header: RunStarted | None, model: str, run: int, engine: EngineInfo | None) -> RunEntry:
+    """Events of the wrong shape (hand-edited, another tool's) decode as Unknown, so they read as
+    unknown values here and never crash a list."""
+    step: Step | None = None
+    total: int | None = None
+    finished: str | None = None
+    for event in _tail_events(path):
+        if isinstance(event, Finished) and finished is None:
+            finished = event.reason
+        elif isinstance(event, Step) and step is None:
+            step = event
+        elif isinstance(event, Plan) and total is None:
+            total = event.total_steps
+        if step is not None and finished is not None:
             break
+    if step is not None:
+        total = step.total_steps
+    elif total is None and header is not None:
+        total = header.total_steps
     live = engine is not None and Path(engine.log).name == path.name
     return RunEntry(
-        model=model, run=run, log=str(path), started=_num(header.get("ts")),
-        last_step=last_step if last_step is not None else _int(header.get("start_step")),
-        total_steps=total if total is not None else _int(header.get("total_steps")),
-        last_loss=loss, finished=None if live else finished, live=live,
-        pid=engine.pid if live and engine else None, resumed_from=_str(header.get("resumed_from")),
+        model=model, run=run, log=str(path), started=_finite(header.ts) if header else None,
+        last_step=step.step if step else (header.start_step if header else None), total_steps=total,
+        last_loss=_finite(step.loss) if step else None, finished=None if live else finished, live=live,
+        pid=engine.pid if live and engine else None, resumed_from=header.resumed_from if header else None,
     )
 
 
-def _first_event(path: Path) -> dict[str, Any]:
+def _finite(v: float) -> float | None:
+    """NaN (a diverged loss, a null on the wire) reads as unknown in a listing."""
+    return v if math.isfinite(v) else None
+
+
+def _header(path: Path) -> RunStarted | None:
+    """The RunStarted a log begins with; None for a log that starts with anything else."""
     try:
         with open(path, "rb") as f:
-            line = f.readline()
-        event = json.loads(line)
+            event = decode(f.readline().decode("utf-8"))
     except (OSError, ValueError):
-        return {}
-    return event if isinstance(event, dict) and event.get("event") == "run" else {}
+        return None
+    return event if isinstance(event, RunStarted) else None
 
 
-def _tail_events(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines in the last TAIL_BYTES of a log; a torn last line is skipped."""
+def _tail_events(path: Path) -> Iterator[Event]:
+    """Complete events in the last TAIL_BYTES of a log, newest first, decoded only as far as the
+    caller reads; a torn or non-JSON line is skipped."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
@@ -322,19 +327,15 @@ def _tail_events(path: Path) -> list[dict[str, Any]]:
             f.seek(start)
             data = f.read()
     except OSError:
-        return []
+        return
     lines = data.split(b"\n")
     if start > 0:
         lines = lines[1:]  # the first line of the window is probably cut
-    out = []
-    for raw in lines:
+    for raw in reversed(lines):
         try:
-            event = json.loads(raw)
+            yield decode(raw.decode("utf-8"))
         except ValueError:
             continue
-        if isinstance(event, dict):
-            out.append(event)
-    return out
 
 
 def read_run(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -430,9 +431,8 @@ def _refuse_if_in_use(layout: Layout, model: str, path: Path) -> None:
 
 
 def _resumed_from(engine: EngineInfo) -> str | None:
-    header = _first_event(Path(engine.log))
-    value = header.get("resumed_from")
-    return value if isinstance(value, str) and value else None
+    header = _header(Path(engine.log))
+    return header.resumed_from if header is not None and header.resumed_from else None
 
 
 def _same_checkpoint(layout: Layout, ref: str, path: Path) -> bool:

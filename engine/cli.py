@@ -8,14 +8,11 @@ libraries themselves. A UserError anywhere becomes one `error: ...` line and a n
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from engine.errors import UserError
-from engine.usage import Parser
+from engine.errors import Parser, UserError, os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,18 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache_commands.add_parsers(sub)
     commands.add_parsers(sub)
     return parser
-
-
-def os_error_line(e: OSError) -> str:
-    """The filesystem refused (a folder that is a file, a full disk, a read-only mount): the user can
-    fix that, so it is one line rather than a traceback, naming the file in the way."""
-    if e.filename and e.errno in (errno.EEXIST, errno.ENOTDIR):
-        blocker = Path(e.filename)
-        while blocker != blocker.parent and not (blocker.exists() and not blocker.is_dir()):
-            blocker = blocker.parent
-        if blocker != blocker.parent:
-            return f"{blocker} is a file where a folder is needed"
-    return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,6 +81,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 4
     growth_check_interval: int = 0  # re-check the cache for new chunks every K steps; 0 = at resume only
+    shuffle_buffer_mb: int = 1024  # decoded rows shuffled together (and kept decoded): all of a cache that fits
 
 
 @dataclass
@@ -175,6 +176,7 @@ class RunConfig:
         _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
         _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {t.backend!r}")
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
+        _require(t.shuffle_buffer_mb >= 1, f"train.shuffle_buffer_mb must be a positive integer, got {t.shuffle_buffer_mb}")
         return self
 
 

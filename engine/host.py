@@ -15,8 +15,7 @@ from typing import Any
 import psutil
 
 from engine.paths import Layout
-
-GIB = float(1 << 30)
+from engine.units import GIB
 
 
 def host_snapshot(layout: Layout) -> dict[str, Any]:
@@ -45,6 +44,7 @@ def cpuinfo(*keys: str) -> str | None:
 
 
 def cpu_name() -> str:
+    """The CPU model: part of the key a precision measurement is cached under."""
     return cpuinfo("model name") or platform.processor() or platform.machine() or "cpu"
 
 

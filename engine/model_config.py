@@ -62,16 +62,14 @@ def complete(fields: Mapping[str, Any]) -> dict[str, Any]:
     if missing:
         raise UserError(f"invalid model config: {', '.join(missing)} missing")
     out = {**LLAMA_DEFAULTS, **{k: v for k, v in fields.items() if k not in NOT_FIELDS}}
-    rope = dict(out.pop("rope_parameters", None) or {})
-    theta = float(rope.get("rope_theta", out.pop("rope_theta", 10000.0)))
-    if rope.get("rope_type", "default") != "default" or out.get("rope_scaling"):
-        raise UserError("invalid model config: only default RoPE (no rope scaling) is supported here")
+    rope = {"rope_type": "default", **(out.pop("rope_parameters", None) or {})}
+    rope["rope_theta"] = float(rope.get("rope_theta", out.pop("rope_theta", 10000.0)))
     heads = int(out["num_attention_heads"])
     if heads < 1 or int(out["hidden_size"]) % heads:
         raise UserError(f"invalid model config: hidden_size {out['hidden_size']} is not a multiple of "
                         f"num_attention_heads {heads}")
     out.setdefault("num_key_value_heads", heads)
     out.setdefault("head_dim", int(out["hidden_size"]) // heads)
-    out.update(rope_parameters={"rope_theta": theta, "rope_type": "default"}, rope_theta=theta,
-               model_type="llama", architectures=["LlamaForCausalLM"], use_cache=True)
+    out.update(rope_parameters=rope, rope_theta=rope["rope_theta"], model_type="llama",
+               architectures=["LlamaForCausalLM"], use_cache=False)
     return dict(sorted(out.items()))

@@ -1,11 +1,13 @@
-"""Model-name suggestions and checks, shared by the CLI and the TUI's naming screen."""
+"""Model-name suggestions and the rule for when a name is taken, shared by the CLI and the TUI's
+naming screen, so neither refuses a name the other accepts."""
 
 from __future__ import annotations
 
 import re
 
+from engine.control import engine_lock_held, live_engine
 from engine.errors import UserError
-from engine.paths import NAME_RE, Layout, check_name
+from engine.paths import CHECKPOINT_RE, Layout, check_name, is_name
 
 
 def format_params(n: int) -> str:
@@ -28,11 +30,33 @@ def dataset_tag(dataset: str) -> str:
     return known.get(tag, tag)[:24] or "Data"
 
 
-def existing_names(layout: Layout) -> set[str]:
+def taken_reason(layout: Layout, name: str) -> str | None:
+    """Why a new run may not take `name`, or None when it may. A model is taken once it has a
+    checkpoint (there is something to resume) or while an engine trains it. A folder without
+    checkpoints (a run that died before its first save, a config the TUI saved) is free: a new run
+    there becomes its next run number."""
+    model_dir = layout.model_dir(name)
+    try:
+        has_checkpoint = any(CHECKPOINT_RE.match(p.name) for p in model_dir.iterdir())
+    except OSError:
+        has_checkpoint = False
+    if has_checkpoint:
+        return (f"model {name!r} already exists in {layout.checkpoints_root}; continue it with "
+                f"`packtrain-engine resume {name}` or choose another name")
+    if engine_lock_held(layout, name):
+        engine = live_engine(layout, name)
+        return f"another engine is already training {name!r}" + (f" (pid {engine.pid})" if engine else "")
+    return None
+
+
+def taken_names(layout: Layout) -> set[str]:
+    """Every model name on disk that a new run may not take (see taken_reason)."""
     root = layout.checkpoints_root
-    if not root.is_dir():
+    try:
+        names = [p.name for p in root.iterdir() if p.is_dir() and is_name(p.name)]
+    except OSError:
         return set()
-    return {p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name)}
+    return {name for name in names if taken_reason(layout, name) is not None}
 
 
 def suggest_names(params: int, dataset: str, seq_len: int, taken: set[str] | None = None) -> list[str]:
@@ -50,7 +74,9 @@ def suggest_names(params: int, dataset: str, seq_len: int, taken: set[str] | Non
 
 
 def validate_new_name(name: str, layout: Layout) -> str:
+    """The name a new run may take; UserError with the reason otherwise."""
     check_name(name, "model name")
-    if name in existing_names(layout):
-        raise UserError(f"model name {name!r} is already used in {layout.checkpoints_root}")
+    reason = taken_reason(layout, name)
+    if reason is not None:
+        raise UserError(reason)
     return name

@@ -3,6 +3,7 @@
 Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directory.
 
     <root>/cache/cache_registry.json
+    <root>/cache/precision.json                                  measured precision choices (backends/torch_precision.py)
     <root>/cache/packed_sequences/<seq_len>/<dataset>/          one packed cache
     <root>/checkpoints/<model>/run.json                          config + runs history
     <root>/checkpoints/<model>/checkpoint_<step:06d>/            one committed checkpoint
@@ -28,9 +29,13 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 
-def check_name(name: str, what: str = "name") -> str:
+def is_name(name: object) -> bool:
     """Names become folder names, so they must never escape their folder."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in {".", ".."} or name.startswith("."):
+    return isinstance(name, str) and bool(NAME_RE.match(name)) and not name.startswith(".")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not is_name(name):
         raise UserError(
             f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
         )
@@ -62,6 +67,10 @@ class Layout:
     @property
     def cache_registry(self) -> Path:
         return self.cache_root / "cache_registry.json"
+
+    @property
+    def precision_cache(self) -> Path:
+        return self.cache_root / "precision.json"
 
     def cache_dir(self, seq_len: int, dataset: str) -> Path:
         return self.packed_root / str(int(seq_len)) / check_name(dataset, "dataset name")

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar, Literal
+from functools import cache
+from types import UnionType
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+
+from engine.units import format_bytes
 
 SCHEMA_VERSION = 1
+NAN = float("nan")
 
 
 @dataclass(kw_only=True)
@@ -68,7 +74,7 @@ class Step(Event):
     lr: float
     grad_norm: float
     tokens_per_sec: float
-    eta_s: float
+    eta_s: float | None  # None: not known yet (the wire's null, never NaN)
     progress_pct: float
     rss_gb: float
     device_mem_gb: float = 0.0
@@ -201,17 +207,69 @@ def encode(event: Event) -> str:
 
 
 def decode(line: str | dict[str, Any]) -> Event:
-    """Parse one event; unknown kinds and extra fields from newer engines are tolerated."""
-    data = json.loads(line) if isinstance(line, str) else dict(line)
-    cls = EVENT_TYPES.get(data.get("event", ""))
+    """Parse one event: the only place an event is checked. Unknown kinds, missing fields and fields
+    of the wrong type (a hand-edited or foreign log) give Unknown, so every reader can format what it
+    gets; extra fields from newer engines are dropped. A null in a float field is the wire's NaN/inf
+    and comes back as NaN (`float | None` fields keep None: there null means "not known").
+    Raises ValueError for a line that is not a JSON object at all."""
+    data = json.loads(line) if isinstance(line, str) else line
+    if not isinstance(data, dict):
+        raise ValueError("an event must be a JSON object")
+    kind = data.get("event")
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        return Unknown(ts=data.get("ts", 0.0), raw=data)
-    known = {f.name for f in fields(cls)}
-    kwargs = {k: v for k, v in data.items() if k in known}
-    missing = [f.name for f in fields(cls) if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING]
-    if missing:
-        return Unknown(ts=data.get("ts", 0.0), raw=data)
+        return _unknown(data)
+    kwargs: dict[str, Any] = {}
+    for name, check, nan_on_null, required in _schema(cls):
+        if name not in data:
+            if required:
+                return _unknown(data)
+            continue
+        value = data[name]
+        if value is None and nan_on_null:
+            value = NAN
+        elif not check(value):
+            return _unknown(data)
+        kwargs[name] = value
     return cls(**kwargs)
+
+
+def _unknown(data: dict[str, Any]) -> Unknown:
+    ts = data.get("ts")
+    return Unknown(ts=ts if ts.__class__ in (float, int) else 0.0, raw=data)
+
+
+def _checker(hint: Any) -> Callable[[Any], bool]:
+    """A type test for one annotated field; JSON gives exact int/float/str/bool/list/dict, and a
+    bool is no number here."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return lambda v: True
+    if origin in (Union, UnionType):
+        options = [_checker(h) for h in get_args(hint)]
+        return lambda v: any(check(v) for check in options)
+    if origin is Literal:
+        allowed = get_args(hint)
+        return lambda v: any(v.__class__ is a.__class__ and v == a for a in allowed)
+    if origin is list:
+        (item,) = get_args(hint)
+        check_item = _checker(item)
+        return lambda v: v.__class__ is list and all(check_item(x) for x in v)
+    if origin is dict:
+        key, val = get_args(hint)
+        check_key, check_val = _checker(key), _checker(val)
+        return lambda v: v.__class__ is dict and all(check_key(k) and check_val(x) for k, x in v.items())
+    if hint is float:
+        return lambda v: v.__class__ in (float, int)
+    return lambda v: v.__class__ is hint
+
+
+@cache
+def _schema(cls: type[Event]) -> list[tuple[str, Callable[[Any], bool], bool, bool]]:
+    """(field, type test, null means NaN, required) for each field of an event class."""
+    hints = get_type_hints(cls)
+    return [(f.name, _checker(hints[f.name]), hints[f.name] is float,
+             f.default is MISSING and f.default_factory is MISSING) for f in fields(cls)]
 
 
 def _finite(obj: Any) -> Any:
@@ -274,6 +332,50 @@ def format_step(e: Step, *, colons: bool = True) -> str:
     )
 
 
+def growth_line(n_before: int, n_after: int) -> str:
+    """How a grown cache is worded everywhere: the engine's log, the dashboard, the cache screen."""
+    return f"Dataset expanded: {n_before:,} → {n_after:,} sequences"
+
+
+def describe(event: Event) -> str | None:
+    """The one wording of each event for a person: the engine's terminal lines and the TUI's log
+    pane both print this. None for events that only feed bars, gauges and curves, and for growth
+    (CacheExpanded): the engine words that itself in Log lines, the new total only when it moved."""
+    e = event
+    if isinstance(e, Step):
+        return format_step(e)
+    if isinstance(e, RunStarted):
+        where = f"resumed from {e.resumed_from}" if e.resumed_from else "new run"
+        return f"Run {e.run} of {e.model} ({where}), step {e.start_step:,}, world size {e.world_size}, pid {e.pid}"
+    if isinstance(e, Plan):
+        was = f" (was {e.previous_total_steps:,})" if e.previous_total_steps not in (None, e.total_steps) else ""
+        params = f", {e.n_params:,} parameters" if e.n_params else ""
+        return (f"Plan: {e.total_steps:,} steps{was}, warmup {e.warmup_steps:,}, {e.epochs:g} epoch(s) of "
+                f"{e.n_sequences:,} sequences, global batch {e.global_batch} ({e.tokens_per_step:,} tokens/step), "
+                f"{e.schedule}{params}")
+    if isinstance(e, CheckpointSaved):
+        return f"Saved {e.display_name} ({format_bytes(e.bytes)} in {e.seconds:.1f}s)"
+    if isinstance(e, Eval):
+        return f"Eval at step {e.step:,}: loss {e.loss:.3f}, perplexity {e.perplexity:,.2f}"
+    if isinstance(e, State):
+        if e.state == "running" and e.reason == "started":
+            return None  # the run header already said so
+        return e.state.capitalize() + (f" ({e.reason})" if e.reason else "")
+    if isinstance(e, Log):
+        return ("warning: " if e.level == "warning" else "") + e.message
+    if isinstance(e, Warning):
+        return f"warning: {e.message}"
+    if isinstance(e, Error):
+        return f"error: {e.message}"
+    if isinstance(e, Finished):
+        return f"Finished ({e.reason}) at step {e.step:,}" + (f", checkpoint {e.checkpoint}" if e.checkpoint else "")
+    if isinstance(e, CacheReady):
+        return f"Cache ready: {e.chunks:,} chunks, {e.sequences:,} sequences"
+    if isinstance(e, Unknown):
+        return f"(unknown event) {e.raw}"
+    return None
+
+
 def read_events(path: str, start: int = 0, max_bytes: int | None = None) -> tuple[list[Event], int]:
     """Read complete lines from byte offset `start`; returns events and the offset to resume at.
 
@@ -292,6 +394,6 @@ def read_events(path: str, start: int = 0, max_bytes: int | None = None) -> tupl
         if raw.strip():
             try:
                 events.append(decode(raw.decode("utf-8")))
-            except (ValueError, TypeError):
+            except ValueError:
                 events.append(Unknown(raw={"line": raw.decode("utf-8", "replace")}))
     return events, start + end + 1

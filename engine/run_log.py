@@ -17,36 +17,9 @@ from engine import protocol as P
 
 
 def human(event: P.Event) -> str | None:
-    """One line for a person, or None for events that are only for machines (errors included: the
-    CLI prints those itself, once, on stderr)."""
-    if isinstance(event, P.Step):
-        return P.format_step(event)
-    if isinstance(event, P.Eval):
-        return f"Eval at step {event.step:,}: loss {event.loss:.3f} | perplexity {event.perplexity:,.2f}"
-    if isinstance(event, P.CheckpointSaved):
-        return f"Saved {event.display_name} ({event.bytes / 1e6:,.1f} MB in {event.seconds:.2f}s) -> {event.path}"
-    if isinstance(event, P.RunStarted):
-        where = f"resumed from {event.resumed_from}" if event.resumed_from else "new run"
-        return f"Run {event.run} of {event.model} ({where}), step {event.start_step:,}, world size {event.world_size}"
-    if isinstance(event, P.Plan):
-        return (f"Plan: {event.total_steps:,} steps × {event.global_batch} sequences ({event.tokens_per_step:,} "
-                f"tokens/step) over {event.n_sequences:,} training sequences, {event.schedule} schedule, "
-                f"warmup {event.warmup_steps:,}, {event.n_params:,} parameters")
-    if isinstance(event, P.State):
-        if event.state == "running" and event.reason == "started":
-            return None  # the run header already said so
-        return {"paused": "Paused", "running": "Running"}.get(event.state, "Stopping") + (
-            f" ({event.reason})" if event.reason else "")
-    if isinstance(event, P.Log):
-        return event.message
-    if isinstance(event, P.Warning):
-        return f"warning: {event.message}"
-    if isinstance(event, P.Finished):
-        tail = f", checkpoint {event.checkpoint}" if event.checkpoint else ""
-        return f"Finished ({event.reason}) at step {event.step:,}{tail}"
-    if isinstance(event, P.CacheReady):
-        return f"Cache ready: {event.chunks:,} chunks, {event.sequences:,} sequences"
-    return None
+    """The terminal line for an event: the shared wording, except errors, which the CLI prints
+    itself, once, on stderr."""
+    return None if isinstance(event, P.Error) else P.describe(event)
 
 
 class RunLog:

@@ -29,7 +29,9 @@ INFO = {
     "backend": "torch", "backend_reason": "auto: not Apple Silicon, this is Linux x86_64",
     "device": "cpu", "device_name": "Test CPU", "bf16": True, "ram_total_gb": 24.0, "ram_available_gb": 20.0,
     "vram_gb": None, "cpu_count": 2, "torch": "2.13.0", "transformers": "5.23.0", "python": "3.11.7",
-    "root": "/data", "disk_free_gb": 100.0,
+    "root": "/data", "disk_free_gb": 100.0, "precision": "fp32",
+    "precision_reason": "bf16 autocast ran 0.37x fp32 (fp32 32.1 ms, bf16 85.7 ms for one layer, d256 ffn688 "
+                        "heads 4/4 seq 256 x 2 rows; bf16 needs 1.10x), measured earlier on cpu, for the default config",
 }
 
 
@@ -115,7 +117,7 @@ def test_config_form_snapshot(tmp_path: Path) -> None:
 
 def test_manage_snapshot(tmp_path: Path) -> None:
     text = render(PacktrainApp(Layout(tmp_path), catalog=fake_catalog(checkpoints())), ["enter", "x", "space", "down", "space"])
-    assert "Selected: 2 checkpoint(s), 42.0 MB" in text
+    assert "Selected: 2 checkpoint(s), 40.1 MiB" in text  # 2 x 21,000,000 bytes
     assert_snapshot("manage_80x24", text)
 
 

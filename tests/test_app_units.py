@@ -10,22 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_testkit import REPO, fake_events, fake_step, write_log
+from app_testkit import REPO, fake_events, fake_step, screen_text, wait_for, write_log
 from textual.app import App
 
-from app.app import EngineUpdate
+from app import engine_client
+from app.app import EngineUpdate, PacktrainApp
 from app.engine_client import CONSOLE_MARK, EngineGone, EngineHandle, tail_events
+from app.screens.cache import CacheJob, CacheScreen
 from app.run_state import CURVE_POINTS, LOG_LINES, SPARK_POINTS, DownsampledSeries, RunState
 from engine import protocol as P
 from engine.paths import Layout
 
-HEAVY = ("torch", "transformers", "datasets", "tokenizers")
+HEAVY = ("torch", "transformers", "datasets", "tokenizers", "mlx", "mlx_lm", "peft", "engine.cli")
 
 
 def test_importing_the_app_loads_no_ml_library() -> None:
+    """At run time too (tests/test_layers.py checks the source): `packtrain --help` starts fast."""
     code = (
         "import sys, app.main, app.app\n"
         "from app.app import PacktrainApp\n"
+        "app.main.build_parser().format_help()\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -71,15 +75,51 @@ def test_fold_events_into_state() -> None:
         P.RunStarted(model="m", run=2, start_step=100, total_steps=500, resumed_from="m_checkpoint_100_run_1"),
         P.Plan(total_steps=500, warmup_steps=10, n_sequences=4000, global_batch=8, tokens_per_step=256),
         fake_step(101, 500),
-        P.CacheExpanded(step=101, n_before=4000, n_after=6000, total_steps_before=500, total_steps_after=750),
+        *growth(500, 750),
         P.State(state="paused"),
     ])
     assert state.status == "paused" and state.total_steps == 500 and state.expanded is not None
-    assert "Using dynamic total steps: 750 (was 500)" in state.logs
     state.apply([P.Error(message="out of memory", detail="Traceback\n  boom"),
                  P.Finished(step=101, reason="error")])
     assert state.status == "error" and state.error == "out of memory" and state.error_lines == ["Traceback", "  boom"]
     assert not state.active
+
+
+def growth(total_before: int, total_after: int) -> list[P.Event]:
+    """The events the engine writes when the cache grows under a run (Trainer.replan), in order."""
+    said = [P.Log(message=P.growth_line(4000, 6000))]
+    if total_after != total_before:
+        said.append(P.Log(message=f"Using dynamic total steps: {total_after:,} (was {total_before:,})"))
+    return [*said, P.CacheExpanded(step=101, n_before=4000, n_after=6000, total_steps_before=total_before,
+                                   total_steps_after=total_after),
+            P.Plan(total_steps=total_after, warmup_steps=10, n_sequences=6000, global_batch=8, tokens_per_step=256,
+                   previous_total_steps=total_before)]
+
+
+@pytest.mark.parametrize(("before", "after"), [(500, 750), (500, 500)])
+def test_growth_is_told_once_and_an_unchanged_total_has_no_was(before: int, after: int) -> None:
+    state = RunState(model="m")
+    state.apply(growth(before, after))
+    logs = list(state.logs)
+    assert logs[0] == "Dataset expanded: 4,000 → 6,000 sequences"
+    assert sum("Using dynamic total steps" in line for line in logs) == (before != after)
+    assert sum("(was " in line for line in logs) == 2 * (before != after)  # the engine's line and the plan's
+    assert logs[-1].startswith(f"Plan: {after:,} steps" + (f" (was {before:,})," if before != after else ","))
+
+
+def test_the_terminal_and_the_log_pane_word_events_alike() -> None:
+    """One wording (protocol.describe): the engine prints it, the dashboard's log pane shows it.
+    Only errors differ: the CLI prints those once itself, on stderr."""
+    from engine.run_log import human
+
+    events = [*fake_events("m", steps=100, finished=True), *growth(500, 750), P.State(state="paused", reason="requested"),
+              P.Warning(message="slow disk"), P.Log(message="hot", level="warning"), P.Error(message="boom")]
+    state = RunState(model="m")
+    state.apply(events)
+    terminal = [line for line in map(human, events) if line is not None]
+    assert list(state.logs) == [*terminal, "error: boom"]
+    assert "Saved m_checkpoint_100_run_1 (20.0 MiB in 0.4s)" in terminal
+    assert {"Paused (requested)", "warning: slow disk", "warning: hot"} <= set(terminal)
 
 
 def test_a_diverged_run_and_a_foreign_log_fold_without_crashing() -> None:
@@ -163,9 +203,7 @@ def test_a_root_under_a_file_is_refused_before_the_tui_starts(tmp_path: Path,
 
 async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_path: Path) -> None:
     """The form writes checkpoints/<name>/config.yaml; a root that refuses it must not kill the TUI."""
-    from app.app import PacktrainApp
     from app.screens.config_form import ConfigFormScreen
-    from app_testkit import screen_text
     from engine.config import RunConfig
 
     class FormOnly(PacktrainApp):
@@ -189,6 +227,88 @@ async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_pa
         await pilot.pause()
         assert [n.message for n in app._notifications] == ["Could not send 'save' to the engine: Not a directory"]
     assert not (tmp_path / "a_file" / "root").exists()
+
+
+class OneScreen(PacktrainApp):
+    """The app with one screen pushed straight away: no environment probe first."""
+
+    CSS_PATH = REPO / "app" / "app.tcss"
+
+    def __init__(self, layout: Layout, screen: Any) -> None:
+        super().__init__(layout)
+        self.first = screen
+
+    def on_mount(self, event: Any) -> None:
+        event.prevent_default()
+        self.push_screen(self.first)
+
+
+@pytest.fixture
+def no_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every engine command fails to start (OSError from exec): a missing interpreter."""
+    missing = tmp_path / "no-such-python"
+    monkeypatch.setattr(engine_client, "engine_argv", lambda layout, *args: [str(missing), "-m", "engine", *args])
+    return missing
+
+
+async def test_an_engine_that_cannot_start_leaves_the_cache_screen_usable(tmp_path: Path, no_engine: Path) -> None:
+    """It used to stay on "Working..." forever; now it says why and takes Esc (and R, retry) again."""
+    job = CacheJob(model="m", dataset="d", path=tmp_path / "cache", engine_args=["train"], build_args=["cache", "build"])
+    app = OneScreen(Layout(tmp_path), CacheScreen(job))
+    async with app.run_test(size=(250, 30)) as pilot:
+        await wait_for(pilot, lambda: "R retries" in screen_text(app), 20, "the failure")
+        text = " ".join(screen_text(app).split())
+        assert f"✗ could not start the engine: No such file or directory: {no_engine}" in text
+        assert "Working..." not in text and not app._notifications
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, CacheScreen)
+
+
+async def test_every_screen_reports_a_failed_worker(tmp_path: Path, no_engine: Path) -> None:
+    """The environment checks fail with the reason; a screen without a place of its own (and the
+    app) get a notification; the manage screen shows it under the list."""
+    from app.screens.environment import EnvironmentScreen
+    from app.screens.manage import ManageScreen
+    from app.workers import ReportsWorkerFailures
+
+    app = OneScreen(Layout(tmp_path), EnvironmentScreen())
+    async with app.run_test(size=(250, 30)) as pilot:
+        await wait_for(pilot, lambda: "[ FAILED " in screen_text(app), 20, "the environment failure")
+        assert f"could not start the engine: No such file or directory: {no_engine}" in screen_text(app)
+        assert "could not report its environment. Enter continues." in screen_text(app)
+        manage = ManageScreen()
+        app.push_screen(manage)
+        await pilot.pause()
+        manage.delete(["x"])
+        await wait_for(pilot, lambda: "✗ could not start the engine" in screen_text(app), 20, "the delete failure")
+        assert isinstance(app, ReportsWorkerFailures) and not app._notifications
+
+        async def boom() -> None:
+            raise RuntimeError("a bug")
+
+        app.run_worker(boom(), exit_on_error=False)
+        await wait_for(pilot, lambda: app._notifications, 20, "the notification")
+        assert [n.message for n in app._notifications] == ["RuntimeError: a bug"]
+
+
+async def test_a_log_that_cannot_be_followed_fails_the_run_instead_of_freezing(tmp_path: Path, no_engine: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.screens.environment import EnvironmentScreen
+
+    log = tmp_path / "training_logs" / "m_run_1.jsonl"
+
+    async def unreadable(layout: Layout, handle: EngineHandle, poll: float = 0.25) -> Any:
+        raise PermissionError(13, "Permission denied", str(log))
+        yield
+
+    monkeypatch.setattr(engine_client, "tail_events", unreadable)
+    app = OneScreen(Layout(tmp_path), EnvironmentScreen())
+    async with app.run_test(size=(120, 30)) as pilot:
+        app._watch(EngineHandle(model="m"))
+        await wait_for(pilot, lambda: app.run_state is not None and app.run_state.status == "error", 20, "the failure")
+        assert app.run_state.error == f"cannot follow the engine: Permission denied: {log}"
+        await wait_for(pilot, lambda: "The engine stopped with an error" in screen_text(app), 20, "the dashboard")
 
 
 def test_environment_names_the_backend_and_its_libraries() -> None:

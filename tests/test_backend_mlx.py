@@ -21,7 +21,7 @@ from engine import catalog  # noqa: E402
 from engine.backends.mlx_backend import MLXBackend  # noqa: E402
 from engine.backends.torch_backend import TorchBackend  # noqa: E402
 from engine.checkpoint import Checkpointer, export_hf, load_folder  # noqa: E402
-from engine.config import TrainConfig  # noqa: E402
+from engine.config import RunConfig, TrainConfig  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.paths import Layout  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
@@ -32,7 +32,7 @@ TRAIN = TrainConfig(device="cpu", precision="fp32", seed=3, lr=1e-2)
 
 
 def built(kind: type, tied: bool = True, train: TrainConfig = TRAIN) -> TorchBackend | MLXBackend:
-    backend = kind(train)
+    backend = kind(RunConfig(train=train))
     backend.build(PRESETS["tiny"].llama_kwargs(VOCAB, SEQ) | {"tie_word_embeddings": tied}, train)
     return backend
 
@@ -129,7 +129,7 @@ def test_an_mlx_checkpoint_is_listed_and_exports_an_hf_folder_both_backends_load
     reloaded, _ = load_model(Path(exported))
     np.testing.assert_allclose(np.array(reloaded(mx.array(x))), ours, rtol=1e-5, atol=1e-5)
     for kind in (TorchBackend, MLXBackend):  # how the engine opens a model outside training
-        opened = kind(TRAIN)
+        opened = kind(RunConfig(train=TRAIN))
         load_folder(exported, opened, TRAIN)
         assert opened.eval_loss(rows(9)) == pytest.approx(m.eval_loss(rows(9)), rel=1e-5)
 

@@ -138,6 +138,6 @@ def test_validate_info_list_json(tmp_path: Path, inputs: Path) -> None:
 
 
 def test_modules_the_tui_imports_are_light() -> None:
-    code = ("import sys, engine.cache.registry, engine.cache.metadata, engine.cache.sources; "
+    code = ("import sys, engine.cache.registry, engine.cache.metadata, engine.cache.naming, engine.cache.sources; "
             "print([m for m in ('torch', 'tokenizers', 'datasets', 'transformers', 'numpy') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -20,7 +20,7 @@ from engine.backends.torch_backend import TorchBackend
 from engine.backends.torch_state import unwrap
 from engine.catalog import MANIFEST, TRAINER_STATE
 from engine.checkpoint import MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf
-from engine.config import TrainConfig
+from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.presets import PRESETS
@@ -43,7 +43,7 @@ def adamw(model: torch.nn.Module, lr: float = 1e-2) -> torch.optim.AdamW:
 
 def of(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TorchBackend:
     """The torch backend around a model (and optimizer) made here, as the trainer holds them."""
-    backend = TorchBackend(TrainConfig(device="cpu", precision="fp32"))
+    backend = TorchBackend(RunConfig(train=TrainConfig(device="cpu", precision="fp32")))
     backend.adopt(model, optimizer)
     return backend
 

@@ -11,6 +11,7 @@ import torch
 
 from engine import cli, host
 from engine.backends import torch_hardware as hardware
+from engine.backends import torch_precision as precision
 from engine.paths import Layout
 
 CONTRACT_KEYS = {"device", "device_name", "bf16", "ram_total_gb", "ram_available_gb", "vram_gb", "cpu_count",
@@ -19,8 +20,10 @@ CONTRACT_KEYS = {"device", "device_name", "bf16", "ram_total_gb", "ram_available
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """engine.cli.main against a fresh root (set through the environment, which is restored after)."""
+    """engine.cli.main against a fresh root (set through the environment, which is restored after),
+    with a fixed precision probe: bf16 at 0.6x fp32, as on a Xeon with AVX512-BF16 and no AMX."""
     monkeypatch.setenv("PACKTRAIN_HOME", str(tmp_path))
+    monkeypatch.setattr(precision, "run_probe", lambda device, shape: precision.Measurement(30.0, 50.0))
     return lambda *argv: cli.main(list(argv))
 
 
@@ -41,8 +44,22 @@ def test_info_json_has_contract_keys(run_cli, tmp_path: Path, capsys: pytest.Cap
 def test_info_table_for_humans(run_cli, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("info") == 0
     out = capsys.readouterr().out
-    for label in ("Backend", "Device", "bf16 support", "RAM total", "VRAM", "Disk free", "transformers"):
+    for label in ("Backend", "Device", "bf16 support", "RAM total", "VRAM", "Disk free", "transformers",
+                  "Precision (auto)"):
         assert label in out
+
+
+def test_info_shows_the_precision_auto_picks_and_the_measurement_behind_it(
+        run_cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("info", "--json") == 0
+    snap = json.loads(capsys.readouterr().out)
+    assert snap["precision"] == "fp32"
+    assert snap["precision_reason"].startswith("bf16 autocast ran 0.60x fp32 (fp32 30.0 ms, bf16 50.0 ms")
+    assert snap["precision_reason"].endswith("measured now on cpu, for the default config")
+    assert (tmp_path / "cache" / "precision.json").is_file()
+    assert run_cli("info") == 0  # the second time from the cache
+    out = capsys.readouterr().out
+    assert "Precision (auto)  fp32" in out and "0.60x fp32" in out and "measured earlier on cpu" in out
 
 
 def test_root_that_does_not_exist_yet_reports_free_disk(tmp_path: Path) -> None:

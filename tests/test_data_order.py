@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 import numpy as np
 import pytest
 
-from engine.data import DataOrder, from_ranges, rank_slice, read_sequences, split_ids, to_ranges
+from engine.data import DataOrder, from_ranges, rank_slice, read_sequences, rows_in_budget, split_ids, to_ranges
 from engine.errors import UserError
 
 SIZES = {c: 5 + (c * 7) % 11 for c in range(20)}  # uneven chunk sizes, like real packed chunks
@@ -43,18 +46,96 @@ def test_epoch_is_a_permutation_of_training_rows_without_held_out_chunks() -> No
     assert set(ids.tolist()) == expected
 
 
-def test_rows_are_shuffled_within_windows_of_chunks() -> None:
-    order = DataOrder.start(0, SIZES, eval_chunks=0)
-    chunks, _ = split_ids(order.epoch_order(0))
-    # walk the order in windows: each window's rows come from at most `window` chunks
-    pos, distinct_in_windows = 0, []
-    while pos < len(chunks):
-        members = set()
-        while pos < len(chunks) and (len(members) < order.window or chunks[pos] in members):
-            members.add(int(chunks[pos]))
-            pos += 1
-        distinct_in_windows.append(len(members))
-    assert len(distinct_in_windows) == -(-len(SIZES) // order.window)
+def windows_of(order: np.ndarray, sizes: dict[int, int]) -> list[set[int]]:
+    """The order's windows: a window closes once every row of the chunks it has touched was seen."""
+    chunks, _ = split_ids(order)
+    out: list[set[int]] = []
+    members: set[int] = set()
+    left = 0
+    for c in chunks.tolist():
+        if c not in members:
+            members.add(c)
+            left += sizes[c]
+        left -= 1
+        if left == 0:
+            out.append(members)
+            members = set()
+    assert not members, "the order ended inside a window"
+    return out
+
+
+def test_windows_hold_whole_chunks_up_to_the_row_budget() -> None:
+    order = DataOrder.start(0, SIZES, eval_chunks=0, window_rows=40)
+    windows = windows_of(order.epoch_order(0), SIZES)
+    rows = [sum(SIZES[c] for c in w) for w in windows]
+    assert all(r <= 40 for r in rows) and sum(rows) == sum(SIZES.values())
+    assert all(a + b > 40 for a, b in zip(rows, rows[1:])), "a window closed before the budget was full"
+    assert len(windows) > 3  # the budget, not the cache, bounded them
+
+
+def test_a_cache_that_fits_the_budget_is_one_window() -> None:
+    order = DataOrder.start(0, SIZES, eval_chunks=0, window_rows=sum(SIZES.values()))
+    assert len(windows_of(order.epoch_order(0), SIZES)) == 1
+    assert order.state()["window_rows"] == sum(SIZES.values()) and "window" not in order.state()
+
+
+def test_rows_in_budget_counts_decoded_bytes() -> None:
+    assert rows_in_budget(1024 << 20, 256, np.uint16) == (1024 << 20) // (257 * 2)
+    assert rows_in_budget(1 << 20, 1023, np.uint32) == 256
+    assert rows_in_budget(10, 256, np.uint16) == 1  # never an empty window
+
+
+# A run saved before windows were sized in rows: its state says "window": 8 (chunks). These digests
+# of its epoch orders were recorded with that code, so an old checkpoint resumes bit-exactly.
+LEGACY_STATE = {"seed": 4, "window": 8, "train_chunks": [[0, 9]], "eval_chunks": [9]}
+LEGACY_EVENTS = [{"epoch": 0, "at_cursor": 18, "generation": 3, "n_before": 50, "n_after": 100, "chunks": [[10, 20]]}]
+LEGACY_DIGESTS = {0: "b54d0132593c4733", 1: "251543db9e86ce2c"}
+
+
+def test_a_state_without_window_rows_keeps_its_old_order_of_eight_chunk_windows() -> None:
+    order = DataOrder.restore(LEGACY_STATE, LEGACY_EVENTS, SIZES)
+    for epoch, digest in LEGACY_DIGESTS.items():
+        assert hashlib.sha256(order.epoch_order(epoch).tobytes()).hexdigest()[:16] == digest
+    assert order.state() == LEGACY_STATE  # saved again, it stays an old-style run
+    windows = windows_of(order.epoch_order(1), SIZES)
+    assert [len(w) for w in windows] == [8, 8, 3]
+
+
+@pytest.mark.parametrize("data", [{"window_rows": 0}, {"window_rows": "all"}, {"window_rows": True},
+                                  {"window_rows": 2.5}, {"window": -1}])
+def test_restore_refuses_a_bad_window(data: dict) -> None:
+    state = {**DataOrder.start(1, SIZES, eval_chunks=1).state(), **data}
+    with pytest.raises(UserError, match="trainer_state.json data.window"):
+        DataOrder.restore(state, [], SIZES)
+
+
+def chi_square_of_first(order: DataOrder, n: int, chunks: list[int]) -> float:
+    """Pearson's statistic of the first n sequences' chunk histogram against uniform over `chunks`
+    (all the same size), so about len(chunks) - 1 when uniform."""
+    first, _ = split_ids(order.epoch_order(0)[:n])
+    counts = np.bincount(first, minlength=max(chunks) + 1)[chunks]
+    assert counts.sum() == n, "a sequence came from outside the expected chunks"
+    expected = n / len(chunks)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+MANY = {c: 50 for c in range(400)}  # 20,000 rows in 400 equal chunks
+BOUND = 399 + 6 * math.sqrt(2 * 399)  # chi-square with 399 dof: mean 399, sd 28
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_early_sequences_are_a_uniform_sample_of_the_epoch(seed: int) -> None:
+    order = DataOrder.start(seed, MANY, eval_chunks=0, window_rows=rows_in_budget(16 << 20, 255, np.uint16))
+    assert chi_square_of_first(order, 2000, list(MANY)) < BOUND
+    old = DataOrder.restore({**order.state(), "window_rows": None, "window": 8}, [], MANY)
+    assert chi_square_of_first(old, 2000, list(MANY)) > 10 * BOUND  # what the 8-chunk windows did
+
+
+def test_a_cache_over_the_budget_mixes_every_chunk_the_budget_holds() -> None:
+    order = DataOrder.start(3, MANY, eval_chunks=0, window_rows=5000)  # 100 chunks per window
+    first_window = sorted(windows_of(order.epoch_order(0), MANY)[0])
+    assert len(first_window) == 100
+    assert chi_square_of_first(order, 1000, first_window) < 99 + 6 * math.sqrt(2 * 99)
 
 
 def test_take_crosses_epochs_as_one_stream() -> None:
@@ -161,3 +242,28 @@ def test_read_sequences_returns_rows_by_id_in_order() -> None:
         chunks, rows = split_ids(batch)
         assert got.dtype == np.int64 and got.shape == (len(batch), 4)
         assert np.array_equal(got[:, 0], chunks * 1000 + rows)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.3])
+def test_reading_an_epoch_decodes_each_chunk_about_once_per_window(tiny_cache, monkeypatch: pytest.MonkeyPatch,
+                                                                   share: float) -> None:
+    """The reader's LRU and the window share one budget, so the shuffled order costs no re-decodes."""
+    from engine.cache import reader
+
+    decoded: list[int] = []
+    real = reader.read_chunk_file
+    monkeypatch.setattr(reader, "read_chunk_file", lambda path, record, **kw: (decoded.append(record["id"]),
+                                                                                real(path, record, **kw))[1])
+    probe = reader.PackedCache(tiny_cache)
+    budget = int(share * sum(probe.read_chunk(c).nbytes for c in probe.chunk_ids))
+    cache = reader.PackedCache(tiny_cache, cache_bytes=budget)
+    order = DataOrder.start(2, cache.chunk_sizes, eval_chunks=0,
+                            window_rows=rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
+    windows = windows_of(order.epoch_order(0), cache.chunk_sizes)
+    assert (len(windows) == 1) == (share == 1.0)
+    decoded.clear()
+    ids = order.epoch_order(0)
+    for start in range(0, len(ids), 8):
+        read_sequences(cache, ids[start:start + 8])
+    assert sorted(set(decoded)) == cache.chunk_ids
+    assert len(decoded) == len(cache.chunk_ids), "a chunk was decoded twice in one epoch"

@@ -20,11 +20,12 @@ sizes = st.lists(st.integers(min_value=1, max_value=12), min_size=2, max_size=8)
     eval_chunks=st.integers(min_value=0, max_value=1),
     seed=st.integers(min_value=0, max_value=2**31),
     restore_every=st.integers(min_value=1, max_value=5),
+    window_rows=st.one_of(st.none(), st.integers(min_value=1, max_value=30)),
 )
 def test_each_sequence_once_per_epoch_across_growth_and_restores(first, grown, batch, eval_chunks, seed,
-                                                                 restore_every) -> None:
+                                                                 restore_every, window_rows) -> None:
     cache = dict(enumerate(first))
-    order = DataOrder.start(seed, cache, eval_chunks)
+    order = DataOrder.start(seed, cache, eval_chunks, window_rows)
     held = set(order.eval_chunks)
     growth = sorted(grown)  # (step at which it lands, chunk size): chunk ids continue the cache
     seen: set[tuple[int, int]] = set()

@@ -3,10 +3,12 @@ split each global batch between them, and resume (on two processes or on one).""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.train_support import (
@@ -17,9 +19,21 @@ pytestmark = pytest.mark.slow
 
 
 def torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run torchrun; if it hangs, kill it with its ranks (they run in sessions of their own, so
+    killing torchrun alone would leave them behind to slow every later test)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "engine", *args]
-    return subprocess.run(cmd, cwd=root, env=engine_env(root), capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(cmd, cwd=root, env=engine_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        for leftover in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leftover.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} hung for 10 minutes:\n{err}{out}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:

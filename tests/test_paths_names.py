@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from engine.control import EngineLock
 from engine.errors import UserError
-from engine.names import dataset_tag, format_params, suggest_names, validate_new_name
+from engine.names import dataset_tag, format_params, suggest_names, taken_names, validate_new_name
 from engine.paths import Layout, check_name
 from engine.presets import PRESETS, get_preset
 
@@ -46,12 +49,23 @@ def test_suggestions_follow_the_seed_pattern(tmp_path) -> None:
         check_name(name)
 
 
-def test_validate_new_name_rejects_names_on_disk(tmp_path) -> None:
+def test_a_name_is_taken_by_a_checkpoint_or_a_live_engine_not_by_a_folder(tmp_path) -> None:
+    """One rule for the TUI's naming screen and `train --name`: a folder a run left before its first
+    save (or a config the TUI saved) is free; a checkpoint or a live engine takes the name."""
     layout = Layout(tmp_path).ensure()
-    (layout.checkpoints_root / "taken").mkdir()
+    (layout.model_dir("died_early") / "control").mkdir(parents=True)
+    layout.config_yaml("died_early").write_text("name: died_early\n")
+    (layout.model_dir("trained") / "checkpoint_000010").mkdir(parents=True)
+    (layout.model_dir("training")).mkdir()
     assert validate_new_name("fresh", layout) == "fresh"
-    with pytest.raises(UserError, match="already used"):
-        validate_new_name("taken", layout)
+    assert validate_new_name("died_early", layout) == "died_early"
+    with pytest.raises(UserError, match="'trained' already exists .* `packtrain-engine resume trained`"):
+        validate_new_name("trained", layout)
+    with EngineLock(layout, "training").acquire(run=1, log=layout.run_log("training", 1)):
+        with pytest.raises(UserError, match=rf"another engine is already training 'training' \(pid {os.getpid()}\)"):
+            validate_new_name("training", layout)
+        assert taken_names(layout) == {"trained", "training"}
+    assert taken_names(layout) == {"trained"}
 
 
 def test_param_tags_and_dataset_tags() -> None:

@@ -47,6 +47,41 @@ def test_unknown_events_and_extra_fields_are_tolerated() -> None:
     assert isinstance(p.decode('{"event": "step", "step": 1}'), p.Unknown)  # required fields missing
 
 
+@pytest.mark.parametrize("fields", [
+    {"step": "3"}, {"step": 3.0}, {"step": True}, {"loss": "low"}, {"loss": False}, {"ts": "now"},
+    {"total_steps": [1]}, {"eta_s": "soon"},
+])
+def test_a_field_of_the_wrong_type_decodes_as_unknown(fields: dict) -> None:
+    """decode is the one check every reader (TUI, catalog, scripts) relies on: a hand-edited or
+    foreign log line never reaches a formatter with a string where a number belongs."""
+    good = {"event": "step", "step": 3, "total_steps": 10, "loss": 2.5, "lr": 1e-3, "grad_norm": 1, "ts": 5.0,
+            "tokens_per_sec": 1.0, "eta_s": 3.0, "progress_pct": 30.0, "rss_gb": 1.0}
+    assert isinstance(p.decode(good), p.Step)
+    bad = p.decode(json.dumps({**good, **fields}))
+    assert isinstance(bad, p.Unknown) and bad.raw["event"] == "step"
+    assert bad.ts == (5.0 if "ts" not in fields else 0.0)
+
+
+def test_decode_checks_literals_and_nested_fields() -> None:
+    assert isinstance(p.decode({"event": "state", "state": "sleeping"}), p.Unknown)
+    assert isinstance(p.decode({"event": "finished", "step": 1, "reason": 5}), p.Unknown)
+    assert isinstance(p.decode({"event": "cache_ready", "cache": "c", "chunks": 1, "sequences": 2, "bad": [3]}),
+                      p.Unknown)
+    assert isinstance(p.decode({"event": "run", "model": "m", "run": 1, "config": {"1": 2}}), p.RunStarted)
+    assert isinstance(p.decode({"event": "run", "model": "m", "run": 1, "config": [1]}), p.Unknown)
+    assert isinstance(p.decode({"event": [1], "model": "m"}), p.Unknown)
+    with pytest.raises(ValueError):
+        p.decode("[1, 2]")
+
+
+def test_null_is_nan_in_float_fields_and_unknown_where_none_is_allowed() -> None:
+    e = p.decode(p.encode(p.Step(step=1, total_steps=2, loss=float("nan"), lr=0.0, grad_norm=float("inf"),
+                                 tokens_per_sec=1.0, eta_s=float("inf"), progress_pct=50.0, rss_gb=1.0)))
+    assert isinstance(e, p.Step) and math.isnan(e.loss) and math.isnan(e.grad_norm) and e.eta_s is None
+    saved = p.decode(p.encode(p.CheckpointSaved(step=1, path="x", display_name="d", loss=float("nan"))))
+    assert isinstance(saved, p.CheckpointSaved) and saved.loss is None
+
+
 def test_read_events_leaves_a_torn_line_for_later(tmp_path) -> None:
     log = tmp_path / "run.jsonl"
     first = p.encode(p.Log(message="one"))
@@ -59,6 +94,14 @@ def test_read_events_leaves_a_torn_line_for_later(tmp_path) -> None:
     events, offset2 = p.read_events(str(log), offset)
     assert [e.message for e in events] == ["two"]
     assert offset2 == log.stat().st_size
+
+
+def test_read_events_keeps_lines_that_are_no_event_as_unknown(tmp_path) -> None:
+    log = tmp_path / "run.jsonl"
+    log.write_text('[1, 2]\nnot json\n{"event": "eval", "step": "x", "loss": 1, "perplexity": 1}\n')
+    events, _ = p.read_events(str(log))
+    assert [type(e) for e in events] == [p.Unknown] * 3
+    assert events[0].raw == {"line": "[1, 2]"} and events[2].raw["step"] == "x"
 
 
 def test_commands_validate_their_kind() -> None:

@@ -12,9 +12,10 @@ import torch
 
 from engine.backends.torch_backend import pick_precision, prepare_model, rng_state, set_rng_state
 from engine.backends.torch_model import build_model, count_params, hf_config, lm_loss, param_groups
-from engine.config import ModelConfig, TrainConfig
+from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.model_config import llama_config
+from engine.paths import Layout
 from engine.presets import PRESETS
 from tests.train_support import BACKENDS, build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
 
@@ -49,11 +50,12 @@ def test_loss_is_next_token_cross_entropy_over_packed_rows(model: torch.nn.Modul
     assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
 
 
-def test_fp16_is_refused_without_cuda_and_auto_is_explicit() -> None:
+def test_fp16_is_refused_without_cuda_and_an_explicit_choice_is_kept(tmp_path: Path) -> None:
+    """What `auto` picks is engine.backends.torch_precision's, tested in test_precision.py."""
+    layout, cfg = Layout.resolve(tmp_path), RunConfig()
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
-        pick_precision("fp16", "cpu")
-    assert pick_precision("auto", "cpu") in {"bf16", "fp32"}
-    assert pick_precision("fp32", "cpu") == "fp32"
+        pick_precision("fp16", "cpu", cfg, layout)
+    assert pick_precision("fp32", "cpu", cfg, layout) == "fp32"
 
 
 def test_rng_state_is_json_and_restores_exactly() -> None:

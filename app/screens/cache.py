@@ -17,10 +17,12 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, ProgressBar, Static
+from textual.worker import Worker
 
 from app.draft import cache_location
 from app.engine_client import EventStream
 from app.formatting import format_count
+from app.workers import ReportsWorkerFailures
 from engine import protocol
 from engine.cache.metadata import METADATA_FILE
 from engine.config import RunConfig
@@ -30,7 +32,7 @@ from engine.paths import Layout
 def expansion_notice(before: int | None, after: int) -> str:
     if before is None or after <= before:
         return ""
-    return f"Dataset expanded: {before:,} → {after:,} sequences"
+    return protocol.growth_line(before, after)
 
 
 def progress_text(e: protocol.CacheProgress) -> str:
@@ -92,7 +94,7 @@ class CacheJob:
         )
 
 
-class CacheScreen(Screen[None]):
+class CacheScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("enter", "go", "Start", show=True),
         Binding("r", "repair", "Repair"),
@@ -156,10 +158,16 @@ class CacheScreen(Screen[None]):
             elif isinstance(event, protocol.Log | protocol.Warning):
                 self._set("cache-detail", event.message)
         if ready is None:
-            self._set("cache-result", f"✗ {stream.message}")
-            self._set("cache-hint", "R retries · Esc goes back")
+            self._failed(stream.message)
             return
         self._report(ready, built=not exists)
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        self._failed(message)
+
+    def _failed(self, message: str) -> None:
+        self._set("cache-result", f"✗ {message}")
+        self._set("cache-hint", "R retries · Esc goes back")
 
     def _report(self, ready: protocol.CacheReady, *, built: bool) -> None:
         self.query_one("#cache-progress", ProgressBar).update(total=max(ready.chunks, 1), progress=max(ready.chunks, 1))

@@ -10,11 +10,12 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from app.formatting import format_bytes, format_count, format_loss, format_time
+from app.formatting import format_count, format_loss, format_time
 from app.screens.manage import ManageScreen
 from app.screens.modals import HelpScreen
 from app.screens.runs import RunsScreen
 from engine import control
+from engine.units import format_bytes
 
 RUNNING = "running: attach"
 HELP = [

@@ -13,13 +13,14 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Log, Static
 
-from app.formatting import format_bytes, format_clock
+from app.formatting import format_clock
 from app.run_state import LOG_LINES, RunState
 from app.screens.modals import ConfirmScreen, HelpScreen
 from app.widgets.loss_plot import LossPlot
 from app.widgets.metrics import MetricSparks
 from app.widgets.progress import StepProgress
 from engine import protocol
+from engine.units import format_bytes
 
 PLOT_REDRAW_S = 0.75
 HELP = [
@@ -66,7 +67,7 @@ def plan_text(state: RunState) -> str:
                   f"Data  {p.n_sequences:,} seqs · batch {p.global_batch}"]
     if state.expanded is not None:
         x = state.expanded
-        lines.append(f"Dataset expanded: {x.n_before:,} → {x.n_after:,} sequences")
+        lines.append(protocol.growth_line(x.n_before, x.n_after))
     c = state.last_checkpoint
     if c is None:
         lines.append("Saved none yet")

@@ -1,8 +1,9 @@
 """First screen: what this machine offers, as checks that turn [COMPLETE] one by one.
 
 Checks that need only the standard library and psutil complete at once; the ones that need the
-training framework (which backend and why, device, libraries) come from `packtrain-engine info
---json` in a worker, so the screen paints before torch or mlx loads.
+training framework (which backend and why, device, libraries, the precision `auto` picks and the
+engine's measured reason) come from `packtrain-engine info --json` in a worker, so the screen paints
+before torch or mlx loads.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
+from textual.worker import Worker
 
-from app.engine_client import EngineCommandError, run_json
-
-GIB = 1024**3
+from app.engine_client import run_json
+from app.workers import ReportsWorkerFailures
+from engine.units import format_bytes, format_gib
 
 
 class Check(Static):
@@ -50,8 +52,8 @@ def local_checks(root: str) -> dict[str, str]:
     created = "" if existing == Path(root) else ", will be created"
     return {
         "python": platform.python_version(),
-        "ram": f"{vm.available / GIB:.1f} GiB free of {vm.total / GIB:.1f} GiB",
-        "root": f"{root} ({free / GIB:,.1f} GiB free{created})",
+        "ram": f"{format_bytes(vm.available)} free of {format_bytes(vm.total)}",
+        "root": f"{root} ({format_bytes(free)} free{created})",
     }
 
 
@@ -64,11 +66,12 @@ def engine_checks(info: dict[str, Any]) -> dict[str, str]:
     return {
         "backend": f"{backend} ({info['backend_reason']})" if info.get("backend_reason") else backend,
         "device": f"{device} ({name})" if name else device,
-        "bf16": "supported" if info.get("bf16") else "not supported (fp32 will be used)",
-        "ram": f"{info.get('ram_available_gb', 0):.1f} GiB free of {info.get('ram_total_gb', 0):.1f} GiB; "
-               + (f"VRAM {vram:.1f} GiB" if vram else "no VRAM"),
+        "bf16": "supported" if info.get("bf16") else "not native on this device",
+        "precision": f"auto picks {info.get('precision', '?')}: {info.get('precision_reason', 'no reason given')}",
+        "ram": f"{format_gib(info.get('ram_available_gb'))} free of {format_gib(info.get('ram_total_gb'))}; "
+               + (f"VRAM {format_gib(vram)}" if vram else "no VRAM"),
         "libs": ", ".join(f"{lib.replace('_', '-')} {info.get(lib, '?')}" for lib in libs),
-        "root": f"{info.get('root', '')} ({info.get('disk_free_gb', 0):,.1f} GiB free)",
+        "root": f"{info.get('root', '')} ({format_gib(info.get('disk_free_gb'))} free)",
     }
 
 
@@ -77,6 +80,7 @@ CHECKS = (
     ("backend", "Backend"),
     ("device", "Device"),
     ("bf16", "bf16"),
+    ("precision", "Precision"),
     ("ram", "Memory"),
     ("libs", "Libraries"),
     ("root", "Data root"),
@@ -84,7 +88,7 @@ CHECKS = (
 LOCAL = ("python", "ram", "root")
 
 
-class EnvironmentScreen(Screen[None]):
+class EnvironmentScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [Binding("enter,space", "continue", "Continue"), Binding("q", "app.quit", "Quit")]
 
     def compose(self) -> ComposeResult:
@@ -107,18 +111,17 @@ class EnvironmentScreen(Screen[None]):
 
     @work(exclusive=True, group="info", exit_on_error=False)
     async def load_info(self) -> None:
-        try:
-            info = await run_json(self.app.layout, "info", "--json")
-        except (EngineCommandError, OSError) as e:
-            for key, _ in CHECKS:
-                if key not in LOCAL:
-                    self._set(key, "FAILED", str(e))
-            self.query_one("#env-hint", Static).update("The engine could not report its environment. Enter continues.")
-            return
+        info = await run_json(self.app.layout, "info", "--json")
         self.app.hardware = info
         for key, text in engine_checks(info).items():
             self._set(key, "COMPLETE", text)
         self.query_one("#env-hint", Static).update("All checks complete. Press Enter to continue.")
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        for key, _ in CHECKS:
+            if key not in LOCAL:
+                self._set(key, "FAILED", message)
+        self.query_one("#env-hint", Static).update("The engine could not report its environment. Enter continues.")
 
     def action_continue(self) -> None:
         self.app.show_home()

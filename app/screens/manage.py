@@ -13,11 +13,14 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, SelectionList, Static
 from textual.widgets.selection_list import Selection
+from textual.worker import Worker
 
 from app.engine_client import run_command
-from app.formatting import format_bytes, format_time
+from app.formatting import format_time
 from app.screens.modals import ConfirmScreen
+from app.workers import ReportsWorkerFailures
 from engine import control
+from engine.units import format_bytes
 
 
 def oldest_first(entries: list[Any]) -> list[Any]:
@@ -31,7 +34,7 @@ def label(entry: Any, live: set[str]) -> str:
     return f"{format_bytes(entry.size_bytes):>9}  {entry.display_name}  {format_time(entry.saved_at)}{tag}"
 
 
-class ManageScreen(Screen[None]):
+class ManageScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("d,delete", "delete", "Delete selected"),
         Binding("escape", "app.pop_screen", "Back"),
@@ -108,3 +111,7 @@ class ManageScreen(Screen[None]):
         self.notify("Deleted." if result.ok else f"Refused: {result.message}",
                     severity="information" if result.ok else "error")
         self.reload()
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        self.query_one("#result", Static).update(f"✗ {message}")
+        self.reload()  # whatever did happen shows in the list

@@ -16,11 +16,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
+from textual.worker import Worker
 
 from app.engine_client import READ_CHUNK
 from app.formatting import format_count, format_loss, format_time
 from app.run_state import RunState
 from app.widgets.loss_plot import LossPlot
+from app.workers import ReportsWorkerFailures
 from engine import protocol
 
 
@@ -62,7 +64,7 @@ def summary(state: RunState) -> str:
     return "\n".join(lines)
 
 
-class RunsScreen(Screen[None]):
+class RunsScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("r", "reload", "Refresh")]
 
     def compose(self) -> ComposeResult:
@@ -108,12 +110,12 @@ class RunsScreen(Screen[None]):
     @work(exclusive=True, group="run-view", exit_on_error=False)
     async def show_run(self, log: str) -> None:
         path = Path(log) if Path(log).is_absolute() else self.app.layout.root / log
-        try:
-            state = await asyncio.to_thread(fold_log, path)
-        except OSError as e:
-            self.query_one("#run-summary", Static).update(f"Cannot read {path}: {e.strerror or e}")
-            return
+        state = await asyncio.to_thread(fold_log, path)
         self.query_one("#run-summary", Static).update(summary(state))
         self.query_one("#plot-loss", LossPlot).draw({"train": state.loss, "eval": state.eval_loss})
         self.query_one("#plot-tok", LossPlot).draw({"tok/s": state.tok_curve})
         self.query_one("#plot-mem", LossPlot).draw({"RAM": state.rss_curve, "device": state.device_curve})
+
+    def worker_failed(self, worker: Worker[Any], message: str) -> None:
+        what = "cannot list the runs" if worker.group == "run-list" else "cannot show this run"
+        self.query_one("#run-summary", Static).update(f"✗ {what}: {message}")

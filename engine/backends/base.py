@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from engine.config import TrainConfig
+from engine.config import RunConfig, TrainConfig
 from engine.paths import Layout
 
 Tensor = Any  # a framework array: torch.Tensor or mlx.core.array
@@ -70,6 +70,11 @@ class Backend(ABC):
     device: str  # what it trains on, as `info` reports it (cpu, cuda, mps, gpu)
     precision: str  # fp32, bf16 or fp16
     dist: Dist
+
+    @abstractmethod
+    def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
+        """Pick the device and precision for `cfg` (joining the process group under torchrun);
+        `layout` is where an `auto` precision measurement is cached (default: the resolved root)."""
 
     # --- model and optimizer ------------------------------------------------------------------
     @abstractmethod
@@ -166,6 +171,11 @@ class Backend(ABC):
     def facts(cls, layout: Layout) -> dict[str, Any]:
         """The hardware snapshot `info` prints and every run records (keys of torch_hardware.snapshot);
         needs no model, so `info` asks before any run."""
+
+    @classmethod
+    @abstractmethod
+    def choose_precision(cls, requested: str, device: str, cfg: RunConfig, layout: Layout) -> tuple[str, str]:
+        """(precision, why) for train.precision = `requested` on `device`: the backend's whole policy."""
 
     @abstractmethod
     def versions(self) -> dict[str, str]: ...

@@ -32,10 +32,11 @@ from mlx_lm.models.llama import Model, ModelArgs
 
 from engine import host
 from engine.backends.base import Backend, Dist, Memory, StepResult, host_rng_state, set_host_rng_state
-from engine.config import TrainConfig
+from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.model_config import complete
 from engine.paths import Layout
+from engine.units import GIB
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
 EMBEDDING = "model.embed_tokens.weight"
@@ -54,17 +55,21 @@ def pick_device(choice: str) -> str:
     return "cpu"
 
 
-def pick_precision(choice: str) -> str:
+def pick_precision(choice: str) -> tuple[str, str]:
     """fp32 unless bf16 is asked for; fp16 needs a gradient scaler, which this backend does not have."""
     if choice == "fp16":
         raise UserError("precision fp16 trains with a gradient scaler, which the mlx backend lacks; use bf16 or fp32")
-    return "fp32" if choice == "auto" else choice
+    if choice == "auto":
+        return "fp32", "mlx trains in fp32 unless --precision bf16 asks for bf16 compute"
+    return choice, "set in the config"
 
 
 def model_args(fields: Mapping[str, Any]) -> ModelArgs:
     config = complete(fields)
     if config["hidden_act"] != "silu":
         raise UserError(f"invalid model config: the mlx llama uses silu, not {config['hidden_act']!r}")
+    if config["rope_parameters"]["rope_type"] != "default" or config.get("rope_scaling"):
+        raise UserError("invalid model config: the mlx backend trains default RoPE only (no rope scaling)")
     return ModelArgs.from_dict(config)
 
 
@@ -98,20 +103,21 @@ def version(package: str) -> str:
 class MLXBackend(Backend):
     name = "mlx"
 
-    def __init__(self, train: TrainConfig) -> None:
+    def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
+        train = cfg.train
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("the mlx backend trains in one process; use --backend torch under torchrun")
         for flag in ("compile", "grad_checkpointing"):
             if getattr(train, flag):
                 raise UserError(f"train.{flag} is a torch option; pass --no-{flag.replace('_', '-')} with --backend mlx")
         self.device = pick_device(train.device)
-        self.precision = pick_precision(train.precision)
+        self.precision, _ = pick_precision(train.precision)
         self.dist = Dist()
         mx.set_default_device(mx.gpu if self.device == "gpu" else mx.cpu)
         self.dtype = DTYPES[self.precision]
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
-        self.config = {**complete(config), "use_cache": False}
+        self.config = complete(config)
         self.model = Model(model_args(config))
         self.params = init_params(self.model, float(self.config["initializer_range"]), train.seed)
         flat = tree_flatten(self.params)
@@ -256,12 +262,16 @@ class MLXBackend(Backend):
             "device_count": 1,
             "bf16": True,
             **{k: facts[k] for k in ("ram_total_gb", "ram_available_gb")},
-            "vram_gb": None if vram is None else round(vram / host.GIB, 2),
+            "vram_gb": None if vram is None else round(vram / GIB, 2),
             "cpu_count": facts["cpu_count"],
             "mlx": version("mlx"),
             "mlx_lm": version("mlx-lm"),
             **{k: facts[k] for k in ("python", "root", "disk_free_gb")},
         }
+
+    @classmethod
+    def choose_precision(cls, requested: str, device: str, cfg: RunConfig, layout: Layout) -> tuple[str, str]:
+        return pick_precision(requested)
 
     def versions(self) -> dict[str, str]:
         return {"mlx": version("mlx"), "mlx_lm": version("mlx-lm"), "numpy": np.__version__,

@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from engine.backends import torch_distributed as D
 from engine.backends.base import Backend, Memory, StepResult, host_rng_state, set_host_rng_state
 from engine.backends.torch_hardware import snapshot
-from engine.backends.torch_model import build_model, count_params, hf_config, lm_loss, param_groups
+from engine.backends import torch_precision
+from engine.backends.torch_model import autocast, build_model, count_params, hf_config, lm_loss, param_groups
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
-from engine.config import TrainConfig
+from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
 
@@ -42,29 +43,9 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def cpu_has_fast_bf16() -> bool:
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def pick_precision(choice: str, device: str) -> str:
-    """fp16 needs a gradient scaler, which only CUDA has: elsewhere it is refused, not faked."""
-    if choice == "fp16" and device != "cuda":
-        raise UserError(f"precision fp16 needs a CUDA GPU (it trains with a gradient scaler); use bf16 or fp32 on {device}")
-    if choice != "auto":
-        return choice
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "cpu":
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def pick_precision(choice: str, device: str, cfg: RunConfig, layout: Layout) -> str:
+    """The policy is torch_precision's; `auto` on a CPU measures the run's own layer shape there."""
+    return torch_precision.choose(choice, device, cfg, layout).precision
 
 
 def rng_state() -> dict[str, Any]:
@@ -109,10 +90,12 @@ def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, train: TrainConfig) -> None:
-        self.device = pick_device(train.device)
-        self.precision = pick_precision(train.precision, self.device)
+    def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
+        self.device = pick_device(cfg.train.device)
         self.dist = D.init(self.device)
+        layout = layout or Layout.resolve()
+        self.precision = D.broadcast(self.dist, pick_precision(cfg.train.precision, self.device, cfg, layout)
+                                     if self.dist.is_main else None)
         self.torch_device = D.device(self.dist, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
 
@@ -234,6 +217,11 @@ class TorchBackend(Backend):
     @classmethod
     def facts(cls, layout: Layout) -> dict[str, Any]:
         return snapshot(layout)
+
+    @classmethod
+    def choose_precision(cls, requested: str, device: str, cfg: RunConfig, layout: Layout) -> tuple[str, str]:
+        choice = torch_precision.choose(requested, device, cfg, layout)
+        return choice.precision, choice.reason
 
     def versions(self) -> dict[str, str]:
         return versions()

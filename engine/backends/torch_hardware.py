@@ -15,8 +15,10 @@ import torch
 
 from engine import host
 from engine.paths import Layout
+from engine.units import GIB
 
-# CPU flags that make bf16 autocast fast: native bf16 dot products (AVX512-BF16, AMX) or Arm BF16.
+# CPU flags for native bf16 dot products (AVX512-BF16, AMX, Arm BF16). They say bf16 is supported,
+# not that it is faster than fp32 here: engine/backends/torch_precision.py measures that.
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
@@ -35,7 +37,7 @@ def snapshot(layout: Layout) -> dict[str, Any]:
         "cpu_capability": _cpu_capability(),
         "ram_total_gb": facts["ram_total_gb"],
         "ram_available_gb": facts["ram_available_gb"],
-        "vram_gb": None if vram is None else round(vram / host.GIB, 2),
+        "vram_gb": None if vram is None else round(vram / GIB, 2),
         "cpu_count": facts["cpu_count"],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -76,8 +78,8 @@ def _cpu_capability() -> str:
 
 
 def _cpu_bf16() -> bool:
-    """True when bf16 autocast on this CPU is worth using: native bf16 instructions, or AVX512
-    (torch's CPU bf16 kernels are vectorised there); without either it is emulated and slow."""
+    """True when this CPU runs bf16 natively, or with AVX512 (torch's CPU bf16 kernels are
+    vectorised there); without either it is emulated. Whether it pays is measured, not read here."""
     flags = set((host.cpuinfo("flags", "Features") or "").split())
     if flags.intersection(_CPU_BF16_FLAGS):
         return True

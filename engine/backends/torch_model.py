@@ -4,6 +4,7 @@ LlamaConfig fields, so every checkpoint is a plain HF folder that `from_pretrain
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,14 @@ def param_groups(model: LlamaForCausalLM, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context forward passes run under: nothing for fp32, torch autocast for bf16 and fp16."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:

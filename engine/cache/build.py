@@ -31,8 +31,8 @@ from engine.cache.locks import builder_lock, is_lock_file, metadata_lock
 from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, METADATA_FILE, REPORT_FILE, STATS_FILE,
                                    TOKENIZER_DIR, chunk_id_of, dtype_name_for_vocab, load_metadata, metadata_path,
                                    save_metadata)
-from engine.cache.registry import register_cache
 from engine.cache.naming import cache_path_for, derive_dataset_name
+from engine.cache.registry import register_cache
 from engine.cache.sources import Source, open_source
 from engine.cache.stats import write_stats
 from engine.cache.tokenizer import (TokenizerPlan, check_cache_tokenizer, check_hub_tokenizer, parse_tokenizer_spec,

@@ -15,6 +15,7 @@ from typing import Any
 from engine.config import DataConfig, RunConfig
 from engine.errors import UserError
 from engine.paths import Layout
+from engine.units import format_bytes
 
 DEFAULTS = DataConfig()
 
@@ -193,7 +194,7 @@ def _list(args: argparse.Namespace) -> int:
     for c in caches:
         if c["status"] == "ok":
             rows.append((str(c["dataset_name"]), str(c["seq_len"]), f"{c['chunks']:,}", f"{c['sequences']:,}",
-                         f"{c['compressed_bytes'] / 1e6:,.1f} MB", str(c["tokenizer"]), "ok", c["path"]))
+                         format_bytes(c["compressed_bytes"]), str(c["tokenizer"]), "ok", c["path"]))
         else:
             rows.append(("?", "?", "?", "?", "?", "?", c["status"], c["path"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -1,7 +1,7 @@
-"""What a data source string names, and where its cache lives: the rules the TUI shares with the builder.
+"""Which folder a cache lives in and what its dataset is called, from a data config alone.
 
-Import-light on purpose (no `datasets`, no tokenizers), so the TUI's draft and the cache builder
-derive the same folder from the same config.
+Apart from the source readers (engine.cache.sources, which load `datasets`) so the TUI, which
+must never import them, names and finds caches by the very rule the builder uses.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from engine.paths import Layout
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 RECORD_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def looks_like_path(spec: str) -> bool:
@@ -23,9 +24,12 @@ def looks_like_path(spec: str) -> bool:
         or spec.count("/") > 1
 
 
+def is_hub_name(spec: str) -> bool:
+    return not looks_like_path(spec) and bool(HUB_NAME_RE.match(spec))
+
+
 def cache_path_for(data: DataConfig, layout: Layout) -> Path:
-    """The folder a cache for `data` lives in: --cache, else cache/packed_sequences/<seq_len>/<name>.
-    Here rather than in build.py so the TUI (which must not load the builder) uses the same rule."""
+    """The folder a cache for `data` lives in: --cache, else cache/packed_sequences/<seq_len>/<name>."""
     if data.cache:
         return Path(data.cache).expanduser().resolve()
     return layout.cache_dir(data.seq_len, derive_dataset_name(data))

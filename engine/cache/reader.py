@@ -1,4 +1,4 @@
-"""PackedCache: what training reads. Chunk-level random access, a small LRU, and refresh().
+"""PackedCache: what training reads. Chunk-level random access, an LRU of decoded chunks, and refresh().
 
 Readers take no lock: they only ever see chunks the metadata lists, and a chunk is listed only
 after its file was written, fsynced and renamed into place, so a half-written chunk is invisible.
@@ -27,11 +27,11 @@ class ChunkError(UserError):
 
 class PackedCache:
     def __init__(self, path: str | Path, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        """`cache_bytes` bounds the decoded chunks kept in memory (the most recent one always stays):
-        the stdlib sample fits whole, a large corpus keeps a window of chunks hot."""
+        """`cache_bytes` bounds the decoded chunks kept in memory (the most recent one always stays).
+        Training sizes its shuffle window by the same budget, so a window's chunks all stay decoded."""
         self.path = Path(path).expanduser().resolve()
         self._lru: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._lru_budget = max(0, cache_bytes)
+        self.cache_bytes = max(0, cache_bytes)
         self._lru_bytes = 0
         self._load(load_metadata(self.path))
 
@@ -78,7 +78,7 @@ class PackedCache:
                              f"run `packtrain-engine cache validate {self.path} --repair`") from None
         self._lru[chunk_id] = arr
         self._lru_bytes += arr.nbytes
-        while self._lru_bytes > self._lru_budget and len(self._lru) > 1:
+        while self._lru_bytes > self.cache_bytes and len(self._lru) > 1:
             self._lru_bytes -= self._lru.popitem(last=False)[1].nbytes
         return arr
 

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.cache.hub import prepare_hub_access, unreachable
-from engine.cache.naming import RECORD_BUILDERS, TEXT_SUFFIXES, looks_like_path
+from engine.cache.naming import RECORD_BUILDERS, TEXT_SUFFIXES, is_hub_name
 from engine.config import DataConfig
 from engine.errors import UserError
 
 SUPPORTED = ", ".join((*TEXT_SUFFIXES, *RECORD_BUILDERS))
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 OFFLINE_ALTERNATIVE = f"--source stdlib or a local file, folder or glob ({SUPPORTED})"
 
 HEAD_DOCS_FOR_CHUNKING = 256
@@ -214,10 +213,6 @@ def open_source(data: DataConfig) -> Source:
     if source.n_docs == 0 or source.total_bytes == 0:
         raise UserError(f"source {spec!r} holds no documents")
     return source
-
-
-def is_hub_name(spec: str) -> bool:
-    return not looks_like_path(spec) and bool(HUB_NAME_RE.match(spec))
 
 
 def _stdlib_source() -> FileSource:

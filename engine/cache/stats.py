@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.atomic import atomic_write_json, atomic_write_text
 from engine.cache.metadata import REPORT_FILE, STATS_FILE
+from engine.units import format_bytes
 
 PERCENTILES = (("median", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99))
 
@@ -95,7 +96,7 @@ def format_report(s: dict[str, Any]) -> str:
         f"- chunks: {s['chunks']:,}" + (f" of {s['planned_chunks']:,} planned" if s["planned_chunks"] else ""),
         f"- documents: {s['documents']:,}; tokens: {s['tokens']:,}; sequences: {s['sequences']:,}",
         f"- tokens dropped (remainder under one row per chunk): {s['tokens_dropped']:,} ({s['dropped_pct']:.2f}%)",
-        f"- size: {s['compressed_bytes'] / 1e6:,.2f} MB compressed, {s['raw_bytes'] / 1e6:,.2f} MB raw; "
+        f"- size: {format_bytes(s['compressed_bytes'])} compressed, {format_bytes(s['raw_bytes'])} raw; "
         f"{ratio}x raw uint16",
         "- build: " + ("–" if build is None else
                        f"{build['tokens_per_s']:,.0f} tokens/s ({build['mode']}, {build['workers']} workers, "

@@ -20,7 +20,8 @@ from typing import Any, Literal
 from engine.atomic import TMP_PREFIX, fsync_dir
 from engine.cache.hub import prepare_hub_access, unreachable
 from engine.cache.metadata import TOKENIZER_DIR, dtype_name_for_vocab
-from engine.cache.sources import Source, is_hub_name
+from engine.cache.naming import is_hub_name
+from engine.cache.sources import Source
 from engine.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"

@@ -15,6 +15,7 @@ from pathlib import Path
 from engine import catalog
 from engine.errors import UserError
 from engine.paths import Layout
+from engine.units import format_bytes
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -123,15 +124,6 @@ def run_export(args: argparse.Namespace) -> int:
     out = export_hf(checkpoint, target)
     print(f"Exported to {out}")
     return 0
-
-
-def format_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size /= 1024
-    return f"{size:,.1f} TiB"
 
 
 def _loss(v: float | None) -> str:

@@ -1,5 +1,6 @@
-"""`packtrain-engine info [--json]`: the backend a run would pick and why, and the hardware snapshot it
-would record, before starting one."""
+"""`packtrain-engine info [--json]`: the backend a run would pick and why, the hardware snapshot it
+would record, and the precision `auto` picks here for the default config, with the reason behind it;
+all before starting one."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import json
 import sys
 from typing import Any
 
-from engine.config import BACKENDS
+from engine.config import BACKENDS, RunConfig
 from engine.paths import Layout
+from engine.units import format_gib
 
 LABELS = {
     "backend": "Backend",
@@ -30,6 +32,8 @@ LABELS = {
     "python": "Python",
     "root": "Data root",
     "disk_free_gb": "Disk free",
+    "precision": "Precision (auto)",
+    "precision_reason": "Why",
 }
 
 
@@ -45,8 +49,12 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 def run_info(args: argparse.Namespace) -> int:
     from engine.backends import choose, load
 
+    layout = Layout.resolve()
     choice = choose(args.backend)
-    snap = {"backend": choice.name, "backend_reason": choice.reason, **load(choice.name).facts(Layout.resolve())}
+    backend = load(choice.name)
+    snap = {"backend": choice.name, "backend_reason": choice.reason, **backend.facts(layout)}
+    precision, why = backend.choose_precision("auto", snap["device"], RunConfig(), layout)
+    snap.update(precision=precision, precision_reason=f"{why}, for the default config")
     if args.json:
         print(json.dumps(snap, indent=2))
         return 0
@@ -68,5 +76,5 @@ def _human(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if key.endswith("_gb"):
-        return f"{value:,.1f} GiB"
+        return format_gib(value)
     return str(value)
