@@ -52,6 +52,7 @@ def refused(root: Path, capsys: pytest.CaptureFixture, *argv: str) -> str:
     (["--micro-batch", "zero"], "expected int"),
     (["--cache", "/nonexistent/cache"], "no packed cache"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    (["--backend", "jax"], "train.backend must be one of auto, torch, mlx"),
     (["--name", "done"], "already exists"),
     (["--tokenizer", "bpe:300"], "built with tokenizer"),
 ])
