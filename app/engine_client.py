@@ -13,34 +13,18 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import engine
 from engine import control, protocol
 from engine.errors import os_error_line
+from engine.launch import CONSOLE_MARK, engine_argv, engine_env, spawn_detached
 from engine.paths import Layout
 
 POLL_S = 0.25
 READ_CHUNK = 4 << 20  # bytes of log decoded per read, so attaching to a huge log never spikes memory
-CONSOLE_MARK = "--- packtrain-engine "
-
-
-def engine_argv(layout: Layout, *args: str) -> list[str]:
-    """The engine is run as `python -m engine` with the TUI's own interpreter and root."""
-    return [sys.executable, "-m", "engine", "--root", str(layout.root), *args]
-
-
-def engine_env() -> dict[str, str]:
-    """The child imports the very engine package this TUI imported, installed or not."""
-    source_root = str(Path(engine.__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH", "")
-    if source_root in path.split(os.pathsep):
-        return dict(os.environ)
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [source_root, path])))
 
 
 def tail_lines(path: Path | None, n: int = 12) -> list[str]:
@@ -201,15 +185,7 @@ def run_log_of(layout: Layout, model: str, pid: int) -> Path | None:
 
 def spawn_engine(layout: Layout, model: str, *args: str) -> EngineHandle:
     """Start `packtrain-engine <args>` detached from the TUI: own session, no stdin, output to a file."""
-    layout.ensure()
-    console = layout.console_log(model)  # next to the event logs, never parsed as one
-    with open(console, "ab") as out:
-        out.write(f"{CONSOLE_MARK}{' '.join(args)}\n".encode())
-        out.flush()
-        proc = subprocess.Popen(
-            engine_argv(layout, *args), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, env=engine_env(),
-        )
+    proc, console = spawn_detached(layout, model, *args)
     return EngineHandle(model=model, proc=proc, console=console)
 
 

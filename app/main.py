@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
 from engine.config import RunConfig
 from engine.errors import Parser, UserError
-from engine.paths import Layout
+from engine.paths import Layout, check_root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,22 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_root(layout: Layout) -> Layout:
-    """Refuse a root that can never hold data before any screen shows; it may not exist yet."""
-    anchor = layout.root
-    while not anchor.exists():
-        anchor = anchor.parent
-    if not anchor.is_dir():
-        raise UserError(f"cannot use {layout.root} as the data root: {anchor} is a file, not a folder")
-    if not os.access(anchor, os.W_OK | os.X_OK):
-        raise UserError(f"cannot use {layout.root} as the data root: {anchor} is not writable")
-    return layout
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        layout = check_root(Layout.resolve(args.root))
+        layout = check_root(Layout.resolve(args.root), writable=True)
         base = RunConfig.load(args.config).validate() if args.config else None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,14 +8,14 @@ weights, optimizer and counters, and refuses when the data under it changed. Bot
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import read_json
 from engine.backends import choose, load
 from engine.backends.base import Backend
-from engine.catalog import DISPLAY_RE
-from engine.checkpoint import Checkpointer, verify
+from engine.catalog import DISPLAY_RE, display_name
+from engine.checkpoint import Checkpointer
 from engine.config import RunConfig
 from engine.data import DataOrder, check_resume_cache, rows_in_budget
 from engine.errors import UserError
@@ -23,25 +23,20 @@ from engine.model_config import llama_config, read_config_json
 from engine.names import suggest_names, taken_names, validate_new_name
 from engine.paths import Layout, check_name
 from engine.run_log import RunLog
-from engine.schedule import Schedule, plan_schedule
+from engine.schedule import plan_schedule
+from engine.state import TRAINER_STATE, RunFile, RunRecord, read_file
 from engine.train import Options, Start, Trainer
 
 
-def read_run_json(layout: Layout, model: str) -> dict[str, Any]:
+def read_run_json(layout: Layout, model: str) -> RunFile:
     path = layout.run_json(model)
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"no run named {model!r} in {layout.checkpoints_root} (missing {path.name})") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs", []), list):
-        raise UserError(f"{path} is not a packtrain run.json")
-    return data
+    if not path.exists():
+        raise UserError(f"no run named {model!r} in {layout.checkpoints_root} (missing {path.name})")
+    return RunFile.from_dict(read_file(path), path)
 
 
-def next_run_number(history: list[dict[str, Any]]) -> int:
-    return max((int(r.get("run", 0)) for r in history), default=0) + 1
+def next_run_number(history: list[RunRecord]) -> int:
+    return max((r.run for r in history), default=0) + 1
 
 
 def open_backend(cfg: RunConfig, layout: Layout) -> tuple[Backend, str]:
@@ -82,6 +77,13 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
     return cache
 
 
+def token_ids(cache: Any) -> dict[str, int]:
+    """bos/eos/pad ids of the cache's tokenizer, for the model config and so for generate()."""
+    from engine.cache.tokenizer import special_token_ids
+
+    return special_token_ids(cache.tokenizer_dir, cache.eos_id)
+
+
 def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
     """The given name unless it is taken (engine.names.taken_reason, the TUI's rule too); else the
     first free suggestion."""
@@ -99,21 +101,28 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
             name_prefix: str = "") -> Trainer:
     """Everything a fresh run needs, checked before anything about the run is written."""
     cfg.validate()
+    if cfg.name:
+        validate_new_name(cfg.name, layout)  # now, not after a whole cache was built for it
     backend, backend_line = open_backend(cfg, layout)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
     log.info(backend_line)
     cache = open_cache(cfg, layout, backend, log, workers=workers)
-    backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len), cfg.train)
-    cfg.name = backend.broadcast(choose_name(cfg, layout, backend.n_params, cache.dataset_name, cache.seq_len,
-                                             name_prefix) if dist.is_main else None)
     order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
                             rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
+    if global_batch > order.n_train_sequences:
+        raise UserError(
+            f"a step needs {global_batch:,} sequences (micro_batch {cfg.train.micro_batch:,} x grad_accum "
+            f"{cfg.train.grad_accum:,} x {dist.world_size} processes) but {cache.path} holds only "
+            f"{order.n_train_sequences:,} training sequences; lower --micro-batch or --grad-accum, or grow the cache")
+    backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len, token_ids(cache)), cfg.train)
+    cfg.name = backend.broadcast(choose_name(cfg, layout, backend.n_params, cache.dataset_name, cache.seq_len,
+                                             name_prefix) if dist.is_main else None)
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
         log.warn(w)
-    history = read_run_json(layout, cfg.name).get("runs", []) if layout.run_json(cfg.name).exists() else []
+    history = read_run_json(layout, cfg.name).runs if layout.run_json(cfg.name).exists() else []
     start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(history), schedule=schedule, order=order,
                   cache_sequences=cache.n_sequences, history=history)
     checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
@@ -159,10 +168,11 @@ def model_of(ref: str, layout: Layout) -> tuple[str, str]:
 def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
                reset_optimizer: bool = False) -> Trainer:
     """Rebuild the exact training state a checkpoint holds; refuse if its data changed underneath.
+    Everything is checked before the Trainer exists, so a refused resume writes nothing.
     `reset_optimizer` carries the weights only (fresh AdamW moments), e.g. onto another optimizer layout."""
     name, ref = model_of(ref, layout)
-    history = read_run_json(layout, name)
-    saved_cfg = RunConfig.from_dict(history)
+    run_file = read_run_json(layout, name)
+    saved_cfg = RunConfig.from_dict(run_file.config)
     saved_cfg.name = saved_cfg.name or name
     cfg = override(RunConfig.from_dict(saved_cfg.to_dict())) if override else saved_cfg
     check_overrides(saved_cfg, cfg)
@@ -173,35 +183,36 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     log.info(backend_line)
     checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
     path = Path(backend.broadcast(str(checkpointer.resolve(ref)) if dist.is_main else None))
-    problem = verify(path)  # before reading its config: a torn or foreign folder goes no further
-    if problem is not None:
-        raise UserError(f"checkpoint {path} is unusable: {problem}")
-    backend.build(read_config_json(path), cfg.train)
-    state = checkpointer.load(path, backend, optimizer=not reset_optimizer)
-    saved_backend = state.get("backend", "torch")
-    if saved_backend != backend.name:
-        log.info(f"Continuing a {saved_backend} checkpoint on {backend.name}: the weights"
-                 + (" carry, the optimizer starts fresh" if reset_optimizer else " and AdamW state carry")
-                 + f"; losses follow a {saved_backend} resume only to float tolerance")
-    elif reset_optimizer:
-        log.info("Optimizer state reset (--reset-optimizer): the weights carry, AdamW moments start at zero")
+    state = checkpointer.open(path)  # the files' hashes and the whole state's shape, before anything is built
+    source = path / TRAINER_STATE
+    backend.check_rng_state(state.rng, source)
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
-    if int(state.get("global_batch", global_batch)) != global_batch:
+    if state.global_batch != global_batch:
         raise UserError(
-            f"global batch changed: the run used {state['global_batch']} sequences per step, now "
+            f"global batch changed: the run used {state.global_batch} sequences per step, now "
             f"{cfg.train.micro_batch} x {cfg.train.grad_accum} x {dist.world_size} = {global_batch}; "
             "keep micro_batch x grad_accum x processes the same"
         )
-    cache = open_cache(cfg, layout, backend, log, recorded=state["cache"].get("path"))
-    order = DataOrder.restore(state["data"], state.get("growth_events", []), cache.chunk_sizes)
-    check_resume_cache(state["cache"], cache, cache.manifest_hash(order.known_chunks))
+    cache = open_cache(cfg, layout, backend, log, recorded=state.cache.path)
+    order = DataOrder.restore(state.data, state.growth_events, cache.chunk_sizes)
+    if state.cursor >= order.n_train_sequences or any(e.epoch > state.epoch for e in order.events):
+        raise UserError(f"{source}: field 'cursor' ({state.cursor:,} in epoch {state.epoch}) is not a position in "
+                        f"this run's data ({order.n_train_sequences:,} training sequences per epoch)")
+    check_resume_cache(asdict(state.cache), cache, cache.manifest_hash(order.known_chunks))
+    backend.build({**read_config_json(path), **token_ids(cache)}, cfg.train)
+    checkpointer.load(path, backend, optimizer=not reset_optimizer)
+    if state.backend != backend.name:
+        log.info(f"Continuing a {state.backend} checkpoint on {backend.name}: the weights"
+                 + (" carry, the optimizer starts fresh" if reset_optimizer else " and AdamW state carry")
+                 + f"; losses follow a {state.backend} resume only to float tolerance")
+    elif reset_optimizer:
+        log.info("Optimizer state reset (--reset-optimizer): the weights carry, AdamW moments start at zero")
     start = Start(
-        cfg=cfg, model_name=name, run=next_run_number(history.get("runs", [])),
-        schedule=Schedule.from_dict(state["plan"]["schedule"]), order=order, step=int(state["step"]),
-        epoch=int(state["epoch"]), cursor=int(state["cursor"]), tokens_seen=int(state.get("tokens_seen", 0)),
-        elapsed_s=float(state.get("elapsed_s", 0.0)), best_eval_loss=state.get("best_eval_loss"),
-        cache_sequences=int(state["cache"]["total_sequences"]), resumed_from=state.get("display_name", path.name),
-        rng=state.get("rng"), scaler=state.get("scaler"), history=history.get("runs", []),
+        cfg=cfg, model_name=name, run=next_run_number(run_file.runs), schedule=state.plan.schedule, order=order,
+        step=state.step, epoch=state.epoch, cursor=state.cursor, tokens_seen=state.tokens_seen,
+        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss, cache_sequences=state.cache.total_sequences,
+        resumed_from=display_name(name, state.step, state.run), rng=state.rng, scaler=state.scaler,
+        history=run_file.runs,
     )
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
 

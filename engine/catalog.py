@@ -1,9 +1,10 @@
 """What is on disk, as plain data: checkpoints, runs and caches, for the TUI, the CLI and scripts.
 
-Import-light on purpose (json, os, psutil and the import-light engine modules): the TUI calls these
-functions on every refresh, so they never import torch and never hash big files. Validity here is
-the cheap check: MANIFEST.json parses and every file it lists is present with the recorded size.
-The full check (content hashes) is engine.checkpoint.verify, run before a checkpoint is loaded.
+Import-light on purpose (json, os, psutil, xxhash and the import-light engine modules): the TUI
+calls these functions on every refresh, so they never import torch. Validity in a listing is what
+resume applies: every file intact by its hash (engine.manifest; a file is hashed once, and again
+only when its size or mtime changes) and a trainer_state.json of the right shape (engine.state), so
+a checkpoint resume would skip is never offered as valid or `latest`.
 
 Deleting lives here too, because the TUI's manage screen and `packtrain-engine checkpoints delete`
 must apply the same refusals: only committed checkpoint folders inside checkpoints/, never the
@@ -22,28 +23,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import eval_log
 from engine.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, read_json
 from engine.control import EngineInfo, engine_lock_held, live_engine, live_engines
 from engine.errors import UserError
-from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, is_name
-from engine.protocol import Event, Finished, Plan, RunStarted, Step, decode, read_events, to_dict
+from engine.manifest import MANIFEST, InvalidCheckpoint, Verdicts, checkpoint_problem, read_manifest, verify
+from engine.paths import CHECKPOINT_RE, NAME_RE, Layout, check_name, is_name
+from engine.protocol import EvalResult, Event, Finished, Plan, RunStarted, Step, decode, read_events, to_dict
+from engine.state import TRAINER_STATE, TrainerState
 
 __all__ = [
-    "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "read_run", "list_caches",
+    "CheckpointEntry", "RunEntry", "list_checkpoints", "list_runs", "run_logs", "read_run", "list_caches",
     "live_engines", "display_name", "find_checkpoint", "plan_delete", "delete_checkpoints",
 ]
 
-MANIFEST = "MANIFEST.json"
-TRAINER_STATE = "trainer_state.json"
-TRAINER_STATE_FORMAT = "packtrain.trainer_state/1"
+MODEL_FILE = "model.safetensors"
 DELETE_PREFIX = f"{TMP_PREFIX}delete-"
 DISPLAY_RE = re.compile(r"^(?P<model>[A-Za-z0-9._-]+)_checkpoint_(?P<step>\d+)_run_(?P<run>\d+)$")
 RUN_LOG_RE = re.compile(r"^(?P<model>[A-Za-z0-9._-]+)_run_(?P<run>\d+)\.jsonl$")
 TAIL_BYTES = 256 * 1024  # enough for the last step, plan and finished events of any log
-
-
-class InvalidCheckpoint(ValueError):
-    """A checkpoint folder that must not be loaded; the message is the reason, one line."""
 
 
 def display_name(model: str, step: int, run: int | None) -> str:
@@ -51,44 +49,6 @@ def display_name(model: str, step: int, run: int | None) -> str:
 
 
 # --- one checkpoint folder -----------------------------------------------------------------------
-
-
-def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    """MANIFEST.json as {file: {"bytes": int, "hash": "<algo>:<hex>"}}; raises InvalidCheckpoint."""
-    try:
-        manifest = read_json(path / MANIFEST)
-    except FileNotFoundError:
-        raise InvalidCheckpoint("MANIFEST.json is missing (save did not finish)") from None
-    except (OSError, ValueError) as e:
-        raise InvalidCheckpoint(f"MANIFEST.json is unreadable: {e}") from None
-    if not isinstance(manifest, dict) or not manifest:
-        raise InvalidCheckpoint("MANIFEST.json is not a packtrain manifest")
-    for name, entry in manifest.items():
-        if os.sep in name or name.startswith(".") or not isinstance(entry, dict):
-            raise InvalidCheckpoint(f"MANIFEST.json has a foreign entry {name!r}")
-        if type(entry.get("bytes")) is not int or not isinstance(entry.get("hash"), str):
-            raise InvalidCheckpoint(f"MANIFEST.json entry {name!r} lacks bytes or hash")
-    return manifest
-
-
-def check_sizes(path: Path, manifest: dict[str, dict[str, Any]]) -> None:
-    """Every listed file exists with its recorded size: catches torn copies and truncation."""
-    for name, entry in manifest.items():
-        try:
-            size = (path / name).stat().st_size
-        except FileNotFoundError:
-            raise InvalidCheckpoint(f"{name} is missing") from None
-        if size != entry["bytes"]:
-            raise InvalidCheckpoint(f"{name} is {size:,} bytes, the manifest says {entry['bytes']:,}")
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint folder is unusable (cheap check), or None when it looks complete."""
-    try:
-        check_sizes(path, read_manifest(path))
-    except InvalidCheckpoint as e:
-        return str(e)
-    return None
 
 
 def read_trainer_state(path: Path) -> dict[str, Any] | None:
@@ -140,11 +100,29 @@ def remove_checkpoint_dir(path: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def newest_intact(layout: Layout, model: str) -> str | None:
-    for _, path in checkpoint_dirs(layout.model_dir(model)):
-        if checkpoint_problem(path) is None:
-            return path.name
+def state_problem(state: dict[str, Any] | None) -> str | None:
+    """Why a trainer_state.json (as read_trainer_state found it) cannot be resumed from, or None."""
+    if state is None:
+        return f"{TRAINER_STATE} is unreadable"
+    try:
+        TrainerState.from_dict(state, TRAINER_STATE)
+    except UserError as e:
+        return str(e)
     return None
+
+
+def usable_problem(path: Path, verdicts: Verdicts | None = None) -> str | None:
+    """Why resume would skip this checkpoint (a torn or corrupt file, or a state of the wrong shape),
+    or None: the one rule behind the list's validity, `latest` and the newest valid checkpoint."""
+    return verify(path, verdicts) or state_problem(read_trainer_state(path))
+
+
+def newest_intact(layout: Layout, model: str) -> str | None:
+    verdicts = Verdicts(layout.verdicts(model))
+    found = next((path.name for _, path in checkpoint_dirs(layout.model_dir(model))
+                  if usable_problem(path, verdicts) is None), None)
+    verdicts.save()
+    return found
 
 
 # --- listing -------------------------------------------------------------------------------------
@@ -167,15 +145,18 @@ class CheckpointEntry:
     reason: str | None
     is_latest: bool
     running: bool
+    kept_eval: dict[str, Any] | None = None  # the newest `packtrain-engine eval` result of these weights
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def model_names(layout: Layout) -> list[str]:
+    """Model folders under checkpoints/; a symlinked one is not listed (it may point anywhere, and
+    delete and export refuse its checkpoints)."""
     root = layout.checkpoints_root
     try:
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and is_name(p.name))
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink() and is_name(p.name))
     except OSError:
         return []
 
@@ -186,21 +167,28 @@ def list_checkpoints(layout: Layout, model: str | None = None) -> list[Checkpoin
     for name in [model] if model else model_names(layout):
         latest = read_latest(layout, name)
         running = live_engine(layout, name) is not None
+        verdicts = Verdicts(layout.verdicts(name))
+        evals = eval_log.read(layout, name)
         for step, path in checkpoint_dirs(layout.model_dir(name)):
             try:
-                entries.append(_entry(name, step, path, latest, running))
+                entries.append(_entry(name, step, path, latest, running, verify(path, verdicts), evals))
             except FileNotFoundError:
                 continue  # rotated away while we listed
+        verdicts.save()
     return sorted(entries, key=lambda e: (e.saved_at or 0.0, e.step), reverse=True)
 
 
-def _entry(model: str, step: int, path: Path, latest: str | None, running: bool) -> CheckpointEntry:
-    state = read_trainer_state(path) or {}
-    reason = checkpoint_problem(path)
-    if reason is None and not state:
-        reason = "trainer_state.json is unreadable"
+def _entry(model: str, step: int, path: Path, latest: str | None, running: bool, problem: str | None,
+           evals: list[EvalResult] | None = None) -> CheckpointEntry:
+    """One row; `problem` is what the files' check found, the state's shape is checked here."""
+    state = read_trainer_state(path)
+    reason = problem or state_problem(state)
+    state = state or {}
     cache = state.get("cache") if isinstance(state.get("cache"), dict) else {}
     run = run_of(state)
+    kept = None
+    if evals and reason is None:
+        kept = eval_log.latest(evals, display_name(model, step, run), weights_hash(path))
     size = 0
     saved_at = state.get("saved_at")
     with os.scandir(path) as it:
@@ -215,7 +203,17 @@ def _entry(model: str, step: int, path: Path, latest: str | None, running: bool)
         loss=_num(state.get("loss")), eval_loss=_num(state.get("eval_loss")),
         saved_at=_num(saved_at), dataset=_str(cache.get("dataset_name")), sequences=_int(cache.get("total_sequences")),
         size_bytes=size, valid=reason is None, reason=reason, is_latest=path.name == latest, running=running,
+        kept_eval=to_dict(kept) if kept else None,
     )
+
+
+def weights_hash(path: Path) -> str:
+    """The manifest's hash of the weights file: what ties a kept eval result to these exact weights."""
+    try:
+        entry = read_manifest(path).get(MODEL_FILE)
+    except InvalidCheckpoint:
+        return ""
+    return entry["hash"] if entry else ""
 
 
 def run_of(state: dict[str, Any] | None) -> int | None:
@@ -272,6 +270,17 @@ def list_runs(layout: Layout) -> list[RunEntry]:
         run = (header.run if header is not None else 0) or int(m.group("run"))
         runs.append(_run_entry(path, header, model, run, engines[model]))
     return sorted(runs, key=lambda r: (r.started or 0.0, r.run), reverse=True)
+
+
+def run_logs(layout: Layout, model: str) -> list[tuple[int, Path]]:
+    """(run, log) for every run log of one model, oldest run first; by file name, so it costs no reads."""
+    check_name(model, "model name")
+    found = []
+    for path in layout.logs_root.glob(f"{model}_run_*.jsonl"):
+        m = RUN_LOG_RE.match(path.name)
+        if m and m.group("model") == model and path.is_file():
+            found.append((int(m.group("run")), path))
+    return sorted(found)
 
 
 def _run_entry(path: Path, header: RunStarted | None, model: str, run: int, engine: EngineInfo | None) -> RunEntry:
@@ -411,7 +420,8 @@ def plan_delete(layout: Layout, refs: list[str]) -> list[CheckpointEntry]:
         model = path.parent.name
         _refuse_if_in_use(layout, model, path)
         latest = read_latest(layout, model)
-        entries.append(_entry(model, int(CHECKPOINT_RE.match(path.name).group(1)), path, latest, False))  # type: ignore[union-attr]
+        step = int(CHECKPOINT_RE.match(path.name).group(1))  # type: ignore[union-attr]
+        entries.append(_entry(model, step, path, latest, False, checkpoint_problem(path)))
     return entries
 
 

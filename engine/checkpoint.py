@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -29,26 +30,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import xxhash
+from safetensors import SafetensorError
 
 from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, remove_stale_tmp
 from engine.backends.base import Backend
 from engine.catalog import (
-    DELETE_PREFIX, MANIFEST, TRAINER_STATE, TRAINER_STATE_FORMAT, InvalidCheckpoint, check_sizes,
-    checkpoint_dirs, checkpoint_problem, display_name, find_checkpoint, read_latest, read_manifest,
-    read_trainer_state, remove_checkpoint_dir, write_latest,
+    MODEL_FILE, checkpoint_dirs, display_name, find_checkpoint, read_latest, read_trainer_state, remove_checkpoint_dir,
+    usable_problem, write_latest,
 )
 from engine.config import TrainConfig
 from engine.control import engine_lock_held, live_engine
 from engine.errors import UserError
+from engine.manifest import (
+    MANIFEST, Verdicts, check_sizes, hash_file, read_manifest, remember, verify,
+)
 from engine.model_config import read_config_json
 from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
+from engine.state import TRAINER_STATE, TRAINER_STATE_FORMAT, OptimizerState, TrainerState, load_trainer_state
 
-MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
-HASH_ALGO = "xxh3_64"
 SUPERSEDED_PREFIX = f"{TMP_PREFIX}superseded-"
 # Files of ours a tokenizer folder must never overwrite, and weight files that are not tokenizer files.
 RESERVED = {MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, GENERATION_FILE, TRAINER_STATE, MANIFEST}
@@ -57,6 +59,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5"
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
 HF_FILES_EXCLUDED = {OPTIMIZER_FILE, TRAINER_STATE, MANIFEST}
+# Written first into an export's temporary folder and removed just before the rename: it marks the
+# folder as ours, so cleaning up after a killed export never touches a folder of the user's.
+EXPORT_MARKER = ".packtrain-export"
+GLOB_CHARS = frozenset("*?[]")
 
 
 @dataclass
@@ -72,14 +78,8 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def hash_file(path: Path, *, fsync: bool = False) -> str:
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-        if fsync:
-            os.fsync(f.fileno())
-    return f"{HASH_ALGO}:{h.hexdigest()}"
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def fsync_file(path: Path) -> None:
@@ -90,25 +90,20 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def verify(path: Path) -> str | None:
-    """Full check before loading: manifest, sizes and every file's hash. None when intact."""
-    try:
-        manifest = read_manifest(path)
-        check_sizes(path, manifest)
-        for name, entry in manifest.items():
-            if not entry["hash"].startswith(f"{HASH_ALGO}:"):
-                raise InvalidCheckpoint(f"{name} uses unknown hash {entry['hash'].split(':')[0]!r}")
-            if hash_file(path / name) != entry["hash"]:
-                raise InvalidCheckpoint(f"{name} is corrupt (hash mismatch)")
-    except InvalidCheckpoint as e:
-        return str(e)
-    return None
+def checked_state(path: Path) -> TrainerState:
+    """The state of a checkpoint after the full check, before anything is loaded or written.
+    Raises UserError with one line for a torn, foreign or corrupt checkpoint or a bad state."""
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} is unusable: {problem}")
+    return load_trainer_state(path)
 
 
 def export_hf(checkpoint: Path, out_dir: Path) -> Path:
     """A plain HF folder (weights, config, tokenizer; no optimizer or trainer state), committed with
     one rename so a half-written export never looks complete."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_export_name(out_dir)
     problem = verify(checkpoint)
     if problem is not None:
         raise UserError(f"cannot export {checkpoint}: {problem}")
@@ -121,16 +116,18 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
         raise UserError(f"cannot export to {out_dir}: {created.parent} is a file, not a folder")
     created_any = created != out_dir
     if not created_any:  # an export to this name that was killed: its half copy goes now
-        for stale in out_dir.parent.glob(f"{TMP_PREFIX}{out_dir.name}-*"):
+        for stale in stale_exports(out_dir):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}-{uuid.uuid4().hex[:8]}")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
+        (tmp / EXPORT_MARKER).touch()
         for name in read_manifest(checkpoint):
             if name not in HF_FILES_EXCLUDED:
                 shutil.copyfile(checkpoint / name, tmp / name)
                 fsync_file(tmp / name)
+        (tmp / EXPORT_MARKER).unlink()
         fsync_dir(tmp)
         os.rename(tmp, out_dir)
         fsync_dir(out_dir.parent)
@@ -142,6 +139,31 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
             raise UserError(f"cannot export to {out_dir}: {e.strerror or e}") from None
         raise
     return out_dir
+
+
+def check_export_name(out_dir: Path) -> None:
+    """An export folder's name is typed by a person: glob characters there are a quoting mistake
+    (`'out/*'`), and control characters never name a folder anyone meant to create."""
+    name = out_dir.name
+    if not name or name in {".", ".."}:
+        raise UserError(f"cannot export to {out_dir}: give the name of a new folder")
+    odd = sorted({c for c in name if c in GLOB_CHARS or not c.isprintable()})
+    if odd:
+        raise UserError(f"refusing to export to {str(out_dir)!r}: its name holds {''.join(odd)!r}; "
+                        "choose a plain folder name")
+
+
+def stale_exports(out_dir: Path) -> list[Path]:
+    """Temporaries a killed export to `out_dir` left beside it: exactly our name pattern (the escaped
+    folder name plus an 8-hex id), a real folder, and either our marker inside or nothing at all (killed
+    before the marker was written). A user's own `.tmp-<name>-backup/` matches none of that."""
+    pattern = re.compile(re.escape(f"{TMP_PREFIX}{out_dir.name}-") + "[0-9a-f]{8}")
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+            and ((p / EXPORT_MARKER).is_file() or not any(p.iterdir()))]
 
 
 class Checkpointer:
@@ -162,7 +184,6 @@ class Checkpointer:
         self.dir = layout.model_dir(model_name)
         self.keep_last = keep_last
         self.log = log or (lambda message: None)
-        self._verified: dict[Path, int] = {}  # path -> MANIFEST mtime_ns of a full check that passed
         self._recover()
 
     # --- recovery --------------------------------------------------------------------------------
@@ -232,16 +253,20 @@ class Checkpointer:
                 os.rename(target, aside)
             os.rename(tmp, target)
             fsync_dir(self.dir)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if aside is not None and not target.exists():
                 os.rename(aside, target)
+            if isinstance(e, SafetensorError):  # a full disk while writing tensors: not an OSError
+                raise UserError(f"cannot save {name} in {self.dir}: {one_line(e)}", exit_code=1) from None
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         write_latest(self.layout, self.model_name, name)
-        self._verified[target] = (target / MANIFEST).stat().st_mtime_ns
-        self._rotate()
+        verdicts = Verdicts(self.layout.verdicts(self.model_name))  # every file was just hashed: a listing needn't
+        remember(target, check_sizes(target, manifest), None, verdicts)
+        self._rotate(verdicts)
+        verdicts.save()
         return SavedCheckpoint(
             path=target, display_name=state["display_name"],
             bytes=sum(e["bytes"] for e in manifest.values()), seconds=time.perf_counter() - started,
@@ -259,10 +284,11 @@ class Checkpointer:
         state.setdefault("eval_loss", None)
         return state
 
-    def _rotate(self) -> None:
-        """Keep the last N intact checkpoints, the best by eval loss and whatever `latest` names;
-        torn folders are left for the user to inspect (they list as invalid)."""
-        intact = [(step, path) for step, path in checkpoint_dirs(self.dir) if checkpoint_problem(path) is None]
+    def _rotate(self, verdicts: Verdicts) -> None:
+        """Keep the last N usable checkpoints (the listing's rule, from cached verdicts), the best by
+        eval loss and whatever `latest` names; torn or corrupt folders are left for the user to
+        inspect (they list as invalid) and never count towards N."""
+        intact = [(step, path) for step, path in checkpoint_dirs(self.dir) if usable_problem(path, verdicts) is None]
         keep = {path for _, path in intact[: self.keep_last]}
         scored = [(loss, step, path) for step, path in intact
                   if isinstance(loss := (read_trainer_state(path) or {}).get("eval_loss"), (int, float))
@@ -277,30 +303,23 @@ class Checkpointer:
                 remove_checkpoint_dir(path)
             except FileNotFoundError:
                 continue
-            self._verified.pop(path, None)
             self.log(f"rotation: deleted {path.name}")
 
     # --- find and load -----------------------------------------------------------------------------
     def newest_valid(self) -> Path | None:
-        """The highest-step checkpoint that passes the full check; each skipped one is logged."""
+        """The highest-step checkpoint that passes the full check (files and state shape), the rule
+        the catalog lists by; each skipped one is logged."""
         for _, path in checkpoint_dirs(self.dir):
-            problem = self._check(path)
+            problem = usable_problem(path)
             if problem is None:
                 return path
             self.log(f"skipping {path.name}: {problem}")
         return None
 
-    def _check(self, path: Path) -> str | None:
-        try:
-            mtime = (path / MANIFEST).stat().st_mtime_ns
-        except OSError:
-            mtime = None
-        if mtime is not None and self._verified.get(path) == mtime:
-            return None
-        problem = verify(path)
-        if problem is None and mtime is not None:
-            self._verified[path] = mtime
-        return problem
+    def open(self, path: Path) -> TrainerState:
+        """The state of a checkpoint after the full check, before anything is loaded or written.
+        Raises UserError with one line for a torn, foreign or corrupt checkpoint or a bad state."""
+        return checked_state(path)
 
     def resolve(self, ref: str) -> Path:
         """A checkpoint folder from the model name (newest valid), `latest`, a folder name like
@@ -308,7 +327,9 @@ class Checkpointer:
         if ref == self.model_name:
             found = self.newest_valid()
             if found is None:
-                raise UserError(f"no valid checkpoint of {self.model_name!r} in {self.dir}")
+                newest = next((path for _, path in checkpoint_dirs(self.dir)), None)
+                why = f" (newest, {newest.name}: {usable_problem(newest)})" if newest is not None else ""
+                raise UserError(f"no valid checkpoint of {self.model_name!r} in {self.dir}{why}")
             return found
         if ref == "latest":
             name = read_latest(self.layout, self.model_name)
@@ -322,22 +343,20 @@ class Checkpointer:
             raise UserError(f"{ref!r} is a checkpoint of {path.parent.name!r}, not {self.model_name!r}")
         return path
 
-    def load(self, path: Path, backend: Backend, optimizer: bool = True) -> dict[str, Any]:
-        """Restore weights (and optimizer state) into `backend` after the full check; returns
-        trainer_state. Raises UserError with one line for a torn, foreign or mismatched checkpoint."""
+    def load(self, path: Path, backend: Backend, optimizer: bool = True) -> TrainerState:
+        """Restore weights (and optimizer state) into `backend` after the full check; returns the
+        trainer state. Raises UserError with one line for a torn, foreign or mismatched checkpoint."""
         path = Path(path)
-        problem = self._check(path)
-        if problem is not None:
-            raise UserError(f"checkpoint {path} is unusable: {problem}")
-        state = read_trainer_state(path)
-        if state is None or state.get("format") != TRAINER_STATE_FORMAT:
-            raise UserError(f"{path} is not a packtrain checkpoint (trainer_state.json missing or foreign)")
+        state = self.open(path)
         check_shape(path, backend.model_config())
-        load_weights(path, backend)
-        if optimizer:
-            if not (path / OPTIMIZER_FILE).is_file() or "optimizer" not in state:
-                raise UserError(f"checkpoint {path.name} holds no optimizer state to resume from")
-            load_optimizer(path / OPTIMIZER_FILE, state["optimizer"], backend)
+        try:
+            load_weights(path, backend)
+            if optimizer:
+                if not (path / OPTIMIZER_FILE).is_file() or state.optimizer is None:
+                    raise UserError(f"checkpoint {path.name} holds no optimizer state to resume from")
+                load_optimizer(path / OPTIMIZER_FILE, state.optimizer, backend)
+        except SafetensorError as e:  # intact by hash, yet not a tensor file this library reads
+            raise UserError(f"checkpoint {path.name} has unreadable tensors: {one_line(e)}") from None
         return state
 
 
@@ -378,32 +397,42 @@ def load_weights(path: Path, backend: Backend) -> None:
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    if not src.is_dir():
-        raise UserError(f"tokenizer folder {src} does not exist")
+    """Regular files only: a symlink in the cache's tokenizer folder could point at any readable
+    file, which would then travel in every checkpoint, its MANIFEST and every export."""
+    if src.is_symlink() or not src.is_dir():
+        raise UserError(f"tokenizer folder {src} does not exist or is a symlink")
     for p in sorted(src.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name not in RESERVED and not p.name.endswith(WEIGHT_SUFFIXES):
+        if p.is_symlink() or not p.is_file():
+            continue
+        if not p.name.startswith(".") and p.name not in RESERVED and not p.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(p, dst / p.name)
 
 
 # --- optimizer state ------------------------------------------------------------------------------
 
 
-def load_optimizer(file: Path, saved: dict[str, Any], backend: Backend) -> None:
-    """Optimizer state by parameter name, whichever backend saved it: the groups must hold the
-    same names (in any order) and every tensor must belong to a parameter of this model."""
-    groups = saved.get("param_groups")
+def load_optimizer(file: Path, saved: OptimizerState, backend: Backend) -> None:
+    """Optimizer state by parameter name, whichever backend saved it, checked before it is loaded: a
+    tensor of the wrong shape would otherwise fail at the first step, after the run has started. The
+    groups must hold the same names (in any order); the backend checks the hyperparameters."""
+    where = f"optimizer state in {file.parent.name}"
     current = backend.optimizer_groups()
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups) \
-            or [set(g["params"]) for g in groups] != [set(names) for names in current]:
-        raise UserError(f"optimizer state in {file.parent.name} was saved for different parameter groups; "
-                        "resume with --reset-optimizer to continue the weights with fresh optimizer state")
-    flat = {name for names in current for name in names}
+    if [set(g.get("params") or ()) for g in saved.param_groups] != [set(names) for names in current]:
+        raise UserError(f"{where} was saved for different parameter groups; resume with --reset-optimizer "
+                        "to continue the weights with fresh optimizer state")
+    shapes = backend.weight_shapes()
     by_param: dict[str, dict[str, Any]] = {}
     for key, tensor in backend.load_tensors(file).items():
         param, _, entry = key.partition("/")
         by_param.setdefault(param, {})[entry] = tensor
-    stray = sorted(set(by_param) - flat)
+    stray = sorted((set(by_param) | set(saved.scalars)) - {name for names in current for name in names})
     if stray:
-        raise UserError(f"optimizer state in {file.parent.name} holds tensors for unknown parameters "
-                        f"(e.g. {stray[0]})")
-    backend.load_optimizer_state(by_param, saved)
+        raise UserError(f"{where} holds state for unknown parameters (e.g. {stray[0]})")
+    for name, entry in by_param.items():
+        for key, tensor in entry.items():
+            if len(tensor.shape) and tuple(tensor.shape) != shapes[name]:
+                raise UserError(f"{where}: {name}/{key} is {tuple(tensor.shape)}, the parameter {shapes[name]}")
+        clash = sorted(set(entry) & set(saved.scalars.get(name, {})))
+        if clash:
+            raise UserError(f"{where}: {name}/{clash[0]} is both a tensor and a scalar")
+    backend.load_optimizer_state(by_param, saved, where)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import Parser, UserError, os_error_line
+from engine.paths import Layout, check_root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.root is not None:
         os.environ["PACKTRAIN_HOME"] = os.path.abspath(args.root)
     try:
+        check_root(Layout.resolve(), writable=False)
         return int(args.handler(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

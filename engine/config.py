@@ -7,24 +7,34 @@ checkpoints/<name>/run.json, so a saved run.json reproduces the run. Import-ligh
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from engine.errors import UserError
+from engine.errors import UserError, shown
+from engine.llama_json import check_fits, read_llama_json
 from engine.paths import check_name
 from engine.presets import PRESETS
+from engine.user_files import MAX_PATH, read_user_text
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "torch", "mlx")  # auto: mlx on Apple Silicon when mlx-lm is installed, else torch
+SECTIONS = ("model", "data", "train")
 MAX_SEQ_LEN = 1 << 20
+MAX_COUNT = 10**15  # steps, tokens, documents, intervals: beyond any real run, and exact as a float
+MAX_BATCH = 1 << 20  # sequences per micro-batch, or micro-batches per step
+INT_LIMITS = {"seq_len": MAX_SEQ_LEN, "micro_batch": MAX_BATCH, "grad_accum": MAX_BATCH}  # else MAX_COUNT
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed accepts
+MAX_DIGITS = 100  # '1e400' as an integer is refused before it is expanded
 
 
 @dataclass
@@ -84,6 +94,9 @@ class TrainConfig:
     shuffle_buffer_mb: int = 1024  # decoded rows shuffled together (and kept decoded): all of a cache that fits
 
 
+SECTION_TYPES: dict[str, type] = dict(zip(SECTIONS, (ModelConfig, DataConfig, TrainConfig)))
+
+
 @dataclass
 class RunConfig:
     name: str = ""
@@ -97,32 +110,40 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        if not isinstance(data, dict):
-            raise UserError("config must be a mapping with 'name', 'model', 'data' and 'train' sections")
-        data = dict(data.get("config", data))  # run.json wraps the config with its runs history
-        cfg = cls(name=str(data.pop("name", "") or ""))
-        for section in ("model", "data", "train"):
-            values = data.pop(section, None) or {}
+        data = _unwrap(data)
+        cfg = cls(name=_coerce(data.pop("name", None), str, "name") or "")
+        for section in SECTIONS:
+            if section not in data:
+                continue
+            values = data.pop(section)
             if not isinstance(values, dict):
-                raise UserError(f"config section '{section}' must be a mapping")
+                raise UserError(f"config section '{section}' must be a mapping of its keys, got {shown(values)}")
             setattr(cfg, section, _build(type(getattr(cfg, section)), values, section))
         if data:
-            raise UserError(f"unknown config key(s): {', '.join(sorted(data))}")
+            raise UserError(f"unknown config key(s): {_key_list(data)}")
         return cfg
+
+    @staticmethod
+    def read(path: str | Path) -> dict[str, Any]:
+        """A config file's mapping as written (run.json's included), before any value is converted."""
+        p = Path(path)
+        text = read_user_text(p, "config")
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        try:
+            data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"config {p} is not valid {kind}: {shown(first)}") from None
+        except RecursionError:
+            raise UserError(f"config {p} is nested too deeply to be a run config") from None
+        if data is None:
+            raise UserError(f"config {p} is empty")
+        _unwrap(data)  # refuse a list or a scalar here, where the file is named
+        return data
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"cannot read config {p}: {e.strerror or e}") from None
-        try:
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"config {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {first}") from None
-        return cls.from_dict(data or {})
+        return cls.from_dict(cls.read(path))
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -135,49 +156,61 @@ class RunConfig:
 
     # --- checks ------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
+        """Every refusal a config can earn without looking at a cache: before any cache work, any
+        write and the torch import. Values set in code get the same type checks as parsed ones."""
+        _require(isinstance(self.name, str), f"name: expected str, got {shown(self.name)}")
         if self.name:
             check_name(self.name, "model name")
+        _check_fields(self.model, "model.")
+        _check_fields(self.train, "train.")
         m, d, t = self.model, self.data, self.train
         if m.model_config is None and m.preset not in PRESETS:
-            raise UserError(f"unknown preset {m.preset!r}; choose one of {', '.join(PRESETS)}")
-        if m.model_config is not None and not Path(m.model_config).is_file():
-            raise UserError(f"model config {m.model_config!r} does not exist")
+            raise UserError(f"unknown preset {shown(m.preset)}; choose one of {', '.join(PRESETS)}")
         if d.source is None and d.cache is None and d.dataset_name is None:
             raise UserError("data: give a source, a dataset_name or a cache path")
-        if d.dataset_name is not None:
-            check_name(d.dataset_name, "dataset name")
-        _require(d.seq_len >= 2, f"data.seq_len must be at least 2, got {d.seq_len}")
-        _require(d.seq_len <= MAX_SEQ_LEN, f"data.seq_len {d.seq_len} is unreasonably large (at most {MAX_SEQ_LEN:,})")
-        for key in ("docs_per_chunk", "max_docs", "max_chunks"):
-            v = getattr(d, key)
-            _require(v is None or v >= 1, f"data.{key} must be positive, got {v}")
-        _require(d.eval_chunks >= 0, f"data.eval_chunks must be >= 0, got {d.eval_chunks}")
+        check_data(d)
+        if m.model_config is not None:
+            check_fits(read_llama_json(m.model_config), d.seq_len, f"model config {m.model_config}")
         for key in ("micro_batch", "grad_accum", "save_interval", "log_interval", "eval_interval", "eval_batches"):
             v = getattr(t, key)
             _require(v >= 1, f"train.{key} must be a positive integer, got {v}")
         _require(t.keep_last >= 2, f"train.keep_last must be at least 2, got {t.keep_last}")
-        for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip", "warmup_ratio",
-                    "wsd_decay_ratio", "epochs", "epoch_fraction"):
-            _require(math.isfinite(getattr(t, key)), f"train.{key} must be a finite number, got {getattr(t, key)}")
         _require(t.lr > 0, f"train.lr must be a positive number, got {t.lr}")
         _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
         _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
         _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
-        _require(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {t.schedule!r}")
+        _require(t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}, got {shown(t.schedule)}")
         _require(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         _require(t.warmup_steps is None or t.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _require(0 < t.wsd_decay_ratio <= 1, f"train.wsd_decay_ratio must be in (0, 1], got {t.wsd_decay_ratio}")
         _require(t.epochs > 0, f"train.epochs must be positive, got {t.epochs}")
         _require(0 < t.epoch_fraction <= 1, f"train.epoch_fraction must be in (0, 1], got {t.epoch_fraction}")
-        _require(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be positive, got {t.max_steps}")
-        _require(t.max_tokens is None or t.max_tokens >= 1, f"train.max_tokens must be positive, got {t.max_tokens}")
-        _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
-        _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {t.device!r}")
-        _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {t.backend!r}")
+        for key in ("max_steps", "max_tokens", "estimated_total_sequences"):
+            v = getattr(t, key)
+            _require(v is None or v >= 1, f"train.{key} must be positive, got {v}")
+        _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {shown(t.precision)}")
+        _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {shown(t.device)}")
+        _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {shown(t.backend)}")
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
         _require(t.shuffle_buffer_mb >= 1, f"train.shuffle_buffer_mb must be a positive integer, got {t.shuffle_buffer_mb}")
+        low, high = SEED_RANGE
+        _require(low <= t.seed <= high, f"train.seed must be between -2**63 and 2**64-1 (what torch accepts), "
+                                        f"got {_number(t.seed)}")
         return self
+
+
+def check_data(d: DataConfig, where: str = "data.") -> None:
+    """The data section alone: all `cache build` needs checked before it touches anything."""
+    _check_fields(d, where)
+    if d.dataset_name is not None:
+        check_name(d.dataset_name, "dataset name")
+    _require(d.seq_len >= 2, f"{where}seq_len must be at least 2, got {d.seq_len}")
+    for key in ("docs_per_chunk", "max_docs", "max_chunks"):
+        v = getattr(d, key)
+        _require(v is None or v >= 1, f"{where}{key} must be positive, got {v}")
+    _require(d.max_docs is None or d.max_chunks is None, "give max_docs or max_chunks, not both")
+    _require(d.eval_chunks >= 0, f"{where}eval_chunks must be >= 0, got {d.eval_chunks}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -185,56 +218,132 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _field_type(cls: type, name: str) -> type:
+def _check_fields(part: Any, where: str) -> None:
+    """Each field holds its declared type (None only where it is optional), integers stay within
+    what a run can mean, floats are finite and strings are neither empty nor longer than a path."""
+    for f in fields(part):
+        typ, optional = _field_kind(type(part), f.name)
+        value, name = getattr(part, f.name), f"{where}{f.name}"
+        if value is None:
+            _require(optional, f"{name} is required, got none")
+        elif typ is bool:
+            _require(isinstance(value, bool), f"{name}: expected true or false, got {shown(value)}")
+        elif typ is int:
+            _require(isinstance(value, int) and not isinstance(value, bool), f"{name}: expected int, got {shown(value)}")
+            if f.name != "seed":  # the seed has its own range, checked in validate()
+                limit = INT_LIMITS.get(f.name, MAX_COUNT)
+                _require(value <= limit, f"{name} {_number(value)} is unreasonably large (at most {limit:,})")
+                _require(value >= -limit, f"{name} {_number(value)} is out of range")
+        elif typ is float:
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                     f"{name}: expected float, got {shown(value)}")
+            _require(_finite(value), f"{name} must be a finite number, got {_number(value)}")
+        else:
+            _require(isinstance(value, str), f"{name}: expected str, got {shown(value)}")
+            _require(value.strip() != "", f"{name} is empty; leave it out for the default")
+            _require(len(value) <= MAX_PATH, f"{name} is {len(value):,} characters long (at most {MAX_PATH:,})")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _number(value: int | float) -> str:
+    """A number for a message: digits grouped while that stays readable, else shown()'s summary."""
+    return f"{value:,}" if isinstance(value, int) and abs(value) < 10**30 else shown(value)
+
+
+@functools.cache  # get_type_hints evaluates every annotation string of the class on each call
+def _field_kind(cls: type, name: str) -> tuple[type, bool]:
+    """(the field's type, whether None is allowed): `int | None` -> (int, True)."""
     hint = get_type_hints(cls)[name]
     args = [a for a in get_args(hint) if a is not type(None)]
-    return args[0] if get_origin(hint) is not None and args else hint
+    if get_origin(hint) is not None and args:
+        return args[0], len(args) < len(get_args(hint))
+    return hint, False
 
 
 def _coerce(value: Any, typ: type, where: str) -> Any:
-    """A YAML/JSON/flag value as the field's type. Lists and mappings are never silently turned into
-    strings, nor booleans into numbers (`micro_batch: true` is a mistake, not 1)."""
+    """A YAML/JSON/flag value as the field's type. Only scalars are converted: a list or a mapping is
+    refused unseen (str() of an aliased YAML structure can take minutes and megabytes), and so is a
+    boolean where a number belongs (`micro_batch: true` is a mistake, not 1)."""
     if value is None:
         return None
+    if not isinstance(value, (str, int, float)) or (isinstance(value, bool) and typ is not bool):
+        raise UserError(f"{where}: expected {typ.__name__}, got {shown(value)}")
     try:
-        if isinstance(value, (list, dict)) or (isinstance(value, bool) and typ is not bool):
-            raise ValueError(value)
         if typ is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in {"1", "true", "yes", "on"}:
-                    return True
-                if low in {"0", "false", "no", "off"}:
-                    return False
-            elif value in (0, 1):
-                return bool(value)
-            raise ValueError(value)
+            return _to_bool(value)
         if typ is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            if isinstance(value, str):
-                value = value.replace("_", "").replace(",", "")
-                return int(float(value)) if "e" in value.lower() else int(value)
-            return int(value)
+            return _to_int(value)
         if typ is float:
             return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+        return value if isinstance(value, str) else str(value)  # `subset: 2024` is text
+    except OverflowError:
+        raise UserError(f"{where}: {shown(value)} is out of range") from None
+    except (TypeError, ValueError, ArithmeticError):
+        raise UserError(f"{where}: expected {typ.__name__}, got {shown(value)}") from None
+
+
+def _to_bool(value: str | int | float) -> bool:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in {"1", "true", "yes", "on"}:
+            return True
+        if low in {"0", "false", "no", "off"}:
+            return False
+    elif value in (0, 1):
+        return bool(value)
+    raise ValueError(value)
+
+
+def _to_int(value: str | int | float) -> int:
+    """'1_000', '8,192', '1e6' and 8.0 are integers; 1.5, 'nan' and '1e400' are not (the last is
+    refused as out of range before 400 digits are ever expanded)."""
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if isinstance(value, int):
+        return value
+    text = value.strip().replace(",", "")
+    number = Decimal(text)  # InvalidOperation (an ArithmeticError) for words
+    if not number.is_finite() or number != number.to_integral_value():
+        raise ValueError(value)
+    if number.adjusted() > MAX_DIGITS:
+        raise OverflowError(value)
+    return int(number)
+
+
+def _unwrap(data: Any) -> dict[str, Any]:
+    """The config mapping itself (a copy): run.json wraps it with its runs history."""
+    if not isinstance(data, dict):
+        raise UserError(f"config must be a mapping with 'name', 'model', 'data' and 'train' sections, got {shown(data)}")
+    inner = data.get("config", data)
+    if not isinstance(inner, dict):
+        raise UserError(f"run.json 'config' must be a mapping, got {shown(inner)}")
+    return dict(inner)
+
+
+def _key_list(keys: Any) -> str:
+    """Unknown keys for a message: few, short, and sortable whatever YAML made of them."""
+    names = sorted(k if isinstance(k, str) and len(k) <= 40 else shown(k) for k in keys)
+    return ", ".join(names[:8]) + (f" (and {len(names) - 8} more)" if len(names) > 8 else "")
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
+    unknown = [k for k in values if k not in known]
     if unknown:
-        raise UserError(f"unknown key(s) in '{section}': {', '.join(sorted(unknown))}")
-    kwargs = {k: _coerce(v, _field_type(cls, k), f"{section}.{k}") for k, v in values.items()}
+        raise UserError(f"unknown key(s) in '{section}': {_key_list(unknown)}")
+    kwargs = {k: _coerce(v, _field_kind(cls, k)[0], f"{section}.{k}") for k, v in values.items()}
     return cls(**kwargs)
 
 
 # --- CLI flags mirror the field names -------------------------------------------------------------
-
-SECTIONS = ("model", "data", "train")
 
 
 def flag_name(field_name: str) -> str:
@@ -244,10 +353,10 @@ def flag_name(field_name: str) -> str:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add one flag per config field (`--max-steps`, `--micro-batch`, ...), default unset."""
     parser.add_argument("--name", dest="cfg__name", default=None, help="model name (checkpoints/<name>/)")
-    for section, cls in zip(SECTIONS, (ModelConfig, DataConfig, TrainConfig)):
+    for section, cls in SECTION_TYPES.items():
         group = parser.add_argument_group(f"{section} config")
         for f in fields(cls):
-            typ = _field_type(cls, f.name)
+            typ = _field_kind(cls, f.name)[0]
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
             help_text = f"default: {default}"
             if typ is bool:
@@ -260,8 +369,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def apply_config_flags(cfg: RunConfig, ns: argparse.Namespace) -> RunConfig:
     """Overlay the flags the user actually gave onto `cfg` (a file's values or the defaults)."""
-    if getattr(ns, "cfg__name", None):
-        cfg.name = ns.cfg__name
+    if getattr(ns, "cfg__name", None) is not None:
+        cfg.name = check_name(ns.cfg__name, "model name")
     for section in SECTIONS:
         part = getattr(cfg, section)
         for f in fields(part):
@@ -270,5 +379,15 @@ def apply_config_flags(cfg: RunConfig, ns: argparse.Namespace) -> RunConfig:
                 if isinstance(value, str) and value.lower() in {"none", "null"}:
                     setattr(part, f.name, None)
                 else:
-                    setattr(part, f.name, _coerce(value, _field_type(type(part), f.name), f"{section}.{f.name}"))
+                    setattr(part, f.name, _coerce(value, _field_kind(type(part), f.name)[0], f"{section}.{f.name}"))
     return cfg
+
+
+def given_fields(raw: dict[str, Any], ns: argparse.Namespace) -> set[str]:
+    """'section.key' for every field the user set, in the config file (`raw`, as RunConfig.read
+    returns it) or as a flag: the values a command may not silently replace."""
+    data = _unwrap(raw) if raw else {}
+    given = {f"{section}.{key}" for section in SECTIONS for key in (data.get(section) or {})}
+    for section, cls in SECTION_TYPES.items():
+        given |= {f"{section}.{f.name}" for f in fields(cls) if getattr(ns, f"cfg_{section}_{f.name}", None) is not None}
+    return given

@@ -40,6 +40,30 @@ def send_command(layout: Layout, model: str, command: str, sender: str = "") -> 
     return path
 
 
+# How people type the commands (`packtrain-engine control NAME stop-at-next-checkpoint`, the API's
+# paths); the wire names in engine.protocol.COMMANDS are accepted too.
+SPELLINGS: dict[str, str] = {"save": "save", "stop": "stop", "stop-at-next-checkpoint": "stop_at_checkpoint",
+                             "pause": "pause", "resume": "resume"}
+
+
+def command_named(word: str) -> str:
+    command = SPELLINGS.get(word, word)
+    if command not in COMMANDS:
+        raise UserError(f"unknown command {word!r}; expected one of {', '.join(SPELLINGS)}")
+    return command
+
+
+def send_to_live(layout: Layout, model: str, word: str, sender: str) -> "EngineInfo":
+    """Send a command to the live engine training `model`; refused when none is, since a command
+    left for no engine would be void anyway (the next engine drops it at start)."""
+    command = command_named(word)
+    info = live_engine(layout, model)
+    if info is None:
+        raise UserError(f"no live engine is training {model!r}; nothing to {word}")
+    send_command(layout, model, command, sender=sender)
+    return info
+
+
 def poll_commands(layout: Layout, model: str) -> list[Command]:
     """Take every pending command, oldest first; malformed files are dropped, never fatal."""
     folder = layout.control_dir(model)

@@ -27,7 +27,7 @@ id and excluded from training for the life of the run, however the cache grows.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,6 +68,14 @@ def to_ranges(ids: Iterable[int]) -> list[list[int]]:
 
 def from_ranges(ranges: Iterable[Iterable[int]]) -> list[int]:
     return [i for start, stop in ranges for i in range(int(start), int(stop))]
+
+
+def check_ranges(value: Any, what: str) -> list[list[int]]:
+    """Chunk-id ranges read from a checkpoint: [[start, stop), ...] with 0 <= start < stop."""
+    if not isinstance(value, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) and 0 <= r[0] < r[1] for r in value):
+        raise UserError(f"checkpoint field {what!r} must hold [start, stop) chunk-id ranges")
+    return value
 
 
 def rows_in_budget(budget_bytes: int, seq_len: int, dtype: Any) -> int:
@@ -116,8 +124,15 @@ class GrowthEvent:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GrowthEvent":
-        return cls(**{k: data[k] for k in ("epoch", "at_cursor", "generation", "n_before", "n_after", "chunks")})
+    def from_dict(cls, data: Any) -> "GrowthEvent":
+        """A recorded event from a checkpoint, refused (UserError) unless it has exactly these fields,
+        counts >= 0 and well-formed chunk ranges."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, Mapping) or sorted(data) != sorted(names) \
+                or not all(type(data[k]) is int and data[k] >= 0 for k in names if k != "chunks"):
+            raise UserError(f"checkpoint field 'growth_events' holds {str(data)[:60]!r}, not "
+                            f"{{{', '.join(names)}}} with counts >= 0")
+        return cls(**{k: data[k] for k in names if k != "chunks"}, chunks=check_ranges(data["chunks"], "growth_events"))
 
 
 @dataclass
@@ -161,9 +176,21 @@ class DataOrder:
 
     @classmethod
     def restore(cls, state: Mapping[str, Any], events: list[dict], chunk_sizes: Mapping[int, int]) -> "DataOrder":
+        """The order a checkpoint recorded; a state of the wrong shape is refused with UserError."""
+        if not isinstance(state, Mapping) or type(state.get("seed")) is not int \
+                or type(state.get("window", WINDOW)) is not int or state.get("window", WINDOW) < 1:
+            raise UserError("checkpoint field 'data' must hold an integer seed and an integer window >= 1")
         evs = [GrowthEvent.from_dict(e) for e in events]
-        train = from_ranges(state["train_chunks"])
-        known = set(train) | set(state["eval_chunks"]) | {c for e in evs for c in from_ranges(e.chunks)}
+        eval_ids = state.get("eval_chunks")
+        if not isinstance(eval_ids, list) or not all(type(c) is int and c >= 0 for c in eval_ids):
+            raise UserError("checkpoint field 'data.eval_chunks' must be a list of chunk ids")
+        ranges = [check_ranges(state.get("train_chunks"), "data.train_chunks"), *(e.chunks for e in evs)]
+        named = sum(stop - start for r in ranges for start, stop in r)
+        if named > len(chunk_sizes):  # checked before the ranges are expanded into ids
+            raise UserError(f"the checkpoint's data order names {named:,} chunks but the cache holds "
+                            f"{len(chunk_sizes):,}: chunks this run used are missing from the cache")
+        train = from_ranges(ranges[0])
+        known = set(train) | set(eval_ids) | {c for r in ranges[1:] for c in from_ranges(r)}
         missing = sorted(c for c in known if c not in chunk_sizes)
         if missing:
             raise UserError(

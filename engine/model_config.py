@@ -12,9 +12,9 @@ from typing import Any
 
 from engine.config import ModelConfig
 from engine.errors import UserError
+from engine.llama_json import META_KEYS, check_fits, read_llama_json
 from engine.presets import get_preset
 
-NOT_FIELDS = {"architectures", "model_type", "transformers_version"}
 # transformers' LlamaConfig defaults for the fields a training model reads, so a backend that does
 # not import transformers completes a partial config.json the way transformers would.
 LLAMA_DEFAULTS: dict[str, Any] = {
@@ -25,23 +25,21 @@ LLAMA_DEFAULTS: dict[str, Any] = {
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def llama_config(model: ModelConfig, vocab_size: int, seq_len: int) -> dict[str, Any]:
-    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read."""
+def llama_config(model: ModelConfig, vocab_size: int, seq_len: int, token_ids: Mapping[str, int]) -> dict[str, Any]:
+    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read, with
+    the special-token ids of the cache's tokenizer (`token_ids`: bos/eos/pad_token_id; LlamaConfig's
+    defaults, bos 1 and eos 2, belong to another tokenizer: generate() would never stop at the real
+    EOS). Every checkpoint's config.json and generation_config.json carry them."""
     if model.model_config is None:
-        return get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
-    try:
-        kwargs = json.loads(Path(model.model_config).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read model config {model.model_config}: {e}") from None
-    if not isinstance(kwargs, dict):
-        raise UserError(f"model config {model.model_config} must be a JSON object of LlamaConfig fields")
-    kwargs = {k: v for k, v in kwargs.items() if k not in NOT_FIELDS}
-    kwargs.setdefault("vocab_size", vocab_size)
-    if kwargs["vocab_size"] < vocab_size:
-        raise UserError(f"model config vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-    if kwargs.get("max_position_embeddings", seq_len) < seq_len:
-        raise UserError(f"model config max_position_embeddings {kwargs['max_position_embeddings']} < seq_len {seq_len}")
-    return kwargs
+        kwargs = get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
+    else:
+        where = f"model config {model.model_config}"
+        kwargs = read_llama_json(model.model_config)
+        kwargs.setdefault("vocab_size", vocab_size)
+        if kwargs["vocab_size"] < vocab_size:
+            raise UserError(f"{where}: vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+        check_fits(kwargs, seq_len, where)
+    return {**kwargs, **token_ids}
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -61,7 +59,7 @@ def complete(fields: Mapping[str, Any]) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in fields]
     if missing:
         raise UserError(f"invalid model config: {', '.join(missing)} missing")
-    out = {**LLAMA_DEFAULTS, **{k: v for k, v in fields.items() if k not in NOT_FIELDS}}
+    out = {**LLAMA_DEFAULTS, **{k: v for k, v in fields.items() if k not in META_KEYS}}
     rope = {"rope_type": "default", **(out.pop("rope_parameters", None) or {})}
     rope["rope_theta"] = float(rope.get("rope_theta", out.pop("rope_theta", 10000.0)))
     heads = int(out["num_attention_heads"])

@@ -8,9 +8,11 @@ Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directo
     <root>/checkpoints/<model>/run.json                          config + runs history
     <root>/checkpoints/<model>/checkpoint_<step:06d>/            one committed checkpoint
     <root>/checkpoints/<model>/latest                            names the newest checkpoint
+    <root>/checkpoints/<model>/.verified.json                    cached hash verdicts (engine.manifest)
     <root>/checkpoints/<model>/engine.lock | engine.json          live-engine lock and pid file
     <root>/checkpoints/<model>/control/                          command channel (one file per command)
     <root>/checkpoints/<model>/config.yaml                       the TUI form's run config (train --config)
+    <root>/checkpoints/<model>/evals.jsonl                       kept eval results (never inside a checkpoint)
     <root>/training_logs/<model>_run_<k>.jsonl                    append-only event log of run k
     <root>/training_logs/<model>.console.log                     stdout/stderr of TUI-started engines
 """
@@ -22,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import UserError
+from engine.errors import UserError, shown
 
 ENV_HOME = "PACKTRAIN_HOME"
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -30,16 +32,30 @@ CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 
 def is_name(name: object) -> bool:
-    """Names become folder names, so they must never escape their folder."""
-    return isinstance(name, str) and bool(NAME_RE.match(name)) and not name.startswith(".")
+    """Names become folder names, so they must never escape their folder; nor start with '-' (a
+    command line would read `-rf` as a flag), nor reach the filesystem longer than it allows."""
+    return isinstance(name, str) and bool(NAME_RE.fullmatch(name)) and name[0] not in ".-"
 
 
 def check_name(name: str, what: str = "name") -> str:
     if not is_name(name):
         raise UserError(
-            f"invalid {what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+            f"invalid {what} {shown(name)}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
         )
     return name
+
+
+def check_root(layout: "Layout", *, writable: bool) -> "Layout":
+    """Refuse a root that can never hold data (it may not exist yet): one rule for the TUI and
+    every engine command. Reading commands need no write access (a read-only mount lists fine)."""
+    anchor = layout.root
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"cannot use {layout.root} as the data root: {anchor} is a file, not a folder")
+    if writable and not os.access(anchor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot use {layout.root} as the data root: {anchor} is not writable")
+    return layout
 
 
 def checkpoint_dirname(step: int) -> str:
@@ -92,6 +108,9 @@ class Layout:
     def latest_pointer(self, model: str) -> Path:
         return self.model_dir(model) / "latest"
 
+    def verdicts(self, model: str) -> Path:
+        return self.model_dir(model) / ".verified.json"
+
     def engine_lock(self, model: str) -> Path:
         return self.model_dir(model) / "engine.lock"
 
@@ -103,6 +122,9 @@ class Layout:
 
     def config_yaml(self, model: str) -> Path:
         return self.model_dir(model) / "config.yaml"
+
+    def evals_log(self, model: str) -> Path:
+        return self.model_dir(model) / "evals.jsonl"
 
     # logs
     @property

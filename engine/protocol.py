@@ -3,7 +3,8 @@
 Every event is one JSON object on one line: {"v": SCHEMA_VERSION, "event": <kind>, "ts": <unix>,
 ...fields}. The engine appends them to training_logs/<model>_run_<k>.jsonl and, with --events,
 prints them to stdout, so a parent can follow a run from a pipe or by tailing the log.
-Commands travel the other way through the file channel in engine.control.
+Commands travel the other way: to a training engine through the file channel in engine.control,
+to a `serve-model` child as JSON lines on its stdin (ServeCommand below).
 
 Import-light on purpose: the TUI imports this module and must never pull in torch.
 """
@@ -180,6 +181,117 @@ class CacheReady(Event):
     bad: list[dict[str, Any]] = field(default_factory=list)
 
 
+# --- using a model: eval, generation, the serve-model child ------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ModelLoaded(Event):
+    """A checkpoint is loaded for inference (serve-model announces it before reading commands)."""
+
+    kind: ClassVar[str] = "model_loaded"
+    checkpoint: str
+    path: str
+    step: int
+    tokens_seen: int = 0
+    n_params: int = 0
+    vocab_size: int = 0
+    context: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    chat_template: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(kw_only=True)
+class GenerationStarted(Event):
+    """One sample begins; `prompt_dropped` counts prompt tokens cut to fit the context."""
+
+    kind: ClassVar[str] = "generation_started"
+    request: str = ""
+    sample: int = 0
+    samples: int = 1
+    seed: int | None = None
+    prompt_tokens: int = 0
+    prompt_dropped: int = 0
+    max_new_tokens: int = 0
+
+
+@dataclass(kw_only=True)
+class Token(Event):
+    """New text of the running sample: append `text` to what came before (it may hold several tokens,
+    or none of a character whose bytes are not complete yet)."""
+
+    kind: ClassVar[str] = "token"
+    text: str
+    request: str = ""
+    sample: int = 0
+
+
+@dataclass(kw_only=True)
+class GenerationDone(Event):
+    """One sample ended: `text` is all of it; reason eos | length | stop (a stop string, not included)
+    | interrupted (a stop command)."""
+
+    kind: ClassVar[str] = "generation_done"
+    text: str
+    reason: Literal["eos", "length", "stop", "interrupted"]
+    request: str = ""
+    sample: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    first_token_s: float | None = None
+    tokens_per_sec: float = 0.0
+
+
+@dataclass(kw_only=True)
+class EvalProgress(Event):
+    kind: ClassVar[str] = "eval_progress"
+    checkpoint: str
+    batches_done: int
+    batches_total: int
+    tokens: int = 0
+    request: str = ""
+
+
+@dataclass(kw_only=True)
+class EvalResult(Event):
+    """One evaluation of one checkpoint. bpb = total nats / ln 2 / UTF-8 bytes of the predicted
+    tokens' text; top1/top5 are next-token accuracies. Also the record kept in
+    checkpoints/<model>/evals.jsonl, where `weights` (the weights file's manifest hash) ties it to
+    the exact checkpoint it measured."""
+
+    kind: ClassVar[str] = "eval_result"
+    checkpoint: str
+    step: int
+    data: str
+    loss: float
+    perplexity: float
+    bpb: float
+    top1: float
+    top5: float
+    tokens: int
+    bytes: int
+    tokens_seen: int = 0
+    data_kind: Literal["held-out", "cache", "source"] = "held-out"
+    weights: str = ""
+    tokens_per_sec: float = 0.0
+    seconds: float = 0.0
+    device: str = "cpu"
+    precision: str = "fp32"
+    request: str = ""
+
+
+@dataclass(kw_only=True)
+class Done(Event):
+    """Every serve-model request (generate, eval, load) ends with exactly one of these."""
+
+    kind: ClassVar[str] = "done"
+    request: str
+    command: str
+    status: Literal["ok", "interrupted", "error"] = "ok"
+    message: str = ""
+
+
 @dataclass(kw_only=True)
 class Unknown(Event):
     """An event from a newer engine: kept, shown raw, never fatal to a viewer."""
@@ -192,7 +304,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
         RunStarted, Plan, Step, Eval, CacheExpanded, CheckpointSaved, State, Log, Warning, Error,
-        Finished, CacheProgress, CacheReady,
+        Finished, CacheProgress, CacheReady, ModelLoaded, GenerationStarted, Token, GenerationDone, EvalProgress,
+        EvalResult, Done,
     )
 }
 
@@ -306,6 +419,148 @@ class Command:
         if data.get("command") not in COMMANDS:
             raise ValueError(f"unknown command {data.get('command')!r}")
         return cls(command=data["command"], ts=float(data.get("ts", 0.0)), sender=str(data.get("sender", "")))
+
+
+# --- sampling settings and serve-model commands (parent -> `serve-model` stdin) ---------------------
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How to sample. temperature 0 is greedy; top_k / top_p / repetition_penalty None are off;
+    max_new_tokens None is min(128, context / 2); seed None picks one (reported, so it can be repeated).
+    Sample i of num_samples uses seed + i."""
+
+    max_new_tokens: int | None = None
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    num_samples: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def problem(self) -> str | None:
+        """Why these settings are refused (one line naming the flag), or None."""
+        checks = (
+            ("max_new_tokens", self.max_new_tokens, lambda v: _is_int(v) and v >= 1, "a whole number >= 1", True),
+            ("temperature", self.temperature, lambda v: _is_num(v) and v >= 0, "a number >= 0 (0 is greedy)", False),
+            ("top_k", self.top_k, lambda v: _is_int(v) and v >= 1, "a whole number >= 1 (leave it out for no top-k)", True),
+            ("top_p", self.top_p, lambda v: _is_num(v) and 0 < v <= 1, "in (0, 1]", True),
+            ("repetition_penalty", self.repetition_penalty, lambda v: _is_num(v) and v > 0, "a number > 0", True),
+            ("num_samples", self.num_samples, lambda v: _is_int(v) and 1 <= v <= MAX_SAMPLES, f"in 1..{MAX_SAMPLES}", False),
+            ("seed", self.seed, lambda v: _is_int(v) and 0 <= v < 2**63 - MAX_SAMPLES, "a whole number >= 0", True),
+        )
+        for name, value, ok, want, optional in checks:
+            if not (optional and value is None) and not ok(value):
+                return f"{name} must be {want}, got {value!r}"
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            return f"stop must be a list of non-empty strings, got {self.stop!r}"
+        return None
+
+
+MAX_SAMPLES = 100
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))
+
+
+@dataclass(kw_only=True)
+class ServeCommand:
+    """One line on serve-model's stdin: {"v": 1, "command": <kind>, "id": <request id>, ...fields}.
+    The id comes back on every event the request causes, ending with a `done` event."""
+
+    kind: ClassVar[str] = "command"
+    id: str = ""
+
+    def encode(self) -> str:
+        return json.dumps({"v": SCHEMA_VERSION, "command": self.kind, **asdict(self)}, separators=(",", ":"))
+
+
+@dataclass(kw_only=True)
+class GenerateCommand(ServeCommand, SamplingParams):
+    """Sample from `prompt` (raw text; empty starts a new document). Sampling fields sit beside it."""
+
+    kind: ClassVar[str] = "generate"
+    prompt: str = ""
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
+
+
+@dataclass(kw_only=True)
+class EvalCommand(ServeCommand):
+    """Evaluate the loaded checkpoint: the run's held-out chunks, or `cache` / `source` (one of them)."""
+
+    kind: ClassVar[str] = "eval"
+    batches: int | None = None
+    cache: str | None = None
+    source: str | None = None
+
+
+@dataclass(kw_only=True)
+class StopCommand(ServeCommand):
+    """Interrupt the running request and drop every one sent before this line."""
+
+    kind: ClassVar[str] = "stop"
+
+
+@dataclass(kw_only=True)
+class LoadCommand(ServeCommand):
+    """Replace the loaded checkpoint (the old one stays if this one cannot be loaded)."""
+
+    kind: ClassVar[str] = "load"
+    checkpoint: str
+
+
+@dataclass(kw_only=True)
+class QuitCommand(ServeCommand):
+    kind: ClassVar[str] = "quit"
+
+
+SERVE_COMMANDS: dict[str, type[ServeCommand]] = {
+    cls.kind: cls for cls in (GenerateCommand, EvalCommand, StopCommand, LoadCommand, QuitCommand)
+}
+
+
+def decode_serve_command(line: str) -> ServeCommand:
+    """Parse one command line; ValueError with a one-line reason for anything malformed."""
+    try:
+        data = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("a command is a JSON object")
+    cls = SERVE_COMMANDS.get(data.get("command", ""))
+    if cls is None:
+        raise ValueError(f"unknown command {data.get('command')!r}; expected one of {', '.join(SERVE_COMMANDS)}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known) - {"v", "command"})
+    if unknown:
+        raise ValueError(f"{cls.kind}: unknown field {unknown[0]!r}")
+    kwargs = {k: v for k, v in data.items() if k in known}
+    missing = [f.name for f in known.values() if f.name not in kwargs and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{cls.kind}: {missing[0]} is missing")
+    for name, value in kwargs.items():
+        text_field = name in ("id", "prompt", "checkpoint") or (name in ("cache", "source") and value is not None)
+        if text_field and not isinstance(value, str):
+            raise ValueError(f"{cls.kind}: {name} must be a string")
+    command = cls(**kwargs)
+    problem = command.sampling().problem() if isinstance(command, GenerateCommand) else None
+    if isinstance(command, EvalCommand):
+        if command.batches is not None and not (_is_int(command.batches) and command.batches >= 1):
+            problem = f"batches must be a whole number >= 1, got {command.batches!r}"
+        elif command.cache and command.source:
+            problem = "give cache or source, not both"
+    if problem:
+        raise ValueError(f"{cls.kind}: {problem}")
+    return command
 
 
 # --- human-readable formatting shared by the engine's terminal output and the TUI ---------------

@@ -27,7 +27,7 @@ import psutil
 from engine import protocol as P
 from engine.atomic import atomic_write_json
 from engine.backends.base import Backend
-from engine.catalog import TRAINER_STATE_FORMAT, display_name
+from engine.catalog import display_name
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
 from engine.data import DataOrder, rank_slice, read_sequences, split_ids
@@ -35,6 +35,9 @@ from engine.errors import UserError
 from engine.paths import Layout
 from engine.run_log import RunLog
 from engine.schedule import Schedule, total_steps
+from engine.state import (
+    TRAINER_STATE_FORMAT, CacheRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState, TrainerState,
+)
 
 
 # --- what a run starts from ----------------------------------------------------------------------
@@ -63,9 +66,9 @@ class Start:
     best_eval_loss: float | None = None
     cache_sequences: int = 0  # cache size the run last knew, for "Dataset expanded: A → B"
     resumed_from: str | None = None
-    rng: dict[str, Any] | None = None
-    scaler: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)  # run.json "runs" so far
+    rng: RngState | None = None
+    scaler: ScalerState | None = None
+    history: list[RunRecord] = field(default_factory=list)  # run.json "runs" so far
 
 
 class Trainer:
@@ -92,6 +95,8 @@ class Trainer:
         self.last_eval: tuple[int, float] | None = None
         self.saved_at_step = -1
         self.last_checkpoint: str | None = None
+        self.known_loss: tuple[int, float] | None = None  # (step, loss): logged, or read for a save
+        self.step_loss: Any = None  # the last step's loss, still on the device
 
     # --- plan --------------------------------------------------------------------------------
     def plan_total(self) -> int:
@@ -143,43 +148,48 @@ class Trainer:
         self.replan(expanded=(n_before, info["n"]))
 
     # --- checkpoint state --------------------------------------------------------------------
-    def cache_record(self) -> dict[str, Any]:
+    def cache_record(self) -> CacheRecord:
         c, order = self.cache, self.s.order
-        return {
-            "dataset_name": c.dataset_name, "path": str(c.path), "total_sequences": self.s.cache_sequences,
-            "sequence_length": c.seq_len, "generation": c.generation, "manifest_hash": c.manifest_hash(),
-            "tokenizer_sha256": c.tokenizer_sha256, "consumed_manifest_hash": c.manifest_hash(order.known_chunks),
-            "dtype": str(c.dtype), "vocab_size": c.vocab_size,
-        }
+        return CacheRecord(
+            dataset_name=c.dataset_name, path=str(c.path), total_sequences=self.s.cache_sequences,
+            sequence_length=c.seq_len, generation=c.generation, manifest_hash=c.manifest_hash(),
+            tokenizer_sha256=c.tokenizer_sha256, consumed_manifest_hash=c.manifest_hash(order.known_chunks),
+            dtype=str(c.dtype), vocab_size=c.vocab_size,
+        )
 
-    def trainer_state(self, loss: float | None) -> dict[str, Any]:
-        s = self.s
-        best = s.best_eval_loss
-        return {
-            "format": TRAINER_STATE_FORMAT, "model_name": s.model_name,
-            "display_name": display_name(s.model_name, s.step, s.run), "step": s.step, "run": s.run,
-            "tokens_seen": s.tokens_seen, "loss": loss, "eval_loss": self.eval_at(s.step), "best_eval_loss": best,
-            "saved_at": time.time(), "elapsed_s": s.elapsed_s, "epoch": s.epoch, "cursor": s.cursor,
-            "growth_events": [e.to_dict() for e in s.order.events], "data": s.order.state(),
-            "plan": {"schedule": s.schedule.to_dict(), "global_batch": self.global_batch,
-                     "n_sequences": s.order.n_train_sequences},
-            "total_steps": s.schedule.total_steps,
-            "scaler": self.backend.scaler_state(),
-            "rng": self.backend.rng_state(), "cache": self.cache_record(), "config_hash": self.cfg.hash(),
-            "world_size": self.dist.world_size, "global_batch": self.global_batch,
-            "backend": self.backend.name, "precision": self.backend.precision, "versions": self.backend.versions(),
-        }
+    def trainer_state(self, loss: float | None) -> TrainerState:
+        s, backend = self.s, self.backend
+        return TrainerState(
+            format=TRAINER_STATE_FORMAT, model_name=s.model_name, display_name=display_name(s.model_name, s.step, s.run),
+            step=s.step, run=s.run, tokens_seen=s.tokens_seen, loss=loss, eval_loss=self.eval_at(s.step),
+            best_eval_loss=s.best_eval_loss, saved_at=time.time(), elapsed_s=s.elapsed_s, epoch=s.epoch,
+            cursor=s.cursor, growth_events=[e.to_dict() for e in s.order.events], data=s.order.state(),
+            plan=PlanRecord(schedule=s.schedule, global_batch=self.global_batch, n_sequences=s.order.n_train_sequences),
+            total_steps=s.schedule.total_steps, scaler=backend.scaler_state(), rng=backend.rng_state(),
+            cache=self.cache_record(), config_hash=self.cfg.hash(), world_size=self.dist.world_size,
+            global_batch=self.global_batch, precision=backend.precision, versions=backend.versions(),
+            backend=backend.name,
+        )
 
     def eval_at(self, step: int) -> float | None:
         return self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
 
-    def save(self, loss: float | None) -> None:
+    def loss_now(self) -> float:
+        """The loss at the current step: its logged value, else this step's own, read here (one sync
+        and one all-reduce, so only at a save or the finish, never per step). Every rank calls it."""
+        if self.known_loss is None or self.known_loss[0] != self.s.step:
+            (total,) = self.backend.all_reduce_sum(self.backend.to_host([self.step_loss]))
+            self.known_loss = (self.s.step, total / self.dist.world_size)
+        return self.known_loss[1]
+
+    def save(self) -> None:
         if self.saved_at_step == self.s.step:
             return
         self.saved_at_step = self.s.step
+        loss = self.loss_now()
         if not self.dist.is_main:
             return
-        saved = self.ckpt.save(step=self.s.step, backend=self.backend, trainer_state=self.trainer_state(loss),
+        saved = self.ckpt.save(step=self.s.step, backend=self.backend, trainer_state=self.trainer_state(loss).to_dict(),
                                tokenizer_dir=self.cache.tokenizer_dir, eval_loss=self.eval_at(self.s.step))
         self.last_checkpoint = saved.display_name
         self.log.emit(P.CheckpointSaved(step=self.s.step, path=str(saved.path), display_name=saved.display_name,
@@ -218,7 +228,7 @@ class Trainer:
                  "stop_at_checkpoint" in cmds]
         return tuple(self.backend.any_flags(flags))  # type: ignore[return-value]
 
-    def pause(self, loss: float | None) -> bool:
+    def pause(self) -> bool:
         """Hold between steps until resumed (saving on request meanwhile); True if a stop arrived."""
         self.log.emit(P.State(state="paused", reason="requested"))
         while True:
@@ -226,7 +236,7 @@ class Trainer:
             stop, save, _, resume, stop_at_ckpt = self.control()
             self.stop_at_checkpoint |= stop_at_ckpt
             if save:
-                self.save(loss)
+                self.save()
             if stop:
                 return True
             if resume:
@@ -277,7 +287,6 @@ class Trainer:
         s, t, dist, backend = self.s, self.t, self.dist, self.backend
         losses: list[Any] = []  # device scalars of the steps since the last log line
         excluded, paused = 0.0, 0.0  # excluded: eval, saves, control, pauses
-        last_loss: float | None = None
         t_log = time.perf_counter()
         while s.step < s.schedule.total_steps:
             lr = s.schedule.lr(s.step)
@@ -288,6 +297,7 @@ class Trainer:
             result = backend.train_step(read_sequences(self.cache, mine), lr, micro_batch=t.micro_batch,
                                         grad_accum=t.grad_accum, grad_clip=t.grad_clip, want_norm=log_now)
             losses.append(result.loss)
+            self.step_loss = result.loss
             s.step += 1
             s.epoch, s.cursor = next_epoch, next_cursor
             s.tokens_seen += self.global_batch * self.seq_len
@@ -297,11 +307,11 @@ class Trainer:
                 host = backend.to_host(losses + [result.grad_norm] if has_norm else losses)
                 grad_norm = host.pop() if has_norm else 0.0
                 (mean_loss,) = backend.all_reduce_sum([sum(host) / len(host)])
-                last_loss = mean_loss / dist.world_size
+                self.known_loss = (s.step, mean_loss / dist.world_size)
                 now = time.perf_counter()
                 train_time = max(now - t_log - excluded, 1e-9)
                 s.elapsed_s += now - t_log - paused
-                self.log.emit(self.step_event(last_loss, lr, grad_norm, len(host), train_time))
+                self.log.emit(self.step_event(self.known_loss[1], lr, grad_norm, len(host), train_time))
                 losses = []
                 excluded, paused, t_log = 0.0, 0.0, time.perf_counter()
             t_boundary = time.perf_counter()
@@ -309,9 +319,9 @@ class Trainer:
             if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()
             if s.step % t.save_interval == 0 or done:
-                self.save(last_loss)
+                self.save()
                 if self.stop_at_checkpoint:
-                    return self.finish("stopped", last_loss)
+                    return self.finish("stopped")
             if t.growth_check_interval and s.step % t.growth_check_interval == 0 and not done:
                 self.check_growth()
             stop, save, pause, _, stop_at_ckpt = self.control()
@@ -319,17 +329,17 @@ class Trainer:
             if stop_at_ckpt:
                 self.log.emit(P.State(state="stopping", reason="at the next checkpoint"))
             if save:
-                self.save(last_loss)
+                self.save()
             if pause and not stop:
                 t_pause = time.perf_counter()
-                stop = self.pause(last_loss)
+                stop = self.pause()
                 paused += time.perf_counter() - t_pause  # neither training time nor elapsed time
             if stop and not done:
                 self.log.emit(P.State(state="stopping", reason="signal" if self.signalled else "requested"))
-                self.save(last_loss)
-                return self.finish("stopped", last_loss)
+                self.save()
+                return self.finish("stopped")
             excluded += time.perf_counter() - t_boundary
-        return self.finish("completed", last_loss)
+        return self.finish("completed")
 
     def step_event(self, loss: float, lr: float, grad_norm: float, steps: int, train_time: float) -> P.Step:
         s = self.s
@@ -343,9 +353,9 @@ class Trainer:
             tokens_seen=s.tokens_seen,
         )
 
-    def finish(self, reason: str, loss: float | None) -> int:
-        self.save(loss)
-        self.log.emit(P.Finished(step=self.s.step, reason=reason, final_loss=loss,  # type: ignore[arg-type]
+    def finish(self, reason: str) -> int:
+        self.save()
+        self.log.emit(P.Finished(step=self.s.step, reason=reason, final_loss=self.loss_now(),  # type: ignore[arg-type]
                                  checkpoint=self.last_checkpoint))
         return 0
 
@@ -364,9 +374,10 @@ class Trainer:
 
     def write_run_json(self, log_path: Path) -> None:
         s = self.s
-        entry = {
-            "run": s.run, "started": time.time(), "start_step": s.step, "resumed_from": s.resumed_from,
-            "log": str(log_path.relative_to(self.layout.root)), "world_size": self.dist.world_size,
-            "precision": self.backend.precision, "hardware": self.hardware(),
-        }
-        atomic_write_json(self.layout.run_json(s.model_name), {"config": self.cfg.to_dict(), "runs": s.history + [entry]})
+        entry = RunRecord(
+            run=s.run, started=time.time(), start_step=s.step, resumed_from=s.resumed_from,
+            log=str(log_path.relative_to(self.layout.root)), world_size=self.dist.world_size,
+            precision=self.backend.precision, hardware=self.hardware(),
+        )
+        run_file = RunFile(config=self.cfg.to_dict(), runs=s.history + [entry])
+        atomic_write_json(self.layout.run_json(s.model_name), run_file.to_dict())

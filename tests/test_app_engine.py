@@ -6,6 +6,7 @@ what the screen says and what the engine left on disk.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from app.screens.cache import CacheScreen
 from app.screens.checkpoints import CheckpointsScreen
 from app.screens.config_form import ConfigFormScreen
 from app.screens.dashboard import DashboardScreen
+from app.screens.extend import ExtendScreen
 from app.screens.manage import ManageScreen
 from app.screens.modals import ConfirmScreen, QuitScreen
 from app.screens.naming import NamingScreen
@@ -95,6 +97,12 @@ async def start_training(pilot: Any) -> None:
 
 
 async def test_environment_checks_complete_from_the_engine(layout: Layout) -> None:
+    from engine.backends.torch_precision import machine_key, probe_shape
+
+    # this machine's measurement, as an earlier run left it: the engine reads it instead of probing
+    layout.precision_cache.parent.mkdir(parents=True, exist_ok=True)
+    layout.precision_cache.write_text(json.dumps({"format": 1, "entries": {
+        machine_key("cpu", probe_shape(RunConfig())): {"fp32_ms": 30.0, "bf16_ms": 50.0, "error": None}}}))
     app = PacktrainApp(layout)
     async with app.run_test(size=(80, 24)) as pilot:
         assert "[CHECKING] Device" in screen_text(app)  # painted before the engine answered
@@ -102,6 +110,7 @@ async def test_environment_checks_complete_from_the_engine(layout: Layout) -> No
         text = screen_text(app)
         assert "[COMPLETE] Backend: torch (auto: not Apple Silicon" in text
         assert "[COMPLETE] Device: CPU" in text and "[COMPLETE] bf16" in text
+        assert "[COMPLETE] Precision: auto picks fp32: bf16 autocast ran 0.60x fp32" in text
         assert "[COMPLETE] Libraries: torch 2." in text and "transformers" in text
         assert f"[COMPLETE] Data root: {str(layout.root)[:30]}" in text
         await enter_home(pilot)
@@ -237,6 +246,26 @@ async def test_resume_from_the_list_notices_the_grown_cache(layout: Layout, tmp_
         assert state.expanded is not None and state.expanded.n_after > state.expanded.n_before
         assert f"Dataset expanded: {state.expanded.n_before:,} → {state.expanded.n_after:,} sequences" in str(notice)
         assert "Dataset expanded: " in screen_text(app)  # the dashboard's plan panel says it too
+
+
+async def test_extend_a_finished_run_from_the_list(layout: Layout, tmp_path: Path) -> None:
+    corpus = make_corpus(tmp_path / "corpus", 200)
+    run_engine(layout.root, "train", *cli_flags(tiny(corpus, "extender", max_steps=6, save_interval=6)))
+    app = PacktrainApp(layout)
+    async with app.run_test(size=SIZE) as pilot:
+        await enter_home(pilot)
+        await wait_for(pilot, lambda: "extender_checkpoint_6_run_1" in screen_text(app), 10)
+        await pilot.press("t")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExtendScreen))
+        assert "It is at step 6 of 6" in screen_text(app)
+        await pilot.press(*"10", "enter")
+        await wait_for(pilot, lambda: dashboard(app) is not None and dashboard(app).state.finished is not None, 120,
+                       "the extended run to finish")
+        state = dashboard(app).state
+        assert state.started.start_step == 6 and state.started.resumed_from == "extender_checkpoint_6_run_1"
+        assert state.finished.reason == "completed" and state.finished.step == 10
+        assert "Finished (completed) at step 10" in screen_text(app)
+    assert layout.checkpoint_dir("extender", 10).is_dir()
 
 
 async def test_delete_with_confirm_and_cancel(layout: Layout, tmp_path: Path) -> None:

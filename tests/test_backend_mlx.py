@@ -25,7 +25,10 @@ from engine.config import RunConfig, TrainConfig  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.paths import Layout  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
-from tests.train_support import build_tiny_cache, data_flags, read_log, run_engine, step_losses, train_flags, write_corpus  # noqa: E402
+from test_checkpoint import trainer_state  # noqa: E402
+from tests.train_support import (  # noqa: E402
+    build_tiny_cache, data_flags, read_log, run_engine, step_losses, train_flags, write_corpus,
+)
 
 VOCAB, SEQ = 96, 16
 TRAIN = TrainConfig(device="cpu", precision="fp32", seed=3, lr=1e-2)
@@ -75,7 +78,7 @@ def test_a_checkpoint_continues_on_the_other_backend_with_its_adamw_state(tmp_pa
     t = built(TorchBackend)
     for s in range(3):
         step(t, s)
-    saved = ck.save(step=3, backend=t, trainer_state={"run": 1})
+    saved = ck.save(step=3, backend=t, trainer_state=trainer_state(3))
     m = built(MLXBackend)
     ck.load(saved.path, m)
     assert_close(m.weights(), t.weights(), 0)  # weights carry bit for bit
@@ -86,7 +89,7 @@ def test_a_checkpoint_continues_on_the_other_backend_with_its_adamw_state(tmp_pa
     assert_close(m.optimizer_state()[0], t.optimizer_state()[0], 2e-5)
 
     back = built(TorchBackend)
-    ck.load(ck.save(step=4, backend=m, trainer_state={"run": 1}).path, back)
+    ck.load(ck.save(step=4, backend=m, trainer_state=trainer_state(4)).path, back)
     assert step(back, 4) == pytest.approx(step(t, 4), rel=1e-5)
     assert_close(back.weights(), t.weights(), 2e-5)
 
@@ -97,7 +100,7 @@ def test_optimizer_state_that_cannot_carry_is_refused_with_the_way_out(tmp_path:
     t = built(TorchBackend)
     t.optimizer.param_groups[0]["amsgrad"] = t.optimizer.param_groups[1]["amsgrad"] = True  # a third moment
     step(t, 0)
-    saved = ck.save(step=1, backend=t, trainer_state={"run": 1})
+    saved = ck.save(step=1, backend=t, trainer_state=trainer_state(1))
     with pytest.raises(UserError, match="--reset-optimizer") as e:
         ck.load(saved.path, built(MLXBackend))
     assert "\n" not in str(e.value)
@@ -114,7 +117,7 @@ def test_an_mlx_checkpoint_is_listed_and_exports_an_hf_folder_both_backends_load
     m = built(MLXBackend, tied=False)
     for s in range(2):
         step(m, s)
-    saved = Checkpointer(layout, "mx").save(step=2, backend=m, trainer_state={"run": 1})
+    saved = Checkpointer(layout, "mx").save(step=2, backend=m, trainer_state=trainer_state(2))
     [entry] = catalog.list_checkpoints(layout)
     assert entry.valid and entry.display_name == "mx_checkpoint_2_run_1"
     exported = export_hf(saved.path, tmp_path / "export")

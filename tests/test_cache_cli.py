@@ -66,6 +66,9 @@ ERRORS = [
     (["--source", "{d}/corpus", "--cache", "{root}/training_logs"], "/training_logs, which holds models and logs"),
     (["--source", "{d}/corpus", "--shard", "2/2"], "need 0 <= k < N"),
     (["--source", "{d}/corpus", "--workers", "0"], "--workers must be at least 1"),
+    (["--source", "{d}/corpus", "--seq-len", "1048576"], "no sequences: 8 documents gave "),
+    (["--source", "{d}/corpus", "--shard", ""], "expected k/N"),
+    (["--source", "{d}/corpus", "--split", ""], "split is empty"),
 ]
 
 
@@ -141,3 +144,15 @@ def test_modules_the_tui_imports_are_light() -> None:
     code = ("import sys, engine.cache.registry, engine.cache.metadata, engine.cache.naming, engine.cache.sources; "
             "print([m for m in ('torch', 'tokenizers', 'datasets', 'transformers', 'numpy') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_a_bpe_vocabulary_smaller_than_asked_is_said(tmp_path: Path, inputs: Path) -> None:
+    root = tmp_path / "root"
+    proc = engine(root, "cache", "build", "--source", str(inputs / "corpus"), "--tokenizer", "bpe:1024", "--seq-len", "16")
+    assert proc.returncode == 0, proc.stderr
+    vocab = json.loads(engine(root, "cache", "info", str(root / "cache/packed_sequences/16/corpus"), "--json").stdout)
+    assert proc.stderr == (f"warning: tokenizer bpe:1024: the source has too little text for 1,024 tokens; the trained "
+                           f"vocabulary has {vocab['vocab_size']:,}\n") and vocab["vocab_size"] < 1024
+    events = engine(tmp_path / "other", "cache", "build", "--source", str(inputs / "corpus"), "--tokenizer", "bpe:1024",
+                    "--seq-len", "16", "--events")
+    assert any(e["event"] == "warning" and "1,024 tokens" in e["message"] for e in map(json.loads, events.stdout.splitlines()))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from engine import catalog, protocol
+from engine import catalog, manifest, protocol
 from engine.checkpoint import MODEL_FILE, Checkpointer
+from engine.manifest import MANIFEST, hash_file
+from engine.state import TRAINER_STATE
 from engine.control import EngineLock
 from engine.paths import Layout
 from test_checkpoint import of, trained_once, trainer_state
@@ -69,6 +72,73 @@ def test_temporaries_and_stray_names_are_not_listed(saved: Layout) -> None:
     (saved.checkpoints_root / ".hidden").mkdir()
     os.symlink(model_dir / "checkpoint_000001", model_dir / "checkpoint_000099")
     assert [e.step for e in catalog.list_checkpoints(saved)] == [10, 3, 2, 1]
+
+
+def test_a_flipped_byte_lists_as_invalid_even_when_latest(saved: Layout) -> None:
+    """Same size, so only a hash sees it; resume would skip it, so the list must not offer it."""
+    path = saved.checkpoint_dir("beta", 10) / MODEL_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    beta = catalog.list_checkpoints(saved, "beta")[0]
+    assert beta.is_latest and not beta.valid and beta.reason == "model.safetensors is corrupt (hash mismatch)"
+
+
+def test_a_state_of_the_wrong_shape_lists_as_invalid_with_the_field(saved: Layout) -> None:
+    path = saved.checkpoint_dir("beta", 10)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    state["plan"] = [1]
+    (path / TRAINER_STATE).write_text(json.dumps(state))
+    manifest = json.loads((path / MANIFEST).read_text())  # re-hashed: intact files, a bad state
+    manifest[TRAINER_STATE] = {"bytes": (path / TRAINER_STATE).stat().st_size, "hash": hash_file(path / TRAINER_STATE)}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    beta = catalog.list_checkpoints(saved, "beta")[0]
+    assert not beta.valid and beta.reason == "trainer_state.json: field 'plan' must be an object, got [1]"
+    assert (beta.step, beta.run, beta.loss) == (10, 2, 3.0)  # what can be shown still is
+
+
+def test_listing_hashes_each_file_once_until_it_changes(saved: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verdicts are kept in memory and in checkpoints/<model>/.verified.json (outside every checkpoint
+    folder, whose MANIFEST must stay exact), keyed by each file's size and mtime_ns."""
+    hashed: list[str] = []
+    real = manifest.hash_file
+    monkeypatch.setattr(manifest, "hash_file", lambda p, **kw: hashed.append(Path(p).name) or real(p, **kw))
+    catalog.list_checkpoints(saved)
+    assert hashed == []  # the saver hashed every file as it wrote it and recorded the verdict
+    monkeypatch.setattr(manifest, "_memory", {})  # a new process: the TUI, or the next `checkpoints list`
+    catalog.list_checkpoints(saved)
+    assert hashed == []
+    verdicts = saved.verdicts("alpha")
+    assert verdicts.parent == saved.model_dir("alpha") and verdicts.is_file()
+    for step in (1, 2):
+        folder = saved.checkpoint_dir("alpha", step)
+        assert sorted(os.listdir(folder)) == sorted([*json.loads((folder / MANIFEST).read_text()), MANIFEST])
+
+    verdicts.unlink()
+    monkeypatch.setattr(manifest, "_memory", {})
+    catalog.list_checkpoints(saved)
+    files = len(json.loads((saved.checkpoint_dir("alpha", 1) / MANIFEST).read_text()))
+    assert len(hashed) == 2 * files  # alpha's steps 1 and 2 (step 3 is torn by size; beta kept its file)
+    hashed.clear()
+    monkeypatch.setattr(manifest, "_memory", {})
+    catalog.list_checkpoints(saved)
+    assert hashed == []  # the verdicts came back from the file
+
+    touched = saved.checkpoint_dir("alpha", 2) / "config.json"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    catalog.list_checkpoints(saved)
+    assert len(hashed) == files  # that checkpoint again, no other
+
+
+def test_a_symlinked_model_folder_is_not_listed(saved: Layout, tmp_path: Path) -> None:
+    """delete and export refuse checkpoints that resolve outside checkpoints/, so the list does not
+    offer them (nor, pointed inside, list one model twice)."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(saved.model_dir("beta"), outside / "gamma")
+    os.symlink(outside / "gamma", saved.checkpoints_root / "gamma")
+    os.symlink(saved.model_dir("alpha"), saved.checkpoints_root / "alias")
+    assert {e.model for e in catalog.list_checkpoints(saved)} == {"alpha", "beta"}
 
 
 def test_running_flag_follows_a_live_engine(saved: Layout) -> None:

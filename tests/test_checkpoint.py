@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from engine.backends.torch_backend import TorchBackend
 from engine.backends.torch_state import unwrap
 from engine.catalog import MANIFEST, TRAINER_STATE
-from engine.checkpoint import MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf
+from engine.checkpoint import MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf, verify
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
+from engine.manifest import hash_file
 from engine.paths import Layout
 from engine.presets import PRESETS
+from engine.schedule import Schedule
 
 VOCAB, SEQ = 64, 16
 
@@ -76,10 +79,18 @@ def trained_once() -> tuple[LlamaForCausalLM, torch.optim.AdamW]:
 
 
 def trainer_state(step: int, run: int = 1, eval_loss: float | None = None) -> dict:
-    return {"run": run, "step": step, "loss": 4.0 - step / 10, "eval_loss": eval_loss, "tokens_seen": step * 32,
-            "saved_at": 1_700_000_000.0 + step, "cursor": step * 2,
-            "cache": {"dataset_name": "stdlib", "total_sequences": 1234, "sequence_length": SEQ},
-            "rng": {"python": [3, [1, 2, 3], None]}}
+    """What a Trainer hands the Checkpointer: every field but those the Checkpointer fills in."""
+    schedule = Schedule(kind="cosine", peak_lr=1e-3, min_lr=1e-4, warmup_steps=1, total_steps=100)
+    return {"run": run, "loss": 4.0 - step / 10, "eval_loss": eval_loss, "best_eval_loss": None, "tokens_seen": step * 32,
+            "saved_at": 1_700_000_000.0 + step, "elapsed_s": 1.5, "epoch": 0, "cursor": step * 2, "growth_events": [],
+            "data": {"seed": 1, "window": 8, "train_chunks": [[0, 3]], "eval_chunks": [3]},
+            "plan": {"schedule": schedule.to_dict(), "global_batch": 2, "n_sequences": 1000}, "total_steps": 100,
+            "scaler": None, "rng": {"torch": [1, 2, 3], "cuda": [], "numpy": ["MT19937", [5] * 624, 624, 0, 0.0],
+                                    "random": [3, [7] * 625, None]},
+            "cache": {"dataset_name": "stdlib", "path": "/nowhere", "total_sequences": 1234, "sequence_length": SEQ,
+                      "generation": 0, "manifest_hash": "m", "tokenizer_sha256": "t", "consumed_manifest_hash": "m",
+                      "dtype": "uint16", "vocab_size": VOCAB},
+            "config_hash": "c", "world_size": 1, "global_batch": 2, "precision": "fp32", "versions": {"torch": "x"}}
 
 
 def save_steps(ck: Checkpointer, steps, eval_losses=None, **kw) -> None:
@@ -130,7 +141,7 @@ def test_round_trip_restores_weights_and_optimizer_exactly(ck: Checkpointer) -> 
     model2 = tiny_model(seed=99)
     opt2 = adamw(model2, lr=5.0)
     state = ck.load(saved.path, of(model2, opt2))
-    assert state["step"] == 2 and state["cursor"] == 4 and state["rng"] == {"python": [3, [1, 2, 3], None]}
+    assert (state.step, state.cursor, state.rng.torch, state.display_name) == (2, 4, [1, 2, 3], "tiny_test_checkpoint_2_run_1")
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
     assert model2.lm_head.weight is model2.model.embed_tokens.weight or \
@@ -171,6 +182,32 @@ def test_no_pickle_anywhere_in_a_checkpoint(ck: Checkpointer, tokenizer_dir: Pat
     assert set(manifest) == names - {MANIFEST}
     assert all(e["bytes"] == (saved.path / n).stat().st_size and e["hash"].startswith("xxh3_64:") for n, e in manifest.items())
     assert (saved.path / MODEL_FILE).read_bytes() != b"not a tokenizer file"
+
+
+def test_symlinks_in_the_tokenizer_folder_are_never_copied(ck: Checkpointer, tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Any readable file a symlink points at would travel in the checkpoint, its MANIFEST and exports."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private key")
+    os.symlink(secret, tokenizer_dir / "vocab.txt")
+    os.symlink(tokenizer_dir / "tokenizer.json", tokenizer_dir / "merges.txt")
+    model, opt = trained_once()
+    saved = ck.save(step=1, backend=of(model, opt), trainer_state=trainer_state(1), tokenizer_dir=tokenizer_dir)
+    names = set(os.listdir(saved.path))
+    assert not {"vocab.txt", "merges.txt"} & names and "tokenizer.json" in names
+    assert not {"vocab.txt", "merges.txt"} & set(json.loads((saved.path / MANIFEST).read_text()))
+    assert "vocab.txt" not in os.listdir(export_hf(saved.path, tmp_path / "export"))
+
+
+def test_a_symlinked_file_in_a_checkpoint_makes_it_invalid(ck: Checkpointer, tmp_path: Path) -> None:
+    """Even with the right size and hash: export would copy (and resume read) a file from elsewhere."""
+    save_steps(ck, [1])
+    path = ck.dir / "checkpoint_000001"
+    elsewhere = tmp_path / "config.json"
+    shutil.move(path / "config.json", elsewhere)
+    os.symlink(elsewhere, path / "config.json")
+    assert verify(path) == "config.json is not a regular file"
+    with pytest.raises(UserError, match="not a regular file"):
+        export_hf(path, tmp_path / "export")
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -243,6 +280,70 @@ def test_load_refuses_foreign_folders(ck: Checkpointer, tmp_path: Path) -> None:
         ck.load(foreign, of(tiny_model()), optimizer=False)
 
 
+def rewrite_state(path: Path, change) -> None:
+    """Edit a checkpoint's trainer_state.json and re-hash it, so only the state's shape is wrong."""
+    state = json.loads((path / TRAINER_STATE).read_text())
+    change(state)
+    (path / TRAINER_STATE).write_text(json.dumps(state))
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest[TRAINER_STATE] = {"bytes": (path / TRAINER_STATE).stat().st_size, "hash": hash_file(path / TRAINER_STATE)}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s["optimizer"]["param_groups"][0].update(betas=[2.0, 0.9]), "param group 0: Invalid beta parameter"),
+    (lambda s: s["optimizer"]["param_groups"][1].update(eps="tiny"), "param group 1 has eps = tiny"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(betas=[0.9]), "param group 0 has betas = [0.9]"),
+    (lambda s: s["optimizer"].update(scalars={"model.norm.weight": {"exp_avg": 1}}), "is both a tensor and a scalar"),
+    (lambda s: s["optimizer"].update(scalars={"nope": {"step": 1}}), "unknown parameters (e.g. nope)"),
+])
+def test_load_refuses_optimizer_state_the_first_step_would_fail_on(ck: Checkpointer, change, message: str) -> None:
+    save_steps(ck, [1])
+    rewrite_state(ck.dir / "checkpoint_000001", change)
+    model = tiny_model()
+    with pytest.raises(UserError, match=re.escape(message)):
+        ck.load(ck.dir / "checkpoint_000001", of(model, adamw(model)))
+
+
+def test_saved_flags_give_way_to_the_live_optimizers(ck: Checkpointer) -> None:
+    """amsgrad without its max_exp_avg_sq state would fail at the first step; flags are this process's."""
+    save_steps(ck, [1])
+    rewrite_state(ck.dir / "checkpoint_000001", lambda s: s["optimizer"]["param_groups"][0].update(amsgrad=True))
+    model = tiny_model()
+    opt = adamw(model)
+    ck.load(ck.dir / "checkpoint_000001", of(model, opt))
+    assert opt.param_groups[0]["amsgrad"] is False
+    train_step(model, opt, seed=1)
+
+
+def test_newest_valid_skips_a_state_of_the_wrong_shape(ck: Checkpointer, logs: list[str]) -> None:
+    save_steps(ck, [1, 2])
+    rewrite_state(ck.dir / "checkpoint_000002", lambda s: s.update(cursor=-5))
+    assert ck.newest_valid() == ck.dir / "checkpoint_000001"
+    assert logs == ["skipping checkpoint_000002: trainer_state.json: field 'cursor' must be >= 0, got -5"]
+    with pytest.raises(UserError, match=r"checkpoint_000002/trainer_state.json: field 'cursor' must be >= 0"):
+        ck.load(ck.dir / "checkpoint_000002", of(tiny_model()), optimizer=False)
+
+
+def test_a_full_disk_while_writing_tensors_is_one_line_and_keeps_the_last_checkpoint(
+        ck: Checkpointer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    import engine.backends.torch_backend as torch_backend
+
+    save_steps(ck, [1])
+
+    def full(*_, **__) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(torch_backend, "save_file", full)
+    with pytest.raises(UserError, match="cannot save checkpoint_000002 in .*: Error while serializing") as e:
+        save_steps(ck, [2])
+    assert "\n" not in str(e.value) and e.value.exit_code == 1
+    assert sorted(p.name for p in ck.dir.iterdir() if not p.name.startswith(".verified")) == ["checkpoint_000001", "latest"]
+    assert verify(ck.dir / "checkpoint_000001") is None
+
+
 # --- crashes ---------------------------------------------------------------------------------------------
 
 
@@ -270,7 +371,7 @@ def test_newest_valid_skips_torn_checkpoints_with_reasons(ck: Checkpointer, layo
     assert ck.resolve("tiny_test") == good
     with pytest.raises(UserError, match=r"checkpoint_000004 is unusable: model.safetensors is 1,000 bytes"):
         ck.load(truncated, of(tiny_model()), optimizer=False)
-    assert ck.load(good, of(tiny_model()), optimizer=False)["step"] == 2
+    assert ck.load(good, of(tiny_model()), optimizer=False).step == 2
 
 
 def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout: Layout, tmp_path: Path) -> None:
@@ -308,7 +409,7 @@ def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout:
     fresh = Checkpointer(layout, "tiny_test", log=logs.append)
     assert logs == [f"removed {leftovers[0]} left by an interrupted save or delete"]
     assert fresh.newest_valid() == ck.dir / "checkpoint_000001"
-    assert fresh.load(fresh.resolve("tiny_test"), of(tiny_model()), optimizer=False)["step"] == 1
+    assert fresh.load(fresh.resolve("tiny_test"), of(tiny_model()), optimizer=False).step == 1
 
 
 def test_every_stale_temporary_in_the_model_folder_is_removed(ck: Checkpointer, layout: Layout) -> None:
@@ -323,7 +424,7 @@ def test_every_stale_temporary_in_the_model_folder_is_removed(ck: Checkpointer, 
     logs: list[str] = []
     Checkpointer(layout, "tiny_test", log=logs.append)
     assert not [p for p in stale if p.exists()] and len(logs) == 4
-    assert sorted(p.name for p in ck.dir.iterdir()) == ["checkpoint_000001", "latest"]
+    assert sorted(p.name for p in ck.dir.iterdir()) == [".verified.json", "checkpoint_000001", "latest"]
 
 
 def test_temporaries_of_another_live_engine_are_left_alone(layout: Layout) -> None:
@@ -390,6 +491,22 @@ def test_rotation_ignores_torn_folders_when_counting(layout: Layout) -> None:
     save_steps(ck, [1, 2, 3])
     assert sorted(p.name for p in ck.dir.iterdir() if p.name.startswith("checkpoint_")) == \
         ["checkpoint_000002", "checkpoint_000003", "checkpoint_000009"]
+
+
+def test_rotation_counts_only_checkpoints_resume_could_use(layout: Layout) -> None:
+    """A flipped byte or a state of the wrong shape keeps its folder (to inspect) but not its place
+    among the last N: the older usable one stays instead."""
+    ck = Checkpointer(layout, "tiny_test", keep_last=2)
+    save_steps(ck, [1, 2, 3])
+    corrupt = ck.dir / "checkpoint_000003" / OPTIMIZER_FILE
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    save_steps(ck, [4])
+    rewrite_state(ck.dir / "checkpoint_000004", lambda s: s.update(run=0))
+    save_steps(ck, [5])
+    assert sorted(p.name for p in ck.dir.iterdir() if p.name.startswith("checkpoint_")) == \
+        ["checkpoint_000002", "checkpoint_000003", "checkpoint_000004", "checkpoint_000005"]
 
 
 def test_keep_last_must_be_at_least_two(layout: Layout) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine import catalog, protocol
-from engine.checkpoint import Checkpointer
+from engine.checkpoint import EXPORT_MARKER, Checkpointer
 from engine.control import EngineLock
 from engine.paths import Layout
 from test_checkpoint import of, trained_once, trainer_state
@@ -175,13 +175,49 @@ def test_export_refusals_are_one_line_and_leave_nothing(layout: Layout, tmp_path
         assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(out)) == 2
         assert message in one_error_line(capsys)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
-    killed = tmp_path / "new" / "deep" / ".tmp-hf-0badc0de"  # an earlier export of the same name, killed
+
+
+def test_export_removes_only_its_own_killed_temporaries(layout: Layout, tmp_path: Path, run_cli,  # noqa: F811
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed export of the same name leaves `.tmp-hf-<8 hex>` with our marker (or nothing, when
+    killed before the marker): those go. A user's own folders of similar names stay, contents intact."""
+    parent = tmp_path / "new"
+    killed = parent / ".tmp-hf-0badc0de"
     killed.mkdir(parents=True)
+    (killed / EXPORT_MARKER).touch()
     (killed / "model.safetensors").write_bytes(b"half")
-    assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(tmp_path / "new" / "deep" / "hf")) == 0
-    assert os.listdir(tmp_path / "new" / "deep") == ["hf"]
-    assert sorted(os.listdir(tmp_path / "new" / "deep" / "hf")) == ["config.json", "generation_config.json",
-                                                                   "model.safetensors"]
+    (parent / ".tmp-hf-12345678").mkdir()  # killed between mkdir and the marker: empty
+    users = [parent / ".tmp-hf-backup", parent / ".tmp-hf-0badc0de1", parent / ".tmp-hf-abcdef12",
+             parent / ".tmp-hf2-0badc0de", parent / ".tmp-other-0badc0de"]
+    for folder in users:  # `.tmp-hf-abcdef12` has our name pattern but no marker and holds files
+        folder.mkdir()
+        (folder / "mine.txt").write_text("keep me")
+    assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(parent / "hf")) == 0
+    assert sorted(os.listdir(parent)) == sorted(["hf", *(f.name for f in users)])
+    assert all((f / "mine.txt").read_text() == "keep me" for f in users)
+    assert sorted(os.listdir(parent / "hf")) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_export_leaves_a_users_tmp_backup_beside_the_target(layout: Layout, tmp_path: Path, run_cli) -> None:  # noqa: F811
+    backup = tmp_path / ".tmp-mymodel-backup"
+    backup.mkdir()
+    (backup / "weights.bin").write_bytes(b"precious")
+    assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(tmp_path / "mymodel")) == 0
+    assert (backup / "weights.bin").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("name", ["*", "a?", "[ab]", "x\nrm", "tab\there"])
+def test_export_refuses_glob_and_control_characters_in_the_name(layout: Layout, tmp_path: Path, run_cli, name: str,  # noqa: F811
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for other in (".tmp-a-b", ".tmp-x-0badc0de", ".tmp-*-12345678"):
+        (out / other).mkdir()
+        (out / other / "f").write_text("mine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert run_cli("checkpoints", "export", "alpha_checkpoint_4_run_1", str(out / name)) == 2
+    assert "choose a plain folder name" in one_error_line(capsys)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
 def test_list_and_delete_do_not_import_torch(layout: Layout) -> None:
@@ -196,13 +232,15 @@ def test_list_and_delete_do_not_import_torch(layout: Layout) -> None:
 
 
 def test_narrow_terminals_drop_columns_before_cutting_names() -> None:
-    from engine.commands.checkpoints import _fit_columns
+    from engine.commands.checkpoints import DROP_ORDER
+    from engine.commands.tables import fit_columns
 
     row = {"Checkpoint": "5M_Stdlib_256_checkpoint_300_run_1", "Step": "300", "Loss": "2.500", "Eval": "2.700",
-           "Saved": "11-14 22:18", "Dataset": "stdlib", "Seqs": "1,234", "Size": "1.2 MiB", "Status": "latest"}
-    assert _fit_columns([row], 1000) == list(row)
-    assert _fit_columns([row], 80) == ["Checkpoint", "Step", "Loss", "Size", "Status"]
-    assert _fit_columns([row], 40) == ["Checkpoint", "Step", "Status"]
+           "BPB": "1.234", "Saved": "11-14 22:18", "Dataset": "stdlib", "Seqs": "1,234", "Size": "1.2 MiB",
+           "Status": "latest"}
+    assert fit_columns([row], 1000, DROP_ORDER) == list(row)
+    assert fit_columns([row], 80, DROP_ORDER) == ["Checkpoint", "Step", "Loss", "Size", "Status"]
+    assert fit_columns([row], 40, DROP_ORDER) == ["Checkpoint", "Step", "Status"]
 
 
 def test_a_trainer_state_of_the_wrong_shape_lists_and_resolves_as_shown(layout: Layout, run_cli,  # noqa: F811

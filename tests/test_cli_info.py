@@ -133,3 +133,19 @@ def test_a_filesystem_refusal_is_one_error_line(run_cli, tmp_path: Path, monkeyp
     monkeypatch.setattr(info, "run_info", refuse)
     assert run_cli("info") == 1
     assert capsys.readouterr().err == line.format(d=tmp_path) + "\n"
+
+
+@pytest.mark.parametrize("argv", [["info"], ["cache", "list"], ["checkpoints", "list"], ["checkpoints", "list", "--json"]])
+def test_a_root_that_is_a_file_is_refused_by_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          argv: list[str]) -> None:
+    (tmp_path / "a_file").write_text("x")
+    for root in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        assert cli.main(["--root", str(root), *argv]) == 2
+        assert capsys.readouterr().err == (f"error: cannot use {root} as the data root: {tmp_path / 'a_file'} "
+                                           "is a file, not a folder\n")
+
+
+def test_a_name_too_long_for_the_filesystem_is_one_short_line(run_cli, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("cache", "info", "a" * 300) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: name too long for the filesystem: 'aaaa") and err.count("\n") == 1 and len(err) < 200

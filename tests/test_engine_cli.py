@@ -16,7 +16,8 @@ from engine.cli import main
 from engine.control import live_engine, send_command
 from engine.paths import Layout
 from tests.train_support import (
-    BACKENDS, build_tiny_cache, data_flags, read_log, run_engine, start_engine, train_flags, wait_event, write_corpus,
+    BACKENDS, build_tiny_cache, data_flags, read_log, run_engine, start_engine, step_losses, train_flags, wait_event,
+    write_corpus,
 )
 
 
@@ -55,11 +56,18 @@ def refused(root: Path, capsys: pytest.CaptureFixture, *argv: str) -> str:
     (["--backend", "jax"], "train.backend must be one of auto, torch, mlx"),
     (["--name", "done"], "already exists"),
     (["--tokenizer", "bpe:300"], "built with tokenizer"),
+    (["--micro-batch", "100000"], "holds only"),
+    (["--name", "done", "--dataset-name", "other"], "already exists"),
+    (["--model-config", "/nonexistent/llama.json"], "cannot read model config"),
+    (["--trace-data", "/nonexistent/dir/trace.jsonl"], "--trace-data"),
+    (["--cache", "{root}/cache/packed_sequences/32/docs", "--seq-len", "64"], "not the seq_len 64 given"),
+    (["--cache", "{root}/cache/packed_sequences/32/docs", "--tokenizer", "bpe:300"], "not the 'bpe:300' given"),
+    (["--workers", "0"], "--workers must be at least 1"),
 ])
 def test_bad_train_input_is_one_line_and_writes_nothing(root: Path, capsys: pytest.CaptureFixture,
                                                         argv: list[str], match: str) -> None:
     flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=2)]
-    assert match in refused(root, capsys, "train", *flags, *argv)
+    assert match in refused(root, capsys, "train", *flags, *(a.replace("{root}", str(root)) for a in argv))
 
 
 def test_bad_config_file(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -73,6 +81,7 @@ def test_resume_refusals(root: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "cannot change train.lr" in refused(root, capsys, "resume", "done", "--lr", "1")
     assert "global batch" in refused(root, capsys, "resume", "done", "--micro-batch", "3", "--max-steps", "9")
     assert "no run named" in refused(root, capsys, "resume", "nobody")
+    assert "'1e400' is out of range" in refused(root, capsys, "resume", "done", "--max-steps", "1e400")
     foreign = root / "checkpoints" / "done" / "checkpoint_000099"
     foreign.mkdir()
     (foreign / "trainer_state.json").write_text("{}")
@@ -226,3 +235,33 @@ def test_engine_keeps_training_when_its_reader_goes_away(root: Path, backend: st
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_saves_and_a_stop_between_log_steps_record_the_loss_of_the_saved_step(root: Path) -> None:
+    """Losses are logged every 1000 steps here, so each checkpoint and the final loss must come
+    from the step itself (they were the last logged loss, here none); a reference run logging
+    every step says what those losses are."""
+    steady = dict(schedule="constant", log_interval=1000, save_interval=3, keep_last=100, max_steps=100_000)
+    proc = start_engine(root, "train", "--name", "quiet", *data_flags(root / "docs.jsonl"), *train_flags(**steady))
+    try:
+        saves = [wait_event(proc, lambda e: e["event"] == "checkpoint_saved")]
+        send_command(Layout.resolve(root), "quiet", "stop")
+        while (event := wait_event(proc, lambda e: e["event"] in ("checkpoint_saved", "finished")))["event"] != "finished":
+            saves.append(event)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert event["reason"] == "stopped" and saves[-1]["step"] == event["step"]
+    assert not any(e["event"] == "step" for e in read_log(root, "quiet", 1)), "a step was logged: the test proves nothing"
+
+    reference = dict(steady, log_interval=1, max_steps=event["step"])
+    done = run_engine(root, "train", "--name", "loud", *data_flags(root / "docs.jsonl"), *train_flags(**reference))
+    assert done.returncode == 0, done.stderr
+    truth = step_losses(read_log(root, "loud", 1))
+    for saved in saves:
+        state = json.loads((root / "checkpoints" / "quiet" / f"checkpoint_{saved['step']:06d}" / "trainer_state.json")
+                           .read_text())
+        assert state["loss"] == saved["loss"] == pytest.approx(truth[saved["step"]], rel=1e-5), saved
+    assert event["final_loss"] == saves[-1]["loss"]

@@ -13,10 +13,12 @@ from engine.paths import Layout, check_name
 from engine.presets import PRESETS, get_preset
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "a/b", ".hidden", "x" * 65, "sp ace", "a\\b", "é"])
+@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "a/b", ".hidden", "x" * 65, "sp ace", "a\\b", "é", "-rf",
+                                 "-", "name\n", "x" * 300, None])
 def test_bad_names_are_refused(bad) -> None:
-    with pytest.raises(UserError):
+    with pytest.raises(UserError) as info:
         check_name(bad)
+    assert len(str(info.value)) < 200  # a 300-character name is quoted cut short
 
 
 def test_layout_resolves_root_from_env(tmp_path, monkeypatch) -> None:

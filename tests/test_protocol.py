@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -26,6 +27,14 @@ def test_every_event_round_trips() -> None:
         p.Finished(step=5, reason="stopped"),
         p.CacheProgress(stage="build", cache="/c", docs=3),
         p.CacheReady(cache="/c", chunks=1, sequences=3, bad=[{"chunk": 0, "reason": "hash"}]),
+        p.ModelLoaded(checkpoint="m_checkpoint_5_run_1", path="/x", step=5, context=256, chat_template=True),
+        p.GenerationStarted(request="g", sample=1, samples=2, seed=8, prompt_tokens=3),
+        p.Token(text="héllo", request="g", sample=1),
+        p.GenerationDone(text="héllo", reason="stop", request="g", new_tokens=4, first_token_s=0.01),
+        p.EvalProgress(checkpoint="m", batches_done=1, batches_total=4, tokens=1024),
+        p.EvalResult(checkpoint="m", step=5, data="held-out", loss=2.0, perplexity=7.39, bpb=1.2, top1=0.3, top5=0.6,
+                     tokens=1024, bytes=3000),
+        p.Done(request="g", command="generate", status="interrupted"),
     ]
     assert {type(e) for e in samples} == set(p.EVENT_TYPES.values())
     for event in samples:
@@ -124,3 +133,27 @@ def test_format_step_matches_the_documented_headline() -> None:
                eta_s=4 * 3600 + 23 * 60, progress_pct=770 / 26235 * 100, rss_gb=1.0)
     assert p.format_step(e) == "Step 770/26,235 (2.9%) | Loss: 5.583 | 106,212 tok/s | ETA: 04:23h"
     assert p.format_step(e, colons=False) == "Step 770/26,235 (2.9%) | Loss 5.583 | 106,212 tok/s | ETA 04:23h"
+
+
+def test_serve_commands_round_trip_and_bad_ones_are_one_line_reasons() -> None:
+    commands = [p.GenerateCommand(id="g", prompt="def ", temperature=0, top_k=5, stop=["\n\n"]),
+                p.EvalCommand(id="e", batches=2, source="stdlib"), p.StopCommand(), p.LoadCommand(checkpoint="m"),
+                p.QuitCommand()]
+    for command in commands:
+        assert p.decode_serve_command(command.encode()) == command
+    assert p.GenerateCommand(prompt="x", seed=3).sampling() == p.SamplingParams(seed=3)
+    for line, reason in [
+        ("{", "not JSON"), ("[]", "a command is a JSON object"), ('{"command": "train"}', "unknown command 'train'"),
+        ('{"command": "generate", "temprature": 1}', "unknown field 'temprature'"),
+        ('{"command": "generate", "top_k": 0}', "top_k must be a whole number >= 1"),
+        ('{"command": "generate", "top_p": 0}', "top_p must be in (0, 1]"),
+        ('{"command": "generate", "temperature": -1}', "temperature must be a number >= 0"),
+        ('{"command": "generate", "max_new_tokens": true}', "max_new_tokens must be a whole number >= 1"),
+        ('{"command": "generate", "stop": ""}', "stop must be a list of non-empty strings"),
+        ('{"command": "generate", "prompt": 3}', "prompt must be a string"),
+        ('{"command": "eval", "batches": 0}', "batches must be a whole number >= 1"),
+        ('{"command": "eval", "cache": "c", "source": "s"}', "give cache or source, not both"),
+        ('{"command": "load"}', "checkpoint is missing"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            p.decode_serve_command(line)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +19,19 @@ from engine.errors import UserError
 from engine.model_config import llama_config
 from engine.paths import Layout
 from engine.presets import PRESETS
+from engine.state import RngState, decode
 from tests.train_support import BACKENDS, build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32)), seed=3)
+    return build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {})), seed=3)
 
 
 def test_model_matches_the_preset_and_uses_sdpa(model: torch.nn.Module) -> None:
     assert count_params(model) == PRESETS["tiny"].n_params(300)
     assert model.config._attn_implementation == "sdpa"
-    again = build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32)), seed=3)
+    again = build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {})), seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
@@ -60,7 +63,7 @@ def test_fp16_is_refused_without_cuda_and_an_explicit_choice_is_kept(tmp_path: P
 
 def test_rng_state_is_json_and_restores_exactly() -> None:
     torch.manual_seed(5), np.random.seed(5), random.seed(5)
-    state = json.loads(json.dumps(rng_state()))
+    state = decode(RngState, json.loads(json.dumps(asdict(rng_state()))), "rng")
     expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
     set_rng_state(state)
@@ -124,12 +127,14 @@ def test_human_progress_line_format() -> None:
 
 def test_gradient_checkpointing_recomputes_the_same_gradients() -> None:
     """--grad-checkpointing trades compute for memory; it must not change what the step computes."""
-    config = hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32))
+    config = hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {}))
     rows = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
     grads = []
     for enabled in (False, True):
-        m = prepare_model(config, TrainConfig(grad_checkpointing=enabled), torch.device("cpu"))
-        assert m.is_gradient_checkpointing is enabled
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # the deprecated transformers API warns
+            m = prepare_model(config, TrainConfig(grad_checkpointing=enabled), torch.device("cpu"))
+            assert m.is_activation_checkpointing is enabled
         m.train()
         lm_loss(m, rows).backward()
         grads.append([p.grad.clone() for p in m.parameters()])

@@ -11,6 +11,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from app.formatting import format_count, format_loss, format_time
+from app.screens.extend import ExtendScreen
 from app.screens.manage import ManageScreen
 from app.screens.modals import HelpScreen
 from app.screens.runs import RunsScreen
@@ -21,6 +22,7 @@ RUNNING = "running: attach"
 HELP = [
     ("Enter", "resume the highlighted checkpoint, or attach to its running engine"),
     ("n", "start a new training"),
+    ("t or +", "train the highlighted checkpoint's run longer: a new total of steps or epochs"),
     ("x", "manage checkpoints: select and delete, oldest first"),
     ("l", "runs and logs: curves and summaries of past runs"),
     ("r", "refresh now (the list also refreshes every few seconds)"),
@@ -42,6 +44,7 @@ class CheckpointsScreen(Screen[None]):
     BINDINGS = [
         Binding("enter", "open", "Resume / attach", show=True),
         Binding("n", "new", "New training"),
+        Binding("t,plus", "extend", "Extend"),
         Binding("x", "manage", "Manage"),
         Binding("l", "runs", "Runs & logs"),
         Binding("r", "reload", "Refresh"),
@@ -149,6 +152,21 @@ class CheckpointsScreen(Screen[None]):
         key = self._current_key()
         if key is not None:
             self._open(key)
+
+    def action_extend(self) -> None:
+        entry = self.entries.get(self._current_key() or "")
+        if entry is None:
+            self.notify("Highlight a checkpoint to train on from.", severity="warning")
+        elif entry.model in self.live:
+            self.notify(f"An engine is training {entry.model}; Enter attaches to it.", severity="warning")
+        elif not entry.valid:
+            self.notify(f"{entry.display_name} is not valid: {entry.reason}", severity="warning")
+        else:
+            def chosen(args: list[str] | None) -> None:
+                if args:
+                    self.app.start_engine(entry.model, *args)
+
+            self.app.push_screen(ExtendScreen(entry), chosen)
 
     def _open(self, key: str) -> None:
         if key.startswith("live:"):

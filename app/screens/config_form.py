@@ -54,11 +54,15 @@ TRAIN_FIELDS = (
     FieldSpec("train", "grad_accum", "Grad accumulation", "integer"),
     FieldSpec("train", "lr", "Learning rate", "number"),
     FieldSpec("train", "warmup_ratio", "Warmup ratio", "number"),
+    FieldSpec("train", "estimated_total_sequences", "Full dataset (seqs)", "integer", True,
+              "blank = this cache; for smart warmup, the full size"),
     FieldSpec("train", "epochs", "Epochs", "number"),
     FieldSpec("train", "max_steps", "Max steps", "integer", True, "blank = the epoch plan"),
     FieldSpec("train", "save_interval", "Save every (steps)", "integer"),
     FieldSpec("train", "keep_last", "Keep last N", "integer"),
     FieldSpec("train", "log_interval", "Log every (steps)", "integer"),
+    FieldSpec("train", "growth_check_interval", "Growth check every", "integer",
+              placeholder="0 = only at resume; N = every N steps"),
 )
 SELECTS = (("model", "preset"), ("train", "schedule"), ("train", "precision"))
 
@@ -73,7 +77,7 @@ def preset_options(vocab: int) -> list[tuple[str, str]]:
     return [(f"{p.name:<5} {p.n_params(vocab) / 1e6:>8,.1f}M params  {p.use}", p.name) for p in PRESETS.values()]
 
 
-def _row(label: str, *widgets: Any) -> Horizontal:
+def form_row(label: str, *widgets: Any) -> Horizontal:
     return Horizontal(Label(label, classes="form-label"), *widgets, classes="form-row")
 
 
@@ -93,28 +97,28 @@ class ConfigFormScreen(Screen[None]):
         yield Header()
         with VerticalScroll(id="form"):
             yield Static(f"New training: {self.draft.name}", classes="title")
-            yield _row("Source", Select(SOURCE_KINDS, value=kind, allow_blank=False, compact=True, id="source-kind"))
-            yield _row("Path or hub name", Input(
+            yield form_row("Source", Select(SOURCE_KINDS, value=kind, allow_blank=False, compact=True, id="source-kind"))
+            yield form_row("Path or hub name", Input(
                 value="" if kind == "stdlib" else (d.source or ""), id="source",
                 placeholder="a .txt/.jsonl/.parquet file, a folder, or org/dataset", disabled=kind == "stdlib", compact=True,
             ))
             for spec in DATA_FIELDS:
-                yield _row(spec.label, self._input(spec))
-            yield _row("Model preset", Select(
+                yield form_row(spec.label, self._input(spec))
+            yield form_row("Model preset", Select(
                 preset_options(vocab_guess(d.tokenizer) or UNKNOWN_VOCAB), value=self.draft.model.preset, allow_blank=False,
                 compact=True, id="f-model-preset",
             ))
             yield Static("", id="params", classes="hint")
             for spec in TRAIN_FIELDS[:3]:
-                yield _row(spec.label, self._input(spec))
-            yield _row("Schedule", Select([(s, s) for s in SCHEDULES], value=t.schedule, allow_blank=False,
+                yield form_row(spec.label, self._input(spec))
+            yield form_row("Schedule", Select([(s, s) for s in SCHEDULES], value=t.schedule, allow_blank=False,
                                           compact=True, id="f-train-schedule"))
-            for spec in TRAIN_FIELDS[3:6]:
-                yield _row(spec.label, self._input(spec))
-            yield _row("Precision", Select([(p, p) for p in PRECISIONS], value=t.precision, allow_blank=False,
+            for spec in TRAIN_FIELDS[3:7]:
+                yield form_row(spec.label, self._input(spec))
+            yield form_row("Precision", Select([(p, p) for p in PRECISIONS], value=t.precision, allow_blank=False,
                                            compact=True, id="f-train-precision"))
-            for spec in TRAIN_FIELDS[6:]:
-                yield _row(spec.label, self._input(spec))
+            for spec in TRAIN_FIELDS[7:]:
+                yield form_row(spec.label, self._input(spec))
             yield Static("", id="form-status", classes="status")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Continue (Enter)", variant="primary", id="submit")

@@ -36,7 +36,7 @@ def label(entry: Any, live: set[str]) -> str:
 
 class ManageScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [
-        Binding("d,delete", "delete", "Delete selected"),
+        Binding("d,D,delete", "delete", "Delete selected"),  # the hint line says D
         Binding("escape", "app.pop_screen", "Back"),
     ]
 

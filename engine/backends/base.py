@@ -20,7 +20,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine.config import RunConfig, TrainConfig
+from engine.errors import UserError
 from engine.paths import Layout
+from engine.state import OptimizerState, RngState, ScalerState
 
 Tensor = Any  # a framework array: torch.Tensor or mlx.core.array
 
@@ -131,9 +133,11 @@ class Backend(ABC):
         """(`<param>/<key>` tensors, JSON {"param_groups": [...], "scalars": {param: {key: value}}})."""
 
     @abstractmethod
-    def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, Tensor]], saved: Mapping[str, Any]) -> None:
-        """Restore from tensors grouped by parameter name ({param: {key: tensor}}) and the saved JSON;
-        the caller has checked that the groups hold the same names."""
+    def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, Tensor]], saved: OptimizerState,
+                             where: str) -> None:
+        """Restore from tensors grouped by parameter name ({param: {key: tensor}}) and the saved
+        groups; the caller has checked names and shapes. Refusals are one UserError line starting
+        with `where`."""
 
     @abstractmethod
     def save_tensors(self, tensors: Mapping[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -144,19 +148,23 @@ class Backend(ABC):
 
     # --- RNG, precision, memory, facts --------------------------------------------------------
     @abstractmethod
-    def rng_state(self) -> dict[str, Any]:
-        """Every RNG a step could draw from, as JSON."""
+    def rng_state(self) -> RngState:
+        """Every RNG a step could draw from, as JSON-safe lists."""
 
     @abstractmethod
-    def set_rng_state(self, state: Mapping[str, Any]) -> None:
-        """Restore what rng_state() saved; keys of another backend are ignored (their generators
-        cannot carry), the host RNGs (numpy, random) always restore."""
+    def set_rng_state(self, state: RngState) -> None:
+        """Restore what rng_state() saved; another backend's generators are ignored (they cannot
+        carry), the host RNGs (numpy, random) always restore."""
 
-    def scaler_state(self) -> dict[str, Any] | None:
+    def check_rng_state(self, state: RngState, source: Path) -> None:
+        """Refuse, before anything is written, a saved state that set_rng_state would fail on."""
+        check_host_rng_state(state, source)
+
+    def scaler_state(self) -> ScalerState | None:
         """Loss-scaler state for fp16 (torch on CUDA); None elsewhere."""
         return None
 
-    def load_scaler_state(self, state: Mapping[str, Any] | None) -> None:
+    def load_scaler_state(self, state: ScalerState | None) -> None:
         return None
 
     @abstractmethod
@@ -200,17 +208,36 @@ class Backend(ABC):
 
 
 def host_rng_state() -> dict[str, Any]:
-    """numpy's and Python's global RNGs as JSON (every backend records these too)."""
+    """numpy's and Python's global RNGs as RngState fields (every backend records these too)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "random": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "random": (py_state[0], list(py_state[1]), py_state[2]),
     }
 
 
-def set_host_rng_state(state: Mapping[str, Any]) -> None:
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    r = state["random"]
-    random.setstate((r[0], tuple(r[1]), r[2]))
+def _host_states(state: RngState) -> tuple[tuple, tuple]:
+    n, r = state.numpy, state.random
+    return (n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]), (r[0], tuple(r[1]), r[2])
+
+
+def set_host_rng_state(state: RngState) -> None:
+    np_state, py_state = _host_states(state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+
+
+def check_host_rng_state(state: RngState, source: Path) -> None:
+    """Try the saved numpy and Python states on throwaway generators: one they refuse is refused
+    here, before the run starts, rather than when it is restored after the run started."""
+    key, pos = state.numpy[1], state.numpy[2]
+    if len(key) != 624 or not 0 <= pos <= 624:  # numpy accepts any position, then reads past the key
+        raise UserError(f"{source}: field 'rng.numpy' is not an MT19937 state (624 words and a position 0-624)")
+    try:
+        np_state, py_state = _host_states(state)
+        np.random.RandomState().set_state(np_state)
+        random.Random().setstate(py_state)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise UserError(f"{source}: field 'rng' holds a state the generators refuse: "
+                        f"{' '.join(str(e).split())[:120]}") from None

@@ -36,6 +36,7 @@ from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.model_config import complete
 from engine.paths import Layout
+from engine.state import OptimizerState, RngState
 from engine.units import GIB
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
@@ -76,7 +77,7 @@ def model_args(fields: Mapping[str, Any]) -> ModelArgs:
 def init_params(model: Model, std: float, seed: int) -> dict[str, Any]:
     """transformers' LlamaForCausalLM init (normal(0, initializer_range) matrices, zero biases,
     unit norm gains) from mlx's RNG seeded with `seed`."""
-    mx.random.seed(seed)
+    mx.random.seed(seed % (1 << 64))  # mlx takes an unsigned seed; the config allows torch's range
     fresh = []
     for name, p in tree_flatten(model.parameters()):
         if name.endswith("norm.weight"):
@@ -209,17 +210,21 @@ class MLXBackend(Backend):
                            "eps": opt.eps, "weight_decay": decay})
         return tensors, {"param_groups": groups, "scalars": {}}
 
-    def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, mx.array]], saved: Mapping[str, Any]) -> None:
+    def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, mx.array]], saved: OptimizerState,
+                             where: str) -> None:
+        if saved.scalars:
+            raise UserError(f"{where} holds non-tensor state mlx's AdamW does not have; resume with "
+                            "--reset-optimizer to continue the weights with fresh optimizer state")
         for opt, names in zip(self.optimizers, self.groups):
             held = [n for n in names if tensors.get(n)]
             if not held:
                 continue  # saved before this group's first step
             if len(held) != len(names) or any(set(tensors[n]) != {"step", *ADAMW_KEYS} for n in names):
-                raise UserError("optimizer state does not hold AdamW moments for every parameter; "
-                                "resume with --reset-optimizer to continue the weights with fresh optimizer state")
+                raise UserError(f"{where} does not hold AdamW moments for every parameter; resume with "
+                                "--reset-optimizer to continue the weights with fresh optimizer state")
             steps = {int(tensors[n]["step"].item()) for n in names}
             if len(steps) != 1:
-                raise UserError("optimizer state has parameters at different step counts; resume with --reset-optimizer")
+                raise UserError(f"{where} has parameters at different step counts; resume with --reset-optimizer")
             state = tree_unflatten([(n, {ours: tensors[n][key].astype(mx.float32) for key, ours in ADAMW_KEYS.items()})
                                     for n in names])
             state["step"] = mx.array(steps.pop(), dtype=mx.uint64)
@@ -234,13 +239,13 @@ class MLXBackend(Backend):
         return mx.load(str(path))
 
     # --- RNG, precision, memory, facts --------------------------------------------------------
-    def rng_state(self) -> dict[str, Any]:
+    def rng_state(self) -> RngState:
         """mlx's global key is recorded but has no setter: training draws nothing from it (no
         dropout; the data order has its own seeded generators) and a resume re-seeds it by
         building the model from the same seed, so it already holds the recorded value."""
-        return {"mlx": np.array(mx.random.state[0]).tolist(), **host_rng_state()}
+        return RngState(mlx=np.array(mx.random.state[0]).tolist(), **host_rng_state())
 
-    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+    def set_rng_state(self, state: RngState) -> None:
         set_host_rng_state(state)
 
     def precision_context(self) -> contextlib.AbstractContextManager[None]:

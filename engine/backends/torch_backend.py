@@ -10,6 +10,7 @@ import contextlib
 import json
 import platform
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.backends import torch_distributed as D
-from engine.backends.base import Backend, Memory, StepResult, host_rng_state, set_host_rng_state
+from engine.backends.base import (
+    Backend, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
+)
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
 from engine.backends.torch_model import autocast, build_model, count_params, hf_config, lm_loss, param_groups
@@ -27,6 +30,7 @@ from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_o
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
+from engine.state import OptimizerState, RngState, ScalerState
 
 # --- device, precision and RNG ---------------------------------------------------------------------
 
@@ -48,21 +52,35 @@ def pick_precision(choice: str, device: str, cfg: RunConfig, layout: Layout) -> 
     return torch_precision.choose(choice, device, cfg, layout).precision
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state() -> RngState:
     """Every RNG the run could draw from, as JSON (a torch state tensor becomes a list of ints)."""
-    return {
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        **host_rng_state(),
-    }
+    return RngState(torch=torch.get_rng_state().tolist(),
+                    cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+                    **host_rng_state())
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    if "torch" in state:
-        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+def set_rng_state(state: RngState) -> None:
+    if state.torch:  # empty when another backend saved it: its generators cannot carry
+        torch.set_rng_state(torch.tensor(state.torch, dtype=torch.uint8))
+    if state.cuda and torch.cuda.is_available():  # one state per device the saving process saw; this one may see fewer
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state.cuda][:torch.cuda.device_count()])
     set_host_rng_state(state)
+
+
+def check_rng_state(state: RngState, source: Path) -> None:
+    """Try the saved states on throwaway generators: one that torch, numpy or Python refuses is
+    refused here, before the run starts, rather than when it is restored after the run started."""
+    check_host_rng_state(state, source)
+    try:
+        if state.torch:
+            torch.Generator().set_state(torch.tensor(state.torch, dtype=torch.uint8))
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise UserError(f"{source}: field 'rng' holds a state the generators refuse: "
+                        f"{' '.join(str(e).split())[:120]}") from None
+    if state.cuda and torch.cuda.is_available():
+        devices = range(min(len(state.cuda), torch.cuda.device_count()))
+        if any(len(state.cuda[i]) != torch.cuda.get_rng_state(i).numel() for i in devices):
+            raise UserError(f"{source}: field 'rng.cuda' does not hold CUDA generator states")
 
 
 def versions() -> dict[str, str]:
@@ -83,7 +101,11 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch
 def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = build_model(config, t.seed).to(device)
     if t.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -180,8 +202,9 @@ class TorchBackend(Backend):
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return flatten_optimizer(self.net, self.optimizer)
 
-    def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], saved: Mapping[str, Any]) -> None:
-        load_optimizer(tensors, saved, self.net, self.optimizer)
+    def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], saved: OptimizerState,
+                             where: str) -> None:
+        load_optimizer(tensors, saved, self.net, self.optimizer, where)
 
     def save_tensors(self, tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
         save_file(dict(tensors), str(path), metadata=metadata)
@@ -190,18 +213,21 @@ class TorchBackend(Backend):
         return load_file(str(path))
 
     # --- RNG, precision, memory, facts --------------------------------------------------------
-    def rng_state(self) -> dict[str, Any]:
+    def rng_state(self) -> RngState:
         return rng_state()
 
-    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+    def set_rng_state(self, state: RngState) -> None:
         set_rng_state(state)
 
-    def scaler_state(self) -> dict[str, Any] | None:
-        return self.scaler.state_dict() if self.scaler.is_enabled() else None
+    def check_rng_state(self, state: RngState, source: Path) -> None:
+        check_rng_state(state, source)
 
-    def load_scaler_state(self, state: Mapping[str, Any] | None) -> None:
+    def scaler_state(self) -> ScalerState | None:
+        return ScalerState(**self.scaler.state_dict()) if self.scaler.is_enabled() else None
+
+    def load_scaler_state(self, state: ScalerState | None) -> None:
         if state:
-            self.scaler.load_state_dict(dict(state))
+            self.scaler.load_state_dict(asdict(state))
 
     def precision_context(self) -> contextlib.AbstractContextManager:
         return autocast(self.torch_device, self.precision)

@@ -12,21 +12,24 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.errors import UserError
+from engine.errors import UserError, shown
+from engine.llama_json import META_KEYS
 
 
 def hf_config(fields: Mapping[str, Any]) -> LlamaConfig:
-    """A LlamaConfig from config.json fields (engine.model_config.llama_config or a checkpoint's)."""
-    kwargs = {k: v for k, v in fields.items() if k not in {"architectures", "model_type", "transformers_version"}}
+    """A LlamaConfig from config.json fields (engine.model_config.llama_config's, or a checkpoint's)."""
+    kwargs = {k: v for k, v in fields.items() if k not in META_KEYS}
     try:
         config = LlamaConfig(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"invalid model config: {e}") from None
+    except Exception as e:  # noqa: BLE001 - strict-dataclass, Key and Attribute errors for the keys we do not check
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise UserError(f"invalid model config: {shown(first, 200)}") from None
     return finish_config(config)
 
 
 def finish_config(config: LlamaConfig) -> LlamaConfig:
-    """Training settings that are not part of the shape: SDPA attention, no KV cache."""
+    """Training settings that are not part of the shape: SDPA attention, no KV cache. (The
+    tokenizer's special ids arrive in the fields: engine.model_config.llama_config.)"""
     config._attn_implementation = "sdpa"
     config.use_cache = False
     return config

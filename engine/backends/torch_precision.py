@@ -78,7 +78,7 @@ class Choice:
 def probe_shape(cfg: "RunConfig") -> ProbeShape:
     """The run's layer shape with at most PROBE_TOKENS tokens: rows of the micro-batch, and a
     sequence cut to PROBE_TOKENS when longer (the matmuls keep the run's sizes)."""
-    c = complete(llama_config(cfg.model, SHAPE_VOCAB, cfg.data.seq_len))  # the vocabulary does not enter the probe
+    c = complete(llama_config(cfg.model, SHAPE_VOCAB, cfg.data.seq_len, {}))  # the vocabulary does not enter the probe
     seq_len = min(cfg.data.seq_len, PROBE_TOKENS)
     rows = max(1, min(cfg.train.micro_batch, PROBE_TOKENS // seq_len))
     return ProbeShape(hidden=c["hidden_size"], intermediate=c["intermediate_size"], heads=c["num_attention_heads"],

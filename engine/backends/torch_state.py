@@ -4,10 +4,14 @@ HF names for weights (tied weights once), `<param>/<key>` for optimizer state pl
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from engine.errors import UserError
+from engine.state import OptimizerState, is_number
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,25 +91,47 @@ def _json_value(v: Any) -> Any:
     return v
 
 
-def load_optimizer(by_param: Mapping[str, Mapping[str, torch.Tensor]], saved: Mapping[str, Any],
-                   net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Restore state saved by flatten_optimizer (or another backend in the same layout). Groups are
-    matched by position and parameters by name; hyperparameters a group does not record keep the
-    live optimizer's values."""
+def load_optimizer(by_param: Mapping[str, Mapping[str, torch.Tensor]], saved: OptimizerState,
+                   net: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Restore state saved by flatten_optimizer (or another backend in the same layout), checked
+    against the live optimizer (engine.checkpoint.load_optimizer has checked names and shapes).
+    Groups are matched by position and parameters by name."""
     current = param_names(net, optimizer)
-    scalars = saved.get("scalars") or {}
-    flat = [name for names in current for name in names]
-    state: dict[int, dict[str, Any]] = {}
-    for index, name in enumerate(flat):
-        entry: dict[str, Any] = dict(by_param.get(name, {}))
-        entry.update(scalars.get(name, {}))
-        if entry:
-            state[index] = entry
     param_groups, index = [], 0
-    for group, live in zip(saved["param_groups"], optimizer.param_groups):
-        restored = {k: v for k, v in live.items() if k != "params"}
-        restored.update({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in group.items() if k != "params"})
+    for i, (group, live) in enumerate(zip(saved.param_groups, optimizer.param_groups)):
+        restored = _restored_group(group, live, optimizer, f"{where}: param group {i}")
         restored["params"] = list(range(index, index + len(live["params"])))
         index += len(live["params"])
         param_groups.append(restored)
+    state: dict[int, dict[str, Any]] = {}
+    for index, name in enumerate(name for names in current for name in names):
+        entry: dict[str, Any] = dict(by_param.get(name, {}))
+        entry.update(saved.scalars.get(name, {}))
+        if entry:
+            state[index] = entry
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _restored_group(saved: dict[str, Any], live: dict[str, Any], optimizer: torch.optim.Optimizer,
+                    where: str) -> dict[str, Any]:
+    """A saved param group as load_state_dict takes it (it replaces the live group whole). Numbers
+    (lr, betas, eps, weight_decay) come from the checkpoint and must pass the optimizer's own
+    constructor checks; everything else is the live optimizer's, built from the same config for this
+    process's device: flags the saved tensors may not match (amsgrad) would fail at the first step."""
+    restored = {k: v for k, v in live.items() if k != "params"}
+    for key, value in saved.items():
+        current = live.get(key)
+        if key not in restored or current is None or isinstance(current, bool):
+            continue
+        ok = (isinstance(value, list) and len(value) == len(current) and all(is_number(v) for v in value)
+              if isinstance(current, (tuple, list)) else is_number(value) if is_number(current) or torch.is_tensor(current)
+              else isinstance(value, type(current)))
+        if not ok:
+            raise UserError(f"{where} has {key} = {str(value)[:40]}, where the optimizer has {current!r}")
+        restored[key] = tuple(value) if isinstance(current, tuple) else value
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    try:
+        type(optimizer)([torch.zeros(1, requires_grad=True)], **{k: v for k, v in restored.items() if k in accepted})
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{where}: {' '.join(str(e).split())[:120]}") from None
+    return restored

@@ -38,10 +38,11 @@ from engine.cache.stats import write_stats
 from engine.cache.tokenizer import (TokenizerPlan, check_cache_tokenizer, check_hub_tokenizer, parse_tokenizer_spec,
                                     prepare_tokenizer, tokenizer_file, write_tokenizer)
 from engine.cache.worker import BuildSpec, ChunkTask, build_chunk, init_worker
-from engine.config import MAX_SEQ_LEN, DataConfig
+from engine.config import DataConfig, check_data
 from engine.errors import UserError
-from engine.paths import Layout, check_name
+from engine.paths import Layout
 from engine.protocol import CacheProgress, CacheReady, Event
+from engine.protocol import Warning as WarningEvent
 
 __all__ = ["build_cache", "fill_cache", "rebuild_chunks", "cache_path_for", "derive_dataset_name", "parse_shard",
            "resolve_cache_path"]
@@ -76,21 +77,6 @@ def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise UserError(f"--shard {shard[0]}/{shard[1]}: need 0 <= k < N")
     return shard
-
-
-def _check_data(data: DataConfig) -> None:
-    if data.seq_len < 2:
-        raise UserError(f"seq_len must be at least 2, got {data.seq_len}")
-    if data.seq_len > MAX_SEQ_LEN:
-        raise UserError(f"seq_len {data.seq_len:,} is unreasonably large (at most {MAX_SEQ_LEN:,})")
-    for key in ("docs_per_chunk", "max_docs", "max_chunks"):
-        value = getattr(data, key)
-        if value is not None and value < 1:
-            raise UserError(f"{key.replace('_', '-')} must be positive, got {value}")
-    if data.max_docs is not None and data.max_chunks is not None:
-        raise UserError("give --max-docs or --max-chunks, not both")
-    if data.dataset_name is not None:
-        check_name(data.dataset_name, "dataset name")
 
 
 def _check_place(path: Path, layout: Layout) -> None:
@@ -229,6 +215,10 @@ def _create(path: Path, data: DataConfig, source: Source, plan: TokenizerPlan, p
     """Start a cache from nothing (or over a force-rebuilt one). Under both locks."""
     _emit(on_event, CacheProgress(stage="tokenizer", cache=str(path)))
     prepared = prepare_tokenizer(plan, source)
+    if plan.kind == "bpe" and prepared.vocab_size < plan.bpe_vocab:
+        _emit(on_event, WarningEvent(message=f"tokenizer {plan.spec}: the source has too little text for "
+                                             f"{plan.bpe_vocab:,} tokens; the trained vocabulary has "
+                                             f"{prepared.vocab_size:,}"))
     docs_per_chunk = data.docs_per_chunk or source.default_docs_per_chunk()
     if metadata_path(path).exists():  # force-rebuild: readers lose the old cache before its files go
         metadata_path(path).unlink()
@@ -273,7 +263,7 @@ def _planned(meta: dict[str, Any], data: DataConfig, source: Source) -> int | No
 def build_cache(data: DataConfig, layout: Layout, *, workers: int | None = None, shard: tuple[int, int] | None = None,
                 force_rebuild: bool = False, on_event: EventSink | None = None) -> Path:
     """Build or continue (forward mode) the cache for `data`; returns its folder."""
-    _check_data(data)
+    check_data(data, where="")
     shard = _check_shard(shard)
     if shard is not None and force_rebuild:
         raise UserError("--force-rebuild cannot be combined with --shard: start over with one unsharded build first")
@@ -320,8 +310,26 @@ def build_cache(data: DataConfig, layout: Layout, *, workers: int | None = None,
             shutil.rmtree(created, ignore_errors=True)  # a refused or interrupted first build leaves nothing
         raise
     run.raise_mismatches()
+    chunks = run.meta["chunks"]
+    if shard is None and not any(c["n_seqs"] for c in chunks):
+        if existing is None:  # this build started the cache: a refused one leaves nothing behind
+            _discard(path, created if created_any else None)
+        raise UserError(f"no sequences: {sum(c['docs'][1] - c['docs'][0] for c in chunks):,} documents gave "
+                        f"{sum(c['tokens'] for c in chunks):,} tokens in {len(chunks):,} chunk(s), and a sequence needs "
+                        f"seq_len + 1 = {data.seq_len + 1:,} from one chunk; use a smaller --seq-len (or more documents "
+                        "per chunk)")
     _finish(path, layout, on_event)
     return path
+
+
+def _discard(path: Path, created: Path | None) -> None:
+    """Remove a cache this build made: the topmost folder it created, else its own files."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for p in path.iterdir():
+        if _is_own(p.name):
+            _remove(p)
 
 
 def fill_cache(path: str | Path, *, workers: int | None = None, on_event: EventSink | None = None,

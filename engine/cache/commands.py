@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Any
 
 from engine.config import DataConfig, RunConfig
-from engine.errors import UserError
+from engine.errors import UserError, shown
 from engine.paths import Layout
 from engine.units import format_bytes
 
@@ -47,12 +47,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _pool_flags(b)
     b.add_argument("--shard", metavar="k/N", help="build only chunks k, k+N, k+2N, ... (one builder per shard)")
     b.add_argument("--force-rebuild", action="store_true", help="delete the cache and start over")
-    b.set_defaults(handler=_events_guard(_build))
+    b.set_defaults(handler=events_guard(_build))
 
     f = actions.add_parser("fill", help="build only the missing chunks of a cache (gap filling)")
     f.add_argument("path", metavar="PATH", help="cache folder (or <seq_len>/<dataset>)")
     _pool_flags(f)
-    f.set_defaults(handler=_events_guard(_fill))
+    f.set_defaults(handler=events_guard(_fill))
 
     v = actions.add_parser("validate", help="check every chunk; --repair rebuilds exactly the bad ones",
                            description="Exit 0 when valid, 1 when not.")
@@ -60,7 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--repair", action="store_true", help="rebuild bad chunks and remove stray files")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     _pool_flags(v)
-    v.set_defaults(handler=_events_guard(_validate))
+    v.set_defaults(handler=events_guard(_validate))
 
     i = actions.add_parser("info", help="metadata and stats of one cache")
     i.add_argument("path", metavar="PATH", help="cache folder (or <seq_len>/<dataset>)")
@@ -77,7 +77,7 @@ def _pool_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", action="store_true", help="print protocol JSON lines on stdout instead of a progress bar")
 
 
-def _events_guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def events_guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """With --events, a parent reading stdout also gets the error as an event."""
     def run(args: argparse.Namespace) -> int:
         try:
@@ -91,10 +91,14 @@ def _events_guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[arg
     return run
 
 
-def _check_workers(args: argparse.Namespace) -> int | None:
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    return args.workers
+MAX_WORKERS = 1024
+
+
+def check_workers(workers: int | None) -> int | None:
+    """--workers for any command that may build a cache: a process count, or None for one per core."""
+    if workers is not None and not 1 <= workers <= MAX_WORKERS:
+        raise UserError(f"--workers must be at least 1 and at most {MAX_WORKERS:,}, got {shown(workers)}")
+    return workers
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:
@@ -110,8 +114,8 @@ def _build(args: argparse.Namespace) -> int:
     from engine.cache.build import build_cache, parse_shard
     from engine.cache.progress import CacheReporter
 
-    workers = _check_workers(args)
-    shard = parse_shard(args.shard) if args.shard else None
+    workers = check_workers(args.workers)
+    shard = parse_shard(args.shard) if args.shard is not None else None
     with CacheReporter(args.events) as report:
         path = build_cache(data_config_from_args(args), Layout.resolve(), workers=workers, shard=shard,
                            force_rebuild=args.force_rebuild, on_event=report)
@@ -124,7 +128,7 @@ def _fill(args: argparse.Namespace) -> int:
     from engine.cache.build import fill_cache
     from engine.cache.progress import CacheReporter
 
-    workers = _check_workers(args)
+    workers = check_workers(args.workers)
     with CacheReporter(args.events) as report:
         built = fill_cache(args.path, workers=workers, on_event=report, layout=Layout.resolve())
     if not args.events:
@@ -152,7 +156,7 @@ def _validate(args: argparse.Namespace) -> int:
     from engine.cache.progress import CacheReporter
     from engine.cache.validate import validate_cache
 
-    workers = _check_workers(args)
+    workers = check_workers(args.workers)
     with CacheReporter(args.events) as report:
         result = validate_cache(args.path, repair=args.repair, on_event=report, workers=workers, layout=Layout.resolve())
     if args.json:

@@ -1,7 +1,7 @@
 """Show cache events: a rich progress bar on a terminal, or protocol JSON lines with --events.
 
-The builder only emits CacheProgress/CacheReady events; this is the one place that turns them
-into something a person or a parent process reads.
+The builder emits CacheProgress/CacheReady events (and a Warning, e.g. a BPE vocabulary smaller than
+asked); this is the one place that turns them into something a person or a parent process reads.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any
 
 from engine.protocol import CacheProgress, Event, encode
+from engine.protocol import Warning as WarningEvent
 
 STAGE_LABELS = {"tokenizer": "Preparing tokenizer", "build": "Building", "validate": "Validating",
                 "repair": "Repairing"}
@@ -45,6 +46,8 @@ class CacheReporter:
     def __call__(self, event: Event) -> None:
         if self.events:
             print(encode(event), flush=True)
+        elif isinstance(event, WarningEvent):
+            print(f"warning: {event.message}", file=sys.stderr, flush=True)
         elif self._progress is not None and isinstance(event, CacheProgress):
             self._show(event)
 

@@ -34,13 +34,20 @@ def _percentiles(hist: Counter[int]) -> dict[str, int | None]:
     return out
 
 
+def doc_length_hist(chunks: list[dict[str, Any]]) -> Counter[int]:
+    """Document lengths of every chunk merged: {length bucket: documents}."""
+    hist: Counter[int] = Counter()
+    for c in chunks:
+        hist.update({int(k): int(n) for k, n in (c.get("doc_tokens") or {}).get("hist", [])})
+    return hist
+
+
 def compute_stats(meta: dict[str, Any]) -> dict[str, Any]:
     chunks = meta["chunks"]
-    hist: Counter[int] = Counter()
+    hist = doc_length_hist(chunks)
     mins, maxs = [], []
     for c in chunks:
         summary = c.get("doc_tokens") or {}
-        hist.update({int(k): int(n) for k, n in summary.get("hist", [])})
         if summary.get("min") is not None:
             mins.append(summary["min"])
             maxs.append(summary["max"])

@@ -207,6 +207,34 @@ def tokenizer_file(cache_dir: Path, meta: dict[str, Any]) -> Path:
     return cache_dir / (meta.get("tokenizer") or {}).get("dir", TOKENIZER_DIR) / TOKENIZER_FILE
 
 
+def special_token_ids(tokenizer_dir: Path, eos_id: int) -> dict[str, int]:
+    """bos/eos/pad ids for a model trained on a cache. EOS is the cache's own (the id packed between
+    documents); BOS and PAD are the ones the tokenizer's config names when it has them, else EOS too:
+    every packed document starts right after an EOS, as GPT-2's do, and padding never trains."""
+    named: dict[str, Any] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins, as in transformers
+        try:
+            data = json.loads((tokenizer_dir / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            named.update({k: data[k] for k in ("bos_token", "pad_token") if k in data})
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in named.items()}
+    if any(isinstance(t, str) for t in tokens.values()):
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(str(tokenizer_dir / TOKENIZER_FILE))
+        except Exception:  # noqa: BLE001 - tokenizers raises plain Exception; EOS alone is still right
+            return ids
+        for key, token in tokens.items():
+            found = tok.token_to_id(token) if isinstance(token, str) else None
+            if found is not None:
+                ids[f"{key}_id"] = found
+    return ids
+
+
 def check_cache_tokenizer(cache_dir: Path, meta: dict[str, Any]) -> str | None:
     """None when the cache's tokenizer file is the one its chunks were built with, else why not."""
     path = tokenizer_file(cache_dir, meta)
@@ -215,3 +243,19 @@ def check_cache_tokenizer(cache_dir: Path, meta: dict[str, Any]) -> str | None:
     if file_sha256(path) != (meta.get("tokenizer") or {}).get("sha256"):
         return f"tokenizer file {path.relative_to(cache_dir)} differs from the one the chunks were built with"
     return None
+
+
+ID_KEYS = ("normalizer", "pre_tokenizer", "model", "added_tokens", "decoder")
+
+
+def same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether two tokenizer.json files map text to the same ids (and ids back to the same text).
+    Saving a tokenizer again can rewrite parts that play no role here (a post-processor that only adds
+    special tokens on request), so identical bytes are enough but not needed."""
+    if file_sha256(a) == file_sha256(b):
+        return True
+    try:
+        first, second = (json.loads(p.read_text(encoding="utf-8")) for p in (a, b))
+    except (OSError, ValueError):
+        return False
+    return all(first.get(k) == second.get(k) for k in ID_KEYS)

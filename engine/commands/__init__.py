@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from engine.commands import checkpoints, info, train
+from engine.commands import checkpoints, info, operate, train, use
 
 
 def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     train.add_parsers(sub)
     checkpoints.add_parsers(sub)
     info.add_parsers(sub)
+    operate.add_parsers(sub)
+    use.add_parsers(sub)

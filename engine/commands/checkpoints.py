@@ -7,12 +7,11 @@ refusals the TUI applies.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 from engine import catalog
+from engine.commands.tables import format_loss, format_when, printed_json_or_empty, print_table
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.units import format_bytes
@@ -23,7 +22,9 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                        description="List, delete or export the checkpoints under checkpoints/.")
     cmds = p.add_subparsers(dest="checkpoints_command", metavar="ACTION", required=True)
 
-    ls = cmds.add_parser("list", help="every checkpoint of every model, newest first")
+    ls = cmds.add_parser("list", help="every checkpoint of every model, newest first",
+                         description="Eval and BPB are the newest `packtrain-engine eval` result of each checkpoint "
+                                     "(Eval falls back to the loss of the run's own eval at that step).")
     ls.add_argument("--json", action="store_true", help="print a JSON list of checkpoint entries")
     ls.set_defaults(handler=run_list)
 
@@ -46,47 +47,20 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 def run_list(args: argparse.Namespace) -> int:
     layout = Layout.resolve()
     entries = catalog.list_checkpoints(layout)
-    if args.json:
-        print(json.dumps([e.to_dict() for e in entries], indent=2))
+    if printed_json_or_empty(entries, as_json=args.json, empty=f"No checkpoints in {layout.checkpoints_root}"):
         return 0
-    if not entries:
-        print(f"No checkpoints in {layout.checkpoints_root}")
-        return 0
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    rows = [{"Checkpoint": e.display_name, "Step": f"{e.step:,}", "Loss": _loss(e.loss), "Eval": _loss(e.eval_loss),
-             "Saved": _when(e.saved_at), "Dataset": e.dataset or "-",
+    rows = [{"Checkpoint": e.display_name, "Step": f"{e.step:,}", "Loss": format_loss(e.loss),
+             "Eval": format_loss(e.kept_eval["loss"] if e.kept_eval else e.eval_loss),
+             "BPB": format_loss(e.kept_eval["bpb"] if e.kept_eval else None), "Saved": format_when(e.saved_at),
+             "Dataset": e.dataset or "-",
              "Seqs": f"{e.sequences:,}" if e.sequences is not None else "-", "Size": format_bytes(e.size_bytes),
              "Status": _status(e)} for e in entries]
-    console = Console(width=None if sys.stdout.isatty() else 1000)  # piped: natural width, no ellipses
-    columns = _fit_columns(rows, console.width)
-    table = Table(title=f"Checkpoints in {layout.checkpoints_root}", box=box.SIMPLE_HEAD)
-    for column in columns:
-        table.add_column(column, justify="right" if column in RIGHT else "left",
-                         no_wrap=column != "Status", overflow="fold")
-    for row in rows:
-        table.add_row(*(row[c] for c in columns))
-    console.print(table)
+    print_table(f"Checkpoints in {layout.checkpoints_root}", rows, right=RIGHT, drop_order=DROP_ORDER)
     return 0
 
 
-RIGHT = {"Step", "Loss", "Eval", "Seqs", "Size"}
-DROP_ORDER = ("Eval", "Dataset", "Seqs", "Saved", "Size", "Loss")  # first to go on a narrow terminal
-
-
-def _fit_columns(rows: list[dict[str, str]], width: int) -> list[str]:
-    """Columns that fit `width` without cutting the checkpoint name; Status may wrap."""
-    columns = list(rows[0])
-    natural = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    natural["Status"] = min(natural["Status"], 12)
-    for victim in (None, *DROP_ORDER):
-        if victim is not None:
-            columns.remove(victim)
-        if sum(natural[c] + 3 for c in columns) <= width:
-            break
-    return columns
+RIGHT = {"Step", "Loss", "Eval", "BPB", "Seqs", "Size"}
+DROP_ORDER = ("BPB", "Eval", "Dataset", "Seqs", "Saved", "Size", "Loss")  # first to go on a narrow terminal
 
 
 def run_delete(args: argparse.Namespace) -> int:
@@ -124,14 +98,6 @@ def run_export(args: argparse.Namespace) -> int:
     out = export_hf(checkpoint, target)
     print(f"Exported to {out}")
     return 0
-
-
-def _loss(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
-def _when(ts: float | None) -> str:
-    return "-" if ts is None else time.strftime("%m-%d %H:%M", time.localtime(ts))
 
 
 def _status(e: catalog.CheckpointEntry) -> str:

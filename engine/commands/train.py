@@ -7,9 +7,13 @@ and a shell line all say the same thing. Training imports its framework lazily: 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
-from engine.config import RunConfig, add_config_flags, apply_config_flags
+from engine.cache.commands import check_workers
+from engine.config import DataConfig, RunConfig, add_config_flags, apply_config_flags, given_fields
+from engine.errors import UserError
 from engine.paths import Layout
 
 DEMO = {
@@ -63,15 +67,63 @@ def _options(args: argparse.Namespace) -> Any:
     return Options(events=args.events, trace_data=args.trace_data)
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """The flags `_common` adds, before anything is imported or written."""
+    check_trace_path(args.trace_data)
+    check_workers(args.workers)
+
+
+def check_trace_path(path: str | None) -> None:
+    """--trace-data is first appended to at the first step: a path that cannot be is refused before
+    the run writes its run.json, lock and log."""
+    if not path:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--trace-data {p} is a folder; give a file to append to")
+    folder = p.parent
+    if not folder.is_dir():
+        raise UserError(f"--trace-data {p}: the folder {folder} does not exist")
+    if not os.access(p if p.exists() else folder, os.W_OK):
+        raise UserError(f"--trace-data {p}: permission denied")
+
+
+def check_cache_agrees(data: DataConfig, given: set[str]) -> None:
+    """An explicit --cache decides seq_len and the tokenizer; a value the user also gave for them
+    must agree with it rather than be silently replaced. A missing cache is open_cache's refusal."""
+    if not data.cache:
+        return
+    from engine.cache.metadata import load_metadata, metadata_path
+    from engine.cache.tokenizer import parse_tokenizer_spec
+
+    path = Path(data.cache).expanduser()
+    if not metadata_path(path).is_file():
+        return
+    meta = load_metadata(path)
+    if "data.seq_len" in given and data.seq_len != meta["seq_len"]:
+        raise UserError(f"cache {path} holds sequences of {meta['seq_len']} tokens, not the seq_len {data.seq_len} "
+                        "given; leave seq_len out to train on it")
+    spec = meta["tokenizer"]["spec"]
+    if "data.tokenizer" in given and parse_tokenizer_spec(data.tokenizer).spec != spec:
+        raise UserError(f"cache {path} was built with tokenizer {spec!r}, not the {data.tokenizer!r} given; "
+                        "leave tokenizer out to train on it")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = RunConfig.load(args.config) if args.config else RunConfig()
-    cfg = apply_config_flags(cfg, args).validate()  # refuse bad input before paying for the torch import
+    raw = RunConfig.read(args.config) if args.config else {}
+    # Every refusal that needs no cache comes before the framework import and before anything is written.
+    cfg = apply_config_flags(RunConfig.from_dict(raw), args).validate()
+    check_cache_agrees(cfg.data, given_fields(raw, args))
+    _check_common(args)
     from engine.assemble import new_run, run_to_end
 
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    # Malformed flag values are refused before the framework import; resume_run checks them against the saved config.
+    apply_config_flags(RunConfig(), args).validate()
+    _check_common(args)
     from engine.assemble import resume_run, run_to_end
 
     return run_to_end(lambda: resume_run(args.ref, Layout.resolve(), _options(args),
@@ -81,6 +133,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(RunConfig.from_dict(DEMO), args).validate()
+    check_cache_agrees(cfg.data, given_fields({}, args))
+    _check_common(args)
     from engine.assemble import new_run, run_to_end
 
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers, name_prefix="demo_"))
