@@ -30,19 +30,17 @@ sys.path.insert(0, str(REPO))
 
 from train_bench import MICRO, MODEL, SEQ  # noqa: E402
 
+from engine.backends.torch_model import build_model, hf_config, lm_loss, param_groups  # noqa: E402
 from engine.cache import reader  # noqa: E402
 from engine.cache.build import build_cache  # noqa: E402
 from engine.config import DataConfig  # noqa: E402
 from engine.data import DataOrder, read_sequences, rows_in_budget  # noqa: E402
-from engine.model import build_model, finish_config, lm_loss, param_groups  # noqa: E402
 from engine.paths import Layout  # noqa: E402
 
 
 def step_seconds(cache: reader.PackedCache, steps: int) -> float:
     """Median seconds of an fp32 forward, backward and AdamW step of the benchmark model."""
-    from transformers import LlamaConfig
-
-    model = build_model(finish_config(LlamaConfig(**MODEL)), 1)
+    model = build_model(hf_config(MODEL), 1)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
     rows = torch.from_numpy(read_sequences(cache, DataOrder.start(1, cache.chunk_sizes, 0).epoch_order(0)[:MICRO]))
     times = []

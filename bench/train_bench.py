@@ -35,11 +35,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.assemble import new_run, token_ids  # noqa: E402
+from engine.backends.torch_model import autocast, build_model, hf_config, lm_loss, param_groups  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.data import read_sequences, rank_slice  # noqa: E402
-from engine.model import build_model, llama_config, lm_loss, param_groups  # noqa: E402
+from engine.model_config import llama_config  # noqa: E402
 from engine.paths import Layout  # noqa: E402
-from engine.train import Options, autocast, new_run, token_ids  # noqa: E402
+from engine.train import Options  # noqa: E402
 
 SEQ, MICRO, LOG_EVERY = 256, 8, 5
 MODEL = {"vocab_size": 8192, "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 6,
@@ -119,7 +121,7 @@ def bare_run(root: Path, precision: str, steps: int) -> list[Window]:
     for _ in range(steps):
         ids, epoch, cursor = order.take(epoch, cursor, MICRO)
         batches.append(torch.from_numpy(read_sequences(cache, rank_slice(ids, 0, 1))))
-    model = build_model(llama_config(cfg.model, cache.vocab_size, SEQ, token_ids(cache)), cfg.train.seed)
+    model = build_model(hf_config(llama_config(cfg.model, cache.vocab_size, SEQ, token_ids(cache))), cfg.train.seed)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
     device = torch.device("cpu")
     marks = []

@@ -42,11 +42,12 @@ sys.path.insert(0, str(REPO))
 
 from engine import generate, inference  # noqa: E402
 from engine import protocol as P  # noqa: E402
+from engine.assemble import new_run  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.eval_data import select  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.paths import Layout  # noqa: E402
-from engine.train import Options, new_run  # noqa: E402
+from engine.train import Options  # noqa: E402
 
 SEQ, MICRO, NEW_TOKENS = 256, 8, 100
 PROMPT = "def parse_args(argv):\n    "

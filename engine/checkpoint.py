@@ -11,11 +11,13 @@ generation_config.json, tokenizer files): `AutoModelForCausalLM.from_pretrained(
 Optimizer state is flattened into optimizer.safetensors under `<param name>/<state key>`, and the
 param groups go into trainer_state.json, so nothing is pickled and a checkpoint can be inspected,
 re-sharded or loaded after the parameter order changed.
+
+The tensors come from and go to a backend (engine.backends), so the same folder is written and read
+by torch and by mlx; this module itself imports neither.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -28,22 +30,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from engine.atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir, remove_stale_tmp
+from engine.backends.base import Backend
 from engine.catalog import (
     MODEL_FILE, checkpoint_dirs, display_name, find_checkpoint, read_latest, read_trainer_state, remove_checkpoint_dir,
     usable_problem, write_latest,
 )
+from engine.config import TrainConfig
 from engine.control import engine_lock_held, live_engine
 from engine.errors import UserError
 from engine.manifest import (
     MANIFEST, Verdicts, check_sizes, hash_file, read_manifest, remember, verify,
 )
+from engine.model_config import read_config_json
 from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
-from engine.state import TRAINER_STATE, TRAINER_STATE_FORMAT, OptimizerState, TrainerState, is_number, load_trainer_state
+from engine.state import TRAINER_STATE, TRAINER_STATE_FORMAT, OptimizerState, TrainerState, load_trainer_state
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
@@ -70,18 +73,9 @@ class SavedCheckpoint:
     seconds: float
 
 
-def is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = next((m for attr in ("module", "_orig_mod")
-                      if isinstance(m := getattr(model, attr, None), torch.nn.Module)), None)
-        if inner is None:
-            return model
-        model = inner
+def is_main_process() -> bool:
+    """Rank 0, or no torchrun at all: RANK is set by torchrun before any process group exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def one_line(e: BaseException) -> str:
@@ -213,7 +207,7 @@ class Checkpointer:
 
     def _may_clean(self) -> bool:
         """Rank 0 of the engine that holds (or could take) the lock; never a viewer beside a live engine."""
-        if is_distributed() and torch.distributed.get_rank() != 0:
+        if not is_main_process():
             return False
         engine = live_engine(self.layout, self.model_name)
         if engine is not None:
@@ -221,18 +215,17 @@ class Checkpointer:
         return not engine_lock_held(self.layout, self.model_name)
 
     # --- save ------------------------------------------------------------------------------------
-    def save(self, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             trainer_state: dict[str, Any], tokenizer_dir: Path | None = None,
-             eval_loss: float | None = None) -> SavedCheckpoint:
-        """Commit one checkpoint at an optimizer-step boundary. Only rank 0 calls this."""
-        if is_distributed() and torch.distributed.get_rank() != 0:
+    def save(self, *, step: int, backend: Backend, trainer_state: dict[str, Any], tokenizer_dir: Path | None = None,
+             eval_loss: float | None = None, optimizer: bool = True) -> SavedCheckpoint:
+        """Commit one checkpoint of `backend`'s model (and optimizer) at an optimizer-step boundary.
+        Only rank 0 calls this."""
+        if not is_main_process():
             raise RuntimeError("only rank 0 saves checkpoints")
         started = time.perf_counter()
-        net = unwrap(model)
         state = self._complete_state(step, trainer_state, eval_loss)
-        opt_tensors: dict[str, torch.Tensor] = {}
-        if optimizer is not None:
-            opt_tensors, state["optimizer"] = flatten_optimizer(net, optimizer)
+        opt_tensors: dict[str, Any] = {}
+        if optimizer:
+            opt_tensors, state["optimizer"] = backend.optimizer_state()
         state_bytes = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()  # fails before any write
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -241,17 +234,16 @@ class Checkpointer:
         tmp.mkdir()
         target, aside = self.dir / name, None
         try:
-            save_file(hf_state_dict(net), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-            config = json.loads(net.config.to_json_string())
-            config["architectures"] = [type(net).__name__]  # as save_pretrained records it
+            backend.save_tensors(backend.weights(), tmp / MODEL_FILE, metadata={"format": "pt"})
+            config = backend.model_config()
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            generation = getattr(net, "generation_config", None)
+            generation = backend.generation_config()
             if generation is not None:
-                (tmp / GENERATION_FILE).write_text(generation.to_json_string(), encoding="utf-8")
+                (tmp / GENERATION_FILE).write_text(generation, encoding="utf-8")
             if tokenizer_dir is not None:
                 copy_tokenizer(Path(tokenizer_dir), tmp)
-            if optimizer is not None:
-                save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+            if optimizer:
+                backend.save_tensors(opt_tensors, tmp / OPTIMIZER_FILE)
             (tmp / TRAINER_STATE).write_bytes(state_bytes)
             manifest = {p.name: {"bytes": p.stat().st_size, "hash": hash_file(p, fsync=True)}
                         for p in sorted(tmp.iterdir())}
@@ -351,19 +343,18 @@ class Checkpointer:
             raise UserError(f"{ref!r} is a checkpoint of {path.parent.name!r}, not {self.model_name!r}")
         return path
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TrainerState:
-        """Restore weights (and optimizer state) after the full check; returns the trainer state.
-        Raises UserError with one line for a torn, foreign or mismatched checkpoint."""
+    def load(self, path: Path, backend: Backend, optimizer: bool = True) -> TrainerState:
+        """Restore weights (and optimizer state) into `backend` after the full check; returns the
+        trainer state. Raises UserError with one line for a torn, foreign or mismatched checkpoint."""
         path = Path(path)
         state = self.open(path)
-        net = unwrap(model)
-        check_shape(path, net)
+        check_shape(path, backend.model_config())
         try:
-            load_weights(path, net)
-            if optimizer is not None:
+            load_weights(path, backend)
+            if optimizer:
                 if not (path / OPTIMIZER_FILE).is_file() or state.optimizer is None:
                     raise UserError(f"checkpoint {path.name} holds no optimizer state to resume from")
-                load_optimizer(path / OPTIMIZER_FILE, state.optimizer, net, optimizer)
+                load_optimizer(path / OPTIMIZER_FILE, state.optimizer, backend)
         except SafetensorError as e:  # intact by hash, yet not a tensor file this library reads
             raise UserError(f"checkpoint {path.name} has unreadable tensors: {one_line(e)}") from None
         return state
@@ -372,54 +363,37 @@ class Checkpointer:
 # --- model weights --------------------------------------------------------------------------------
 
 
-def hf_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as HF writes it: tied weights (lm_head -> embed_tokens) stored once under the
-    source name, so the file loads in transformers, mlx_lm and converters alike."""
-    sd = net.state_dict()
-    return {name: sd[name].detach().cpu().contiguous() for name in stored_names(net, sd)}
-
-
-def stored_names(net: torch.nn.Module, sd: dict[str, torch.Tensor]) -> list[str]:
-    """Names that own their storage; a tied copy is left out because loading fills it anyway."""
-    tied_targets = set(getattr(net, "_tied_weights_keys", None) or ())
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    kept = []
-    for name in sorted(sd, key=lambda n: n in tied_targets):  # sources before tied targets
-        tensor = sd[name]
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        kept.append(name)
-    return sorted(kept)
-
-
-def check_shape(path: Path, net: torch.nn.Module) -> None:
+def check_shape(path: Path, current: dict[str, Any]) -> None:
     try:
         saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise UserError(f"checkpoint {path.name} has no readable config.json") from None
-    current = net.config.to_dict()
     for key in SHAPE_KEYS:
         if key in saved and key in current and saved[key] != current[key]:
             raise UserError(f"checkpoint {path.name} is for a different model: {key} is {saved[key]} there, "
                             f"{current[key]} here")
 
 
-def load_weights(path: Path, net: torch.nn.Module) -> None:
-    sd = net.state_dict()
-    expected = {name: sd[name].shape for name in stored_names(net, sd)}
-    tensors = load_file(str(path / MODEL_FILE), device=str(next(net.parameters()).device))
+def load_folder(path: Path, backend: Backend, train: TrainConfig) -> None:
+    """Build `backend`'s model from any HF Llama folder with one model.safetensors (a checkpoint, an
+    export, a hub snapshot) and load its weights: how a model is used outside training."""
+    backend.build(read_config_json(path), train)
+    load_weights(path, backend)
+
+
+def load_weights(path: Path, backend: Backend) -> None:
+    expected = backend.weight_shapes()
+    tensors = backend.load_tensors(path / MODEL_FILE)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         first = (missing or unexpected)[0]
         raise UserError(f"checkpoint {path.name} does not fit this model: {len(missing)} missing and "
                         f"{len(unexpected)} unexpected tensors (e.g. {first})")
     for name, tensor in tensors.items():
-        if tensor.shape != expected[name]:
+        if tuple(tensor.shape) != expected[name]:
             raise UserError(f"checkpoint {path.name} does not fit this model: {name} is "
-                            f"{tuple(tensor.shape)} there, {tuple(expected[name])} here")
-    net.load_state_dict(tensors, strict=False)  # tied copies share storage with what was loaded
+                            f"{tuple(tensor.shape)} there, {expected[name]} here")
+    backend.load_weights(tensors)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -437,99 +411,28 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 # --- optimizer state ------------------------------------------------------------------------------
 
 
-def _param_names(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    names = {id(p): n for n, p in net.named_parameters()}
-    try:
-        return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-    except KeyError:
-        raise ValueError("the optimizer holds parameters that are not the model's") from None
-
-
-def flatten_optimizer(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors `<param>/<key>` for safetensors, and JSON-safe {param_groups, scalars} for the state."""
-    sd = optimizer.state_dict()
-    group_names = _param_names(net, optimizer)
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    groups = []
-    for group, names in zip(sd["param_groups"], group_names):
-        for index, name in zip(group["params"], names):
-            for key, value in sd["state"].get(index, {}).items():
-                if torch.is_tensor(value):
-                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars.setdefault(name, {})[key] = _json_value(value)
-        groups.append({k: _json_value(v) for k, v in group.items() if k != "params"} | {"params": names})
-    return tensors, {"param_groups": groups, "scalars": scalars}
-
-
-def _json_value(v: Any) -> Any:
-    if torch.is_tensor(v):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, tuple):
-        return [_json_value(x) for x in v]
-    return v
-
-
-def load_optimizer(file: Path, saved: OptimizerState, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state checked against the live optimizer before it is loaded: a wrong kind of
-    hyperparameter or a tensor of the wrong shape would otherwise fail at the first step, after
-    the run has started."""
+def load_optimizer(file: Path, saved: OptimizerState, backend: Backend) -> None:
+    """Optimizer state by parameter name, whichever backend saved it, checked before it is loaded: a
+    tensor of the wrong shape would otherwise fail at the first step, after the run has started. The
+    groups must hold the same names (in any order); the backend checks the hyperparameters."""
     where = f"optimizer state in {file.parent.name}"
-    groups, current = saved.param_groups, _param_names(net, optimizer)
-    if [g.get("params") for g in groups] != current:
-        raise UserError(f"{where} was saved for different parameter groups")
-    param_groups, index = [], 0
-    for i, (group, live) in enumerate(zip(groups, optimizer.param_groups)):
-        restored = _restored_group(group, live, optimizer, f"{where}: param group {i}")
-        restored["params"] = list(range(index, index + len(group["params"])))
-        index += len(group["params"])
-        param_groups.append(restored)
-    params = dict(net.named_parameters())
-    flat = [name for names in current for name in names]
-    by_param: dict[str, list[str]] = {}
-    with safe_open(str(file), framework="pt") as f:
-        for key in f.keys():
-            by_param.setdefault(key.split("/", 1)[0], []).append(key)
-        stray = sorted((set(by_param) | set(saved.scalars)) - set(flat))
-        if stray:
-            raise UserError(f"{where} holds state for unknown parameters (e.g. {stray[0]})")
-        state: dict[int, dict[str, Any]] = {}
-        for index, name in enumerate(flat):
-            entry = {key.split("/", 1)[1]: f.get_tensor(key) for key in by_param.get(name, [])}
-            for key, tensor in entry.items():
-                if tensor.dim() and tensor.shape != params[name].shape:
-                    raise UserError(f"{where}: {name}/{key} is {tuple(tensor.shape)}, the parameter "
-                                    f"{tuple(params[name].shape)}")
-            clash = sorted(set(entry) & set(saved.scalars.get(name, {})))
-            if clash:
-                raise UserError(f"{where}: {name}/{clash[0]} is both a tensor and a scalar")
-            entry.update(saved.scalars.get(name, {}))
-            if entry:
-                state[index] = entry
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def _restored_group(saved: dict[str, Any], live: dict[str, Any], optimizer: torch.optim.Optimizer,
-                    where: str) -> dict[str, Any]:
-    """A saved param group as load_state_dict takes it (it replaces the live group whole). Numbers
-    (lr, betas, eps, weight_decay) come from the checkpoint and must pass the optimizer's own
-    constructor checks; everything else is the live optimizer's, built from the same config for this
-    process's device: flags the saved tensors may not match (amsgrad) would fail at the first step."""
-    restored = {k: v for k, v in live.items() if k != "params"}
-    for key, value in saved.items():
-        current = live.get(key)
-        if key not in restored or current is None or isinstance(current, bool):
-            continue
-        ok = (isinstance(value, list) and len(value) == len(current) and all(is_number(v) for v in value)
-              if isinstance(current, (tuple, list)) else is_number(value) if is_number(current) or torch.is_tensor(current)
-              else isinstance(value, type(current)))
-        if not ok:
-            raise UserError(f"{where} has {key} = {str(value)[:40]}, where the optimizer has {current!r}")
-        restored[key] = tuple(value) if isinstance(current, tuple) else value
-    accepted = inspect.signature(type(optimizer).__init__).parameters
-    try:
-        type(optimizer)([torch.zeros(1, requires_grad=True)], **{k: v for k, v in restored.items() if k in accepted})
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"{where}: {' '.join(str(e).split())[:120]}") from None
-    return restored
+    current = backend.optimizer_groups()
+    if [set(g.get("params") or ()) for g in saved.param_groups] != [set(names) for names in current]:
+        raise UserError(f"{where} was saved for different parameter groups; resume with --reset-optimizer "
+                        "to continue the weights with fresh optimizer state")
+    shapes = backend.weight_shapes()
+    by_param: dict[str, dict[str, Any]] = {}
+    for key, tensor in backend.load_tensors(file).items():
+        param, _, entry = key.partition("/")
+        by_param.setdefault(param, {})[entry] = tensor
+    stray = sorted((set(by_param) | set(saved.scalars)) - {name for names in current for name in names})
+    if stray:
+        raise UserError(f"{where} holds state for unknown parameters (e.g. {stray[0]})")
+    for name, entry in by_param.items():
+        for key, tensor in entry.items():
+            if len(tensor.shape) and tuple(tensor.shape) != shapes[name]:
+                raise UserError(f"{where}: {name}/{key} is {tuple(tensor.shape)}, the parameter {shapes[name]}")
+        clash = sorted(set(entry) & set(saved.scalars.get(name, {})))
+        if clash:
+            raise UserError(f"{where}: {name}/{clash[0]} is both a tensor and a scalar")
+    backend.load_optimizer_state(by_param, saved, where)

@@ -27,6 +27,7 @@ from engine.user_files import MAX_PATH, read_user_text
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("auto", "torch", "mlx")  # auto: mlx on Apple Silicon when mlx-lm is installed, else torch
 SECTIONS = ("model", "data", "train")
 MAX_SEQ_LEN = 1 << 20
 MAX_COUNT = 10**15  # steps, tokens, documents, intervals: beyond any real run, and exact as a float
@@ -80,6 +81,7 @@ class TrainConfig:
     estimated_total_sequences: int | None = None  # smart warmup: plan warmup on the full dataset
     precision: str = "auto"
     device: str = "auto"
+    backend: str = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
     seed: int = 1
@@ -189,6 +191,7 @@ class RunConfig:
             _require(v is None or v >= 1, f"train.{key} must be positive, got {v}")
         _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {shown(t.precision)}")
         _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {shown(t.device)}")
+        _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {shown(t.backend)}")
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
         _require(t.shuffle_buffer_mb >= 1, f"train.shuffle_buffer_mb must be a positive integer, got {t.shuffle_buffer_mb}")
         low, high = SEED_RANGE

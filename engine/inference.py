@@ -65,7 +65,7 @@ class LoadedModel:
         return self.path / TOKENIZER_FILE
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        from engine.train import autocast
+        from engine.backends.torch_model import autocast
 
         return autocast(self.device, self.precision)
 
@@ -78,10 +78,10 @@ class LoadedModel:
 
     def run_config(self, layout: Layout) -> RunConfig | None:
         """The run's config (run.json beside the checkpoints), or None when it is gone or unreadable."""
-        from engine.train import read_run_json
+        from engine.assemble import read_run_json
 
         try:
-            return RunConfig.from_dict(read_run_json(layout, self.model_name))
+            return RunConfig.from_dict(read_run_json(layout, self.model_name).config)
         except UserError:
             return None
 
@@ -102,7 +102,7 @@ def resolve(layout: Layout, ref: str) -> Path:
 
 
 def pick_device(choice: str) -> str:
-    from engine.train import pick_device as pick
+    from engine.backends.torch_backend import pick_device as pick
 
     try:
         return pick(choice)
@@ -139,7 +139,7 @@ def load(layout: Layout, ref: str, *, device: str = "auto", precision: str = "au
     quiet_transformers()
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from engine.model import count_params
+    from engine.backends.torch_model import count_params
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()

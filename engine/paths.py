@@ -3,7 +3,7 @@
 Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directory.
 
     <root>/cache/cache_registry.json
-    <root>/cache/precision.json                                  measured precision choices (engine/precision.py)
+    <root>/cache/precision.json                                  measured precision choices (backends/torch_precision.py)
     <root>/cache/packed_sequences/<seq_len>/<dataset>/          one packed cache
     <root>/checkpoints/<model>/run.json                          config + runs history
     <root>/checkpoints/<model>/checkpoint_<step:06d>/            one committed checkpoint

@@ -103,12 +103,15 @@ class PlanRecord:
 
 @dataclass
 class RngState:
-    """Every RNG the run draws from, as JSON lists; the torch side checks their contents."""
+    """Every RNG the run draws from, as JSON lists; the backend checks their contents. numpy's and
+    Python's always; the generators of the backend that saved it (torch and cuda, or mlx's key), the
+    other backend's left empty."""
 
-    torch: list[int]
-    cuda: list[list[int]]
     numpy: tuple[str, list[int], int, int, float]
     random: tuple[int, list[int], float | None]
+    torch: list[int] = field(default_factory=list)
+    cuda: list[list[int]] = field(default_factory=list)
+    mlx: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -175,6 +178,7 @@ class TrainerState:
     precision: str
     versions: dict[str, str]
     optimizer: OptimizerState | None = None  # filled in by the Checkpointer, which owns the tensors
+    backend: str = "torch"  # the framework that saved it (engine.backends); absent before there were two
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

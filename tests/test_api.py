@@ -23,7 +23,7 @@ from engine import protocol as P
 from engine.checkpoint import Checkpointer
 from engine.control import poll_commands
 from engine.paths import Layout
-from test_checkpoint import trained_once, trainer_state
+from test_checkpoint import of, trained_once, trainer_state
 
 TOKEN = "s3cret-token"
 
@@ -38,7 +38,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
     model, opt = trained_once()
     alpha = Checkpointer(layout, "alpha", keep_last=5)
     for step in (1, 2):
-        alpha.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step))
+        alpha.save(step=step, backend=of(model, opt), trainer_state=trainer_state(step))
     layout.run_json("alpha").write_text(json.dumps({"config": {"name": "alpha"}, "runs": []}))
     pretend_engine(layout, "live", write_log(layout, "live", fake_events("live", steps=3, total=5)))
     layout.run_json("live").write_text(json.dumps({"config": {"name": "live"}, "runs": []}))

@@ -97,7 +97,7 @@ async def start_training(pilot: Any) -> None:
 
 
 async def test_environment_checks_complete_from_the_engine(layout: Layout) -> None:
-    from engine.precision import machine_key, probe_shape
+    from engine.backends.torch_precision import machine_key, probe_shape
 
     # this machine's measurement, as an earlier run left it: the engine reads it instead of probing
     layout.precision_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,7 @@ async def test_environment_checks_complete_from_the_engine(layout: Layout) -> No
         # the reason line wraps, so the screen lays out again after the answer: read it once settled
         await wait_for(pilot, lambda: "[COMPLETE] Libraries" in screen_text(app), 10, "the checks painted")
         text = screen_text(app)
+        assert "[COMPLETE] Backend: torch (auto: not Apple Silicon" in text
         assert "[COMPLETE] Device: CPU" in text and "[COMPLETE] bf16" in text
         assert "[COMPLETE] Precision: auto picks fp32: bf16 autocast ran 0.60x fp32" in text
         assert "[COMPLETE] Libraries: torch 2." in text and "transformers" in text

@@ -26,6 +26,7 @@ from engine.paths import Layout
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 INFO = {
+    "backend": "torch", "backend_reason": "auto: not Apple Silicon, this is Linux x86_64",
     "device": "cpu", "device_name": "Test CPU", "bf16": True, "ram_total_gb": 24.0, "ram_available_gb": 20.0,
     "vram_gb": None, "cpu_count": 2, "torch": "2.13.0", "transformers": "5.23.0", "python": "3.11.7",
     "root": "/data", "disk_free_gb": 100.0, "precision": "fp32",

@@ -309,3 +309,12 @@ async def test_a_log_that_cannot_be_followed_fails_the_run_instead_of_freezing(t
         await wait_for(pilot, lambda: app.run_state is not None and app.run_state.status == "error", 20, "the failure")
         assert app.run_state.error == f"cannot follow the engine: Permission denied: {log}"
         await wait_for(pilot, lambda: "The engine stopped with an error" in screen_text(app), 20, "the dashboard")
+
+
+def test_environment_names_the_backend_and_its_libraries() -> None:
+    from app.screens.environment import engine_checks
+
+    checks = engine_checks({"backend": "mlx", "backend_reason": "auto: Apple Silicon with mlx-lm installed",
+                            "device": "gpu", "device_name": "Apple arm64 (Metal)", "mlx": "0.32.4", "mlx_lm": "0.32.2"})
+    assert checks["backend"] == "mlx (auto: Apple Silicon with mlx-lm installed)"
+    assert checks["libs"] == "mlx 0.32.4, mlx-lm 0.32.2" and checks["device"] == "GPU (Apple arm64 (Metal))"

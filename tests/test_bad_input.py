@@ -33,7 +33,7 @@ HUGE = str(10**30)
 LONG = "a" * 300
 BOUNDED_FLOATS = {"min_lr_ratio", "beta1", "beta2", "warmup_ratio", "wsd_decay_ratio", "epoch_fraction"}
 BAD_STR = {  # values of string fields that are wrong for that field (plus "" and none below)
-    "preset": ["huge"], "schedule": ["zigzag"], "precision": ["int3"], "device": ["tpu"],
+    "preset": ["huge"], "schedule": ["zigzag"], "precision": ["int3"], "device": ["tpu"], "backend": ["jax"],
     "dataset_name": ["../x", "-rf", LONG, ".hidden", "a/b"], "tokenizer": ["bpe:abc", "bpe:-5", "bpe:1e400", "bpe:100"],
     "model_config": ["{cwd}/m/neg.json", "{cwd}/m/div.json", "{cwd}/m/inf.json", "{cwd}/m/word.json",
                      "{cwd}/m/syntax.json", "{cwd}/m/list.json", "{cwd}/m/kv.json", "{cwd}/m/odd.json",
@@ -214,6 +214,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("resume --workers 0", RESUME + ["--workers", "0"]),
     ("resume --trace-data folder", RESUME + ["--trace-data", "{cwd}"]),
     ("resume --events=1", RESUME + ["--events=1"]),
+    ("resume --reset-optimizer=1", RESUME + ["--reset-optimizer=1"]),
     ("resume --name=-rf", RESUME + ["--name=-rf"]),
     *[(f"cache build {' '.join(a)[:40]}", BUILD + a) for a in [
         ["--seq-len", v] for v in ("abc", "1e400", "", "-5", "0", "1", HUGE, "nan", "none")] + [

@@ -17,7 +17,7 @@ from engine.manifest import MANIFEST, hash_file
 from engine.state import TRAINER_STATE
 from engine.control import EngineLock
 from engine.paths import Layout
-from test_checkpoint import trained_once, trainer_state
+from test_checkpoint import of, trained_once, trainer_state
 
 HEAVY = ("torch", "transformers", "tokenizers", "datasets", "safetensors")
 
@@ -33,10 +33,10 @@ def saved(layout: Layout) -> Layout:
     model, opt = trained_once()
     alpha = Checkpointer(layout, "alpha", keep_last=3)
     for step in (1, 2, 3):
-        alpha.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step), eval_loss=0.5 * step)
+        alpha.save(step=step, backend=of(model, opt), trainer_state=trainer_state(step), eval_loss=0.5 * step)
     with open(alpha.dir / "checkpoint_000003" / MODEL_FILE, "r+b") as f:
         f.truncate(100)
-    Checkpointer(layout, "beta").save(step=10, model=model, optimizer=None, trainer_state=trainer_state(10, run=2))
+    Checkpointer(layout, "beta").save(step=10, backend=of(model), optimizer=False, trainer_state=trainer_state(10, run=2))
     return layout
 
 

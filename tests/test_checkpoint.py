@@ -17,10 +17,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from engine.backends.torch_backend import TorchBackend
+from engine.backends.torch_state import unwrap
 from engine.catalog import MANIFEST, TRAINER_STATE
-from engine.checkpoint import (
-    MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf, unwrap, verify,
-)
+from engine.checkpoint import MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf, verify
+from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.manifest import hash_file
 from engine.paths import Layout
@@ -41,6 +42,13 @@ def adamw(model: torch.nn.Module, lr: float = 1e-2) -> torch.optim.AdamW:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                              lr=lr, betas=(0.9, 0.95))
+
+
+def of(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> TorchBackend:
+    """The torch backend around a model (and optimizer) made here, as the trainer holds them."""
+    backend = TorchBackend(RunConfig(train=TrainConfig(device="cpu", precision="fp32")))
+    backend.adopt(model, optimizer)
+    return backend
 
 
 def batch(seed: int) -> torch.Tensor:
@@ -89,7 +97,7 @@ def save_steps(ck: Checkpointer, steps, eval_losses=None, **kw) -> None:
     model, opt = trained_once()
     for i, step in enumerate(steps):
         loss = eval_losses[i] if eval_losses else None
-        ck.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step), eval_loss=loss, **kw)
+        ck.save(step=step, backend=of(model, opt), trainer_state=trainer_state(step), eval_loss=loss, **kw)
 
 
 @pytest.fixture
@@ -126,13 +134,13 @@ def tokenizer_dir(tmp_path: Path) -> Path:
 
 def test_round_trip_restores_weights_and_optimizer_exactly(ck: Checkpointer) -> None:
     model, opt = trained(steps=2)
-    saved = ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2))
+    saved = ck.save(step=2, backend=of(model, opt), trainer_state=trainer_state(2))
     assert saved.path.name == "checkpoint_000002" and saved.display_name == "tiny_test_checkpoint_2_run_1"
     assert saved.bytes > 0 and saved.seconds >= 0
 
     model2 = tiny_model(seed=99)
     opt2 = adamw(model2, lr=5.0)
-    state = ck.load(saved.path, model2, opt2)
+    state = ck.load(saved.path, of(model2, opt2))
     assert (state.step, state.cursor, state.rng.torch, state.display_name) == (2, 4, [1, 2, 3], "tiny_test_checkpoint_2_run_1")
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
@@ -152,7 +160,7 @@ def test_round_trip_restores_weights_and_optimizer_exactly(ck: Checkpointer) -> 
 
 def test_trainer_state_is_completed_and_holds_param_groups(ck: Checkpointer) -> None:
     model, opt = trained()
-    saved = ck.save(step=5, model=model, optimizer=opt, trainer_state={"run": 2, "loss": 1.5}, eval_loss=1.25)
+    saved = ck.save(step=5, backend=of(model, opt), trainer_state={"run": 2, "loss": 1.5}, eval_loss=1.25)
     state = json.loads((saved.path / TRAINER_STATE).read_text())
     assert state["format"] == "packtrain.trainer_state/1"
     assert (state["model_name"], state["step"], state["display_name"]) == ("tiny_test", 5, "tiny_test_checkpoint_5_run_2")
@@ -166,7 +174,7 @@ def test_trainer_state_is_completed_and_holds_param_groups(ck: Checkpointer) -> 
 
 def test_no_pickle_anywhere_in_a_checkpoint(ck: Checkpointer, tokenizer_dir: Path) -> None:
     model, opt = trained()
-    saved = ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1), tokenizer_dir=tokenizer_dir)
+    saved = ck.save(step=1, backend=of(model, opt), trainer_state=trainer_state(1), tokenizer_dir=tokenizer_dir)
     names = set(os.listdir(saved.path))
     assert names == {MODEL_FILE, OPTIMIZER_FILE, "config.json", "generation_config.json", TRAINER_STATE, MANIFEST,
                      "tokenizer.json", "tokenizer_config.json"}
@@ -183,7 +191,7 @@ def test_symlinks_in_the_tokenizer_folder_are_never_copied(ck: Checkpointer, tok
     os.symlink(secret, tokenizer_dir / "vocab.txt")
     os.symlink(tokenizer_dir / "tokenizer.json", tokenizer_dir / "merges.txt")
     model, opt = trained_once()
-    saved = ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1), tokenizer_dir=tokenizer_dir)
+    saved = ck.save(step=1, backend=of(model, opt), trainer_state=trainer_state(1), tokenizer_dir=tokenizer_dir)
     names = set(os.listdir(saved.path))
     assert not {"vocab.txt", "merges.txt"} & names and "tokenizer.json" in names
     assert not {"vocab.txt", "merges.txt"} & set(json.loads((saved.path / MANIFEST).read_text()))
@@ -205,7 +213,7 @@ def test_a_symlinked_file_in_a_checkpoint_makes_it_invalid(ck: Checkpointer, tmp
 @pytest.mark.parametrize("tied", [True, False])
 def test_checkpoint_folder_loads_with_hugging_face(ck: Checkpointer, tokenizer_dir: Path, tmp_path: Path, tied: bool) -> None:
     model, opt = trained(tie_word_embeddings=tied)
-    saved = ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2), tokenizer_dir=tokenizer_dir)
+    saved = ck.save(step=2, backend=of(model, opt), trainer_state=trainer_state(2), tokenizer_dir=tokenizer_dir)
     with safe_open(str(saved.path / MODEL_FILE), "pt") as f:
         assert ("lm_head.weight" in f.keys()) is not tied and "model.embed_tokens.weight" in f.keys()
 
@@ -226,24 +234,24 @@ def test_wrapped_models_save_under_hf_names(ck: Checkpointer) -> None:
     wrapper = torch.nn.Module()
     wrapper.module = model  # what DDP looks like from outside
     assert unwrap(wrapper) is model
-    saved = ck.save(step=1, model=wrapper, optimizer=opt, trainer_state=trainer_state(1))
+    saved = ck.save(step=1, backend=of(wrapper, opt), trainer_state=trainer_state(1))
     with safe_open(str(saved.path / MODEL_FILE), "pt") as f:
         assert all(not k.startswith("module.") for k in f.keys())
 
 
 def test_save_without_optimizer_and_resume_needing_one(ck: Checkpointer) -> None:
     model, _ = trained()
-    saved = ck.save(step=1, model=model, optimizer=None, trainer_state=trainer_state(1))
+    saved = ck.save(step=1, backend=of(model), optimizer=False, trainer_state=trainer_state(1))
     assert not (saved.path / OPTIMIZER_FILE).exists()
-    ck.load(saved.path, tiny_model(seed=3))
+    ck.load(saved.path, of(tiny_model(seed=3)), optimizer=False)
     with pytest.raises(UserError, match="no optimizer state"):
-        ck.load(saved.path, tiny_model(seed=3), adamw(tiny_model(seed=3)))
+        ck.load(saved.path, of(tiny_model(seed=3), adamw(tiny_model(seed=3))))
 
 
 def test_state_that_is_not_json_is_refused_before_writing(ck: Checkpointer) -> None:
     model, opt = trained()
     with pytest.raises(TypeError):
-        ck.save(step=1, model=model, optimizer=opt, trainer_state={"rng": torch.get_rng_state()})
+        ck.save(step=1, backend=of(model, opt), trainer_state={"rng": torch.get_rng_state()})
     assert not ck.dir.exists() or not any(ck.dir.iterdir())
 
 
@@ -252,13 +260,13 @@ def test_state_that_is_not_json_is_refused_before_writing(ck: Checkpointer) -> N
 
 def test_load_refuses_other_shapes_and_optimizers(ck: Checkpointer) -> None:
     model, opt = trained()
-    saved = ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1))
+    saved = ck.save(step=1, backend=of(model, opt), trainer_state=trainer_state(1))
     with pytest.raises(UserError, match="different model: hidden_size is 64 there, 32 here") as e:
-        ck.load(saved.path, tiny_model(hidden_size=32, intermediate_size=88))
+        ck.load(saved.path, of(tiny_model(hidden_size=32, intermediate_size=88)), optimizer=False)
     assert "\n" not in str(e.value)
     other = tiny_model()
     with pytest.raises(UserError, match="different parameter groups"):
-        ck.load(saved.path, other, torch.optim.AdamW(other.parameters()))
+        ck.load(saved.path, of(other, torch.optim.AdamW(other.parameters())))
 
 
 def test_load_refuses_foreign_folders(ck: Checkpointer, tmp_path: Path) -> None:
@@ -266,10 +274,10 @@ def test_load_refuses_foreign_folders(ck: Checkpointer, tmp_path: Path) -> None:
     foreign.mkdir()
     (foreign / "weights.bin").write_bytes(b"\0" * 10)
     with pytest.raises(UserError, match="MANIFEST.json is missing"):
-        ck.load(foreign, tiny_model())
+        ck.load(foreign, of(tiny_model()), optimizer=False)
     (foreign / MANIFEST).write_text(json.dumps({"../escape": {"bytes": 1, "hash": "x"}}))
     with pytest.raises(UserError, match="foreign entry"):
-        ck.load(foreign, tiny_model())
+        ck.load(foreign, of(tiny_model()), optimizer=False)
 
 
 def rewrite_state(path: Path, change) -> None:
@@ -294,7 +302,7 @@ def test_load_refuses_optimizer_state_the_first_step_would_fail_on(ck: Checkpoin
     rewrite_state(ck.dir / "checkpoint_000001", change)
     model = tiny_model()
     with pytest.raises(UserError, match=re.escape(message)):
-        ck.load(ck.dir / "checkpoint_000001", model, adamw(model))
+        ck.load(ck.dir / "checkpoint_000001", of(model, adamw(model)))
 
 
 def test_saved_flags_give_way_to_the_live_optimizers(ck: Checkpointer) -> None:
@@ -303,7 +311,7 @@ def test_saved_flags_give_way_to_the_live_optimizers(ck: Checkpointer) -> None:
     rewrite_state(ck.dir / "checkpoint_000001", lambda s: s["optimizer"]["param_groups"][0].update(amsgrad=True))
     model = tiny_model()
     opt = adamw(model)
-    ck.load(ck.dir / "checkpoint_000001", model, opt)
+    ck.load(ck.dir / "checkpoint_000001", of(model, opt))
     assert opt.param_groups[0]["amsgrad"] is False
     train_step(model, opt, seed=1)
 
@@ -314,21 +322,21 @@ def test_newest_valid_skips_a_state_of_the_wrong_shape(ck: Checkpointer, logs: l
     assert ck.newest_valid() == ck.dir / "checkpoint_000001"
     assert logs == ["skipping checkpoint_000002: trainer_state.json: field 'cursor' must be >= 0, got -5"]
     with pytest.raises(UserError, match=r"checkpoint_000002/trainer_state.json: field 'cursor' must be >= 0"):
-        ck.load(ck.dir / "checkpoint_000002", tiny_model())
+        ck.load(ck.dir / "checkpoint_000002", of(tiny_model()), optimizer=False)
 
 
 def test_a_full_disk_while_writing_tensors_is_one_line_and_keeps_the_last_checkpoint(
         ck: Checkpointer, monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors import SafetensorError
 
-    import engine.checkpoint as checkpoint
+    import engine.backends.torch_backend as torch_backend
 
     save_steps(ck, [1])
 
     def full(*_, **__) -> None:
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr(torch_backend, "save_file", full)
     with pytest.raises(UserError, match="cannot save checkpoint_000002 in .*: Error while serializing") as e:
         save_steps(ck, [2])
     assert "\n" not in str(e.value) and e.value.exit_code == 1
@@ -362,30 +370,34 @@ def test_newest_valid_skips_torn_checkpoints_with_reasons(ck: Checkpointer, layo
     ]
     assert ck.resolve("tiny_test") == good
     with pytest.raises(UserError, match=r"checkpoint_000004 is unusable: model.safetensors is 1,000 bytes"):
-        ck.load(truncated, tiny_model())
-    assert ck.load(good, tiny_model()).step == 2
+        ck.load(truncated, of(tiny_model()), optimizer=False)
+    assert ck.load(good, of(tiny_model()), optimizer=False).step == 2
 
 
 def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout: Layout, tmp_path: Path) -> None:
     save_steps(ck, [1])
     script = textwrap.dedent(f"""
-        import os, signal, sys, types
+        import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parents[1])!r})
-        import torch
+        import numpy as np
+        from safetensors.numpy import save_file
         import engine.checkpoint as c
         from engine.paths import Layout
 
-        class Net(torch.nn.Linear):  # no transformers import: the child only has to die mid-save
-            config = types.SimpleNamespace(to_json_string=lambda: "{{}}")
+        class Backend:  # no framework import: the child only has to die mid-save
+            def weights(self): return {{"w": np.zeros(4, np.float32)}}
+            def optimizer_state(self): return {{"w/exp_avg": np.zeros(4, np.float32)}}, {{"param_groups": []}}
+            def save_tensors(self, tensors, path, metadata=None): save_file(tensors, str(path), metadata=metadata)
+            def model_config(self): return {{}}
+            def generation_config(self): return None
 
         real = c.atomic_write_bytes
         def die_after_manifest(path, data, **kw):
             real(path, data, **kw)
             os.kill(os.getpid(), signal.SIGKILL)  # fully written, never renamed into place
         c.atomic_write_bytes = die_after_manifest
-        net = Net(4, 4)
         c.Checkpointer(Layout.resolve({str(layout.root)!r}), "tiny_test").save(
-            step=3, model=net, optimizer=torch.optim.AdamW(net.parameters()), trainer_state={{"run": 1}})
+            step=3, backend=Backend(), trainer_state={{"run": 1}})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
@@ -397,14 +409,14 @@ def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout:
     fresh = Checkpointer(layout, "tiny_test", log=logs.append)
     assert logs == [f"removed {leftovers[0]} left by an interrupted save or delete"]
     assert fresh.newest_valid() == ck.dir / "checkpoint_000001"
-    assert fresh.load(fresh.resolve("tiny_test"), tiny_model()).step == 1
+    assert fresh.load(fresh.resolve("tiny_test"), of(tiny_model()), optimizer=False).step == 1
 
 
 def test_every_stale_temporary_in_the_model_folder_is_removed(ck: Checkpointer, layout: Layout) -> None:
     """Not only half saves: a kill -9 during any atomic write (run.json, engine.json, latest,
     config.yaml) leaves a `.tmp-*` there too, and the next engine start removes it."""
     model, opt = trained()
-    ck.save(step=1, model=model, optimizer=opt, trainer_state=trainer_state(1))
+    ck.save(step=1, backend=of(model, opt), trainer_state=trainer_state(1))
     stale = [ck.dir / name for name in (".tmp-run.json-0badc0de", ".tmp-engine.json-0badc0de",
                                         ".tmp-config.yaml-0badc0de", ".tmp-latest-0badc0de")]
     for path in stale:
@@ -440,8 +452,8 @@ def test_temporaries_of_another_live_engine_are_left_alone(layout: Layout) -> No
 
 def test_saving_a_step_again_replaces_it_and_an_interrupted_replace_is_undone(ck: Checkpointer, layout: Layout) -> None:
     model, opt = trained()
-    ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2, run=1))
-    ck.save(step=2, model=model, optimizer=opt, trainer_state=trainer_state(2, run=2))
+    ck.save(step=2, backend=of(model, opt), trainer_state=trainer_state(2, run=1))
+    ck.save(step=2, backend=of(model, opt), trainer_state=trainer_state(2, run=2))
     path = ck.dir / "checkpoint_000002"
     assert json.loads((path / TRAINER_STATE).read_text())["run"] == 2
     assert [p.name for p in ck.dir.iterdir() if p.name.startswith(".tmp")] == []

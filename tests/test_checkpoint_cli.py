@@ -16,7 +16,7 @@ from engine import catalog, protocol
 from engine.checkpoint import EXPORT_MARKER, Checkpointer
 from engine.control import EngineLock
 from engine.paths import Layout
-from test_checkpoint import trained_once, trainer_state
+from test_checkpoint import of, trained_once, trainer_state
 from test_cli_info import run_cli  # noqa: F401 - fixture
 
 
@@ -27,9 +27,9 @@ def layout(tmp_path: Path, run_cli) -> Layout:  # noqa: F811 - run_cli points PA
     model, opt = trained_once()
     alpha = Checkpointer(layout, "alpha", keep_last=5)
     for step in (1, 2, 3, 4):
-        alpha.save(step=step, model=model, optimizer=opt, trainer_state=trainer_state(step))
+        alpha.save(step=step, backend=of(model, opt), trainer_state=trainer_state(step))
     (alpha.dir / "checkpoint_000001" / "MANIFEST.json").unlink()
-    Checkpointer(layout, "beta").save(step=7, model=model, optimizer=None, trainer_state=trainer_state(7))
+    Checkpointer(layout, "beta").save(step=7, backend=of(model), optimizer=False, trainer_state=trainer_state(7))
     return layout
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import cli, hardware, precision
+from engine import cli, host
+from engine.backends import torch_hardware as hardware
+from engine.backends import torch_precision as precision
 from engine.paths import Layout
 
 CONTRACT_KEYS = {"device", "device_name", "bf16", "ram_total_gb", "ram_available_gb", "vram_gb", "cpu_count",
@@ -36,12 +38,14 @@ def test_info_json_has_contract_keys(run_cli, tmp_path: Path, capsys: pytest.Cap
     assert snap["ram_total_gb"] >= snap["ram_available_gb"] > 0
     assert snap["cpu_count"] >= 1 and snap["disk_free_gb"] > 0
     assert snap["torch"] == torch.__version__
+    assert snap["backend"] == "torch" and "not Apple Silicon" in snap["backend_reason"]
 
 
 def test_info_table_for_humans(run_cli, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("info") == 0
     out = capsys.readouterr().out
-    for label in ("Device", "bf16 support", "RAM total", "VRAM", "Disk free", "transformers", "Precision (auto)"):
+    for label in ("Backend", "Device", "bf16 support", "RAM total", "VRAM", "Disk free", "transformers",
+                  "Precision (auto)"):
         assert label in out
 
 
@@ -83,7 +87,7 @@ def test_cuda_path_reports_device_vram_and_bf16(monkeypatch: pytest.MonkeyPatch,
 ])
 def test_cpu_bf16_from_flags_and_capability(monkeypatch: pytest.MonkeyPatch, flags: str, capability: str,
                                             expected: bool) -> None:
-    monkeypatch.setattr(hardware, "_cpuinfo", lambda *keys: flags if "flags" in keys else None)
+    monkeypatch.setattr(host, "cpuinfo", lambda *keys: flags if "flags" in keys else None)
     monkeypatch.setattr(hardware, "_cpu_capability", lambda: capability)
     assert hardware._cpu_bf16() is expected
 

@@ -16,7 +16,7 @@ from engine.cli import main
 from engine.control import live_engine, send_command
 from engine.paths import Layout
 from tests.train_support import (
-    build_tiny_cache, data_flags, read_log, run_engine, start_engine, step_losses, train_flags, wait_event,
+    BACKENDS, build_tiny_cache, data_flags, read_log, run_engine, start_engine, step_losses, train_flags, wait_event,
     write_corpus,
 )
 
@@ -53,6 +53,7 @@ def refused(root: Path, capsys: pytest.CaptureFixture, *argv: str) -> str:
     (["--micro-batch", "zero"], "expected int"),
     (["--cache", "/nonexistent/cache"], "no packed cache"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
+    (["--backend", "jax"], "train.backend must be one of auto, torch, mlx"),
     (["--name", "done"], "already exists"),
     (["--tokenizer", "bpe:300"], "built with tokenizer"),
     (["--micro-batch", "100000"], "holds only"),
@@ -120,36 +121,38 @@ def test_resume_refuses_a_cache_whose_used_chunks_changed(root: Path, capsys: py
 
 
 @pytest.mark.slow
-def test_control_channel_and_lock(root: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_control_channel_and_lock(root: Path, backend: str) -> None:
     layout = Layout.resolve(root)
-    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=7)]
-    proc = start_engine(root, "train", "--name", "steer", *flags)
+    steer = f"steer_{backend}"
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=7, backend=backend)]
+    proc = start_engine(root, "train", "--name", steer, *flags)
     try:
         wait_event(proc, lambda e: e["event"] == "step" and e["step"] >= 2)
-        info = live_engine(layout, "steer")
+        info = live_engine(layout, steer)
         assert info is not None and info.pid == proc.pid
 
-        send_command(layout, "steer", "pause")
+        send_command(layout, steer, "pause")
         paused = wait_event(proc, lambda e: e["event"] == "state" and e["state"] == "paused")
-        send_command(layout, "steer", "save")
+        send_command(layout, steer, "save")
         saved = wait_event(proc, lambda e: e["event"] == "checkpoint_saved")
         time.sleep(0.6)
-        logged = [e for e in read_log(root, "steer", 1) if e["event"] == "step"]
+        logged = [e for e in read_log(root, steer, 1) if e["event"] == "step"]
         assert all(e["ts"] <= paused["ts"] + 0.01 for e in logged), "stepped while paused"
         assert logged[-1]["step"] == saved["step"]
 
-        second = run_engine(root, "resume", "steer")  # a second engine on the same model
+        second = run_engine(root, "resume", steer)  # a second engine on the same model
         assert second.returncode != 0 and "another engine" in second.stderr
 
-        send_command(layout, "steer", "resume")
+        send_command(layout, steer, "resume")
         wait_event(proc, lambda e: e["event"] == "state" and e["state"] == "running")
         wait_event(proc, lambda e: e["event"] == "step" and e["step"] > saved["step"])
-        send_command(layout, "steer", "stop_at_checkpoint")
+        send_command(layout, steer, "stop_at_checkpoint")
         last = wait_event(proc, lambda e: e["event"] == "checkpoint_saved" and e["step"] > saved["step"])
         finished = wait_event(proc, lambda e: e["event"] == "finished")
         assert last["step"] % 7 == 0 and finished["reason"] == "stopped" and finished["step"] == last["step"]
         assert proc.wait(timeout=60) == 0
-        assert live_engine(layout, "steer") is None
+        assert live_engine(layout, steer) is None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -212,21 +215,23 @@ def test_demo_runs_offline_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_engine_keeps_training_when_its_reader_goes_away(root: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_engine_keeps_training_when_its_reader_goes_away(root: Path, backend: str) -> None:
     """A TUI that quits closes the pipe: the engine carries on, logging to its run log."""
-    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=1000)]
-    proc = start_engine(root, "train", "--name", "detached", *flags)
+    detached = f"detached_{backend}"
+    flags = [*data_flags(root / "docs.jsonl"), *train_flags(max_steps=100_000, save_interval=1000, backend=backend)]
+    proc = start_engine(root, "train", "--name", detached, *flags)
     try:
         seen = wait_event(proc, lambda e: e["event"] == "step" and e["step"] >= 2)["step"]
         proc.stdout.close()
         deadline = time.monotonic() + 60
-        while max(e.get("step", 0) for e in read_log(root, "detached", 1)) < seen + 20:
+        while max(e.get("step", 0) for e in read_log(root, detached, 1)) < seen + 20:
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "the engine stopped training without its reader"
             time.sleep(0.2)
-        send_command(Layout.resolve(root), "detached", "stop")
+        send_command(Layout.resolve(root), detached, "stop")
         assert proc.wait(timeout=60) == 0
-        assert read_log(root, "detached", 1)[-1]["event"] == "finished"
+        assert read_log(root, detached, 1)[-1]["event"] == "finished"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import hardware, precision
+from engine import host
+from engine.backends import torch_precision as precision
+from engine.backends.torch_precision import Measurement, ProbeShape, choose
 from engine.config import RunConfig
 from engine.errors import UserError
 from engine.paths import Layout
-from engine.precision import Measurement, ProbeShape, choose
 
 
 class FakeProbe:
@@ -114,12 +115,12 @@ def test_a_measurement_is_cached_per_machine_torch_threads_and_shape(layout: Lay
     assert "measured earlier on cpu" in again.reason
     saved = json.loads(layout.precision_cache.read_text())
     (key,) = saved["entries"]
-    assert key.startswith(f"cpu | {hardware.cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | ")
+    assert key.startswith(f"cpu | {host.cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | ")
     assert saved["entries"][key]["fp32_ms"] == 100.0 and saved["entries"][key]["bf16_ms"] == 50.0
 
     changes = [
         lambda: monkeypatch.setattr(torch, "__version__", "9.9.9"),
-        lambda: monkeypatch.setattr(hardware, "cpu_name", lambda: "Other CPU"),
+        lambda: monkeypatch.setattr(host, "cpu_name", lambda: "Other CPU"),
         lambda: monkeypatch.setattr(torch, "get_num_threads", lambda: 64),
     ]
     for n, change in enumerate(changes, start=2):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.train_support import (
-    build_tiny_cache, data_flags, read_log, read_trace, run_engine, start_engine, step_losses, train_flags, wait_event,
+    BACKENDS, build_tiny_cache, data_flags, read_log, read_trace, run_engine, start_engine, step_losses, train_flags, wait_event,
     weights, write_corpus,
 )
 
@@ -26,32 +26,35 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_kill_after_checkpoint_then_resume_matches_uninterrupted_run(root: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_after_checkpoint_then_resume_matches_uninterrupted_run(root: Path, backend: str) -> None:
     corpus = root / "docs.jsonl"
-    common = [*data_flags(corpus), *train_flags(max_steps=40, save_interval=5)]
-    whole = run_engine(root, "train", "--name", "whole", *common)
-    assert whole.returncode == 0, whole.stderr
-    reference = step_losses(read_log(root, "whole", 1))
+    common = [*data_flags(corpus), *train_flags(max_steps=40, save_interval=5, backend=backend)]
+    whole, cut = f"whole_{backend}", f"cut_{backend}"
+    done = run_engine(root, "train", "--name", whole, *common)
+    assert done.returncode == 0, done.stderr
+    reference = step_losses(read_log(root, whole, 1))
     assert sorted(reference) == list(range(1, 41))
 
-    proc = start_engine(root, "train", "--name", "cut", *common)
+    proc = start_engine(root, "train", "--name", cut, *common)
     saved = wait_event(proc, lambda e: e["event"] == "checkpoint_saved" and e["step"] >= 10)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = step_losses(read_log(root, "cut", 1))
+    first = step_losses(read_log(root, cut, 1))
     assert max(first) < 40, "the engine finished before it was killed"
 
-    again = run_engine(root, "resume", "cut")
+    again = run_engine(root, "resume", cut)
     assert again.returncode == 0, again.stderr
-    second = read_log(root, "cut", 2)
+    assert f"Backend: {backend} " in again.stdout
+    second = read_log(root, cut, 2)
     header = second[0]
     assert header["event"] == "run" and header["start_step"] >= saved["step"]
     resumed = step_losses(second)
     assert sorted(resumed) == list(range(header["start_step"] + 1, 41))  # nothing replayed, nothing skipped
     for step, loss in resumed.items():
         assert loss == reference[step], f"step {step}: {loss} != {reference[step]}"
-    a = weights(root / "checkpoints" / "whole" / "checkpoint_000040")
-    b = weights(root / "checkpoints" / "cut" / "checkpoint_000040")
+    a = weights(root / "checkpoints" / whole / "checkpoint_000040")
+    b = weights(root / "checkpoints" / cut / "checkpoint_000040")
     assert a.keys() == b.keys()
     for key in a:
         assert np.array_equal(a[key], b[key]), key

@@ -12,25 +12,26 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig, RunConfig
+from engine.backends.torch_backend import pick_precision, prepare_model, rng_state, set_rng_state
+from engine.backends.torch_model import build_model, count_params, hf_config, lm_loss, param_groups
+from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
-from engine.model import build_model, count_params, llama_config, lm_loss, param_groups
+from engine.model_config import llama_config
 from engine.paths import Layout
 from engine.presets import PRESETS
 from engine.state import RngState, decode
-from engine.train import pick_precision, rng_state, set_rng_state
-from tests.train_support import build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
+from tests.train_support import BACKENDS, build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return build_model(llama_config(ModelConfig(preset="tiny"), 300, 32, {}), seed=3)
+    return build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {})), seed=3)
 
 
 def test_model_matches_the_preset_and_uses_sdpa(model: torch.nn.Module) -> None:
     assert count_params(model) == PRESETS["tiny"].n_params(300)
     assert model.config._attn_implementation == "sdpa"
-    again = build_model(llama_config(ModelConfig(preset="tiny"), 300, 32, {}), seed=3)
+    again = build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {})), seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
@@ -53,7 +54,7 @@ def test_loss_is_next_token_cross_entropy_over_packed_rows(model: torch.nn.Modul
 
 
 def test_fp16_is_refused_without_cuda_and_an_explicit_choice_is_kept(tmp_path: Path) -> None:
-    """What `auto` picks is engine.precision's, tested in test_precision.py."""
+    """What `auto` picks is engine.backends.torch_precision's, tested in test_precision.py."""
     layout, cfg = Layout.resolve(tmp_path), RunConfig()
     with pytest.raises(UserError, match="fp16 needs a CUDA GPU"):
         pick_precision("fp16", "cpu", cfg, layout)
@@ -71,11 +72,12 @@ def test_rng_state_is_json_and_restores_exactly() -> None:
 
 
 @pytest.mark.slow
-def test_live_growth_is_picked_up_at_a_step_boundary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_live_growth_is_picked_up_at_a_step_boundary(tmp_path: Path, backend: str) -> None:
     corpus = write_corpus(tmp_path)
     build_tiny_cache(tmp_path, corpus, "--max-chunks", "4")
     flags = [*data_flags(corpus), *train_flags(growth_check_interval=2, save_interval=1000, micro_batch=2,
-                                               grad_accum=1)]
+                                               grad_accum=1, backend=backend)]
     proc = start_engine(tmp_path, "train", "--name", "live", *flags)
     try:
         plan = wait_event(proc, lambda e: e["event"] == "plan")
@@ -125,19 +127,13 @@ def test_human_progress_line_format() -> None:
 
 def test_gradient_checkpointing_recomputes_the_same_gradients() -> None:
     """--grad-checkpointing trades compute for memory; it must not change what the step computes."""
-    from engine.config import RunConfig
-    from engine.distributed import Dist
-    from engine.train import prepare_model
-
-    config = llama_config(ModelConfig(preset="tiny"), 300, 32, {})
+    config = hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {}))
     rows = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
     grads = []
     for enabled in (False, True):
-        cfg = RunConfig()
-        cfg.train.grad_checkpointing = enabled
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # the deprecated transformers API warns
-            m = prepare_model(config, cfg, "cpu", Dist())
+            m = prepare_model(config, TrainConfig(grad_checkpointing=enabled), torch.device("cpu"))
             assert m.is_activation_checkpointing is enabled
         m.train()
         lm_loss(m, rows).backward()

@@ -16,11 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+
+from engine.backends import has_mlx_lm
 
 REPO = Path(__file__).resolve().parents[1]
 
 WORDS = ("the cat sat on a mat and dog ran far away from home while birds sang in tall green trees "
          "def return import class self value print data model train step loss").split()
+
+
+# The behavioural tests that run on every backend: mlx where mlx-lm is installed (CI installs it).
+BACKENDS = [pytest.param("torch"),
+            pytest.param("mlx", marks=pytest.mark.skipif(not has_mlx_lm(), reason="mlx-lm is not installed "
+                                                                                  "(pip install -e '.[mlx]')"))]
 
 
 def write_corpus(folder: Path, n_docs: int = 400, seed: int = 0) -> Path:

@@ -58,7 +58,9 @@ def make_checkpoint(layout: Layout, model_name: str, tokenizer_dir: Path, *, con
     ends a sample early (every other logit's maximum is positive)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from engine.model import finish_config
+    from engine.backends.torch_backend import TorchBackend
+    from engine.backends.torch_model import finish_config
+    from engine.config import RunConfig, TrainConfig
     from engine.presets import PRESETS
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -68,7 +70,9 @@ def make_checkpoint(layout: Layout, model_name: str, tokenizer_dir: Path, *, con
     with torch.no_grad():
         model.get_input_embeddings().weight[tokenizer.eos_token_id].zero_()
     state = made_state(step, context, vocab)
-    return Checkpointer(layout, model_name).save(step=step, model=model, optimizer=None, trainer_state=state,
+    backend = TorchBackend(RunConfig(train=TrainConfig(device="cpu", precision="fp32")), layout)
+    backend.adopt(model, None)
+    return Checkpointer(layout, model_name).save(step=step, backend=backend, optimizer=False, trainer_state=state,
                                                  tokenizer_dir=tokenizer_dir).path
 
 
@@ -78,7 +82,7 @@ def made_state(step: int, context: int, vocab: int) -> dict:
     from dataclasses import asdict
 
     from engine.schedule import Schedule
-    from engine.train import rng_state
+    from engine.backends.torch_backend import rng_state
 
     schedule = Schedule(kind="constant", peak_lr=1e-3, min_lr=1e-3, warmup_steps=0, total_steps=max(step, 1))
     return {

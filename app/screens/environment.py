@@ -1,8 +1,9 @@
 """First screen: what this machine offers, as checks that turn [COMPLETE] one by one.
 
-Checks that need only the standard library and psutil complete at once; the ones that need torch
-come from `packtrain-engine info --json` in a worker, so the screen paints before torch loads. That
-includes the precision `auto` picks and the engine's measured reason (engine/precision.py).
+Checks that need only the standard library and psutil complete at once; the ones that need the
+training framework (which backend and why, device, libraries, the precision `auto` picks and the
+engine's measured reason) come from `packtrain-engine info --json` in a worker, so the screen paints
+before torch or mlx loads.
 """
 
 from __future__ import annotations
@@ -60,19 +61,23 @@ def engine_checks(info: dict[str, Any]) -> dict[str, str]:
     device = str(info.get("device", "cpu")).upper()
     name = info.get("device_name") or ""
     vram = info.get("vram_gb")
+    backend = str(info.get("backend", "torch"))
+    libs = ("mlx", "mlx_lm") if backend == "mlx" else ("torch", "transformers")
     return {
+        "backend": f"{backend} ({info['backend_reason']})" if info.get("backend_reason") else backend,
         "device": f"{device} ({name})" if name else device,
         "bf16": "supported" if info.get("bf16") else "not native on this device",
         "precision": f"auto picks {info.get('precision', '?')}: {info.get('precision_reason', 'no reason given')}",
         "ram": f"{format_gib(info.get('ram_available_gb'))} free of {format_gib(info.get('ram_total_gb'))}; "
                + (f"VRAM {format_gib(vram)}" if vram else "no VRAM"),
-        "libs": f"torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}",
+        "libs": ", ".join(f"{lib.replace('_', '-')} {info.get(lib, '?')}" for lib in libs),
         "root": f"{info.get('root', '')} ({format_gib(info.get('disk_free_gb'))} free)",
     }
 
 
 CHECKS = (
     ("python", "Python"),
+    ("backend", "Backend"),
     ("device", "Device"),
     ("bf16", "bf16"),
     ("precision", "Precision"),

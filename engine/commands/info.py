@@ -1,5 +1,6 @@
-"""`packtrain-engine info [--json]`: the hardware snapshot a run would record, before starting one,
-and the precision `auto` picks here for the default config, with the measurement behind it."""
+"""`packtrain-engine info [--json]`: the backend a run would pick and why, the hardware snapshot it
+would record, and the precision `auto` picks here for the default config, with the reason behind it;
+all before starting one."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import sys
 from typing import Any
 
+from engine.config import BACKENDS, RunConfig
 from engine.paths import Layout
 from engine.units import format_gib
 
 LABELS = {
+    "backend": "Backend",
+    "backend_reason": "Backend choice",
     "device": "Device",
     "device_name": "Device name",
     "device_count": "Devices",
@@ -23,6 +27,8 @@ LABELS = {
     "cpu_count": "CPU cores",
     "torch": "torch",
     "transformers": "transformers",
+    "mlx": "mlx",
+    "mlx_lm": "mlx-lm",
     "python": "Python",
     "root": "Data root",
     "disk_free_gb": "Disk free",
@@ -35,18 +41,20 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p = sub.add_parser("info", help="show device, bf16 support, memory, disk and library versions",
                        description="Show the hardware snapshot saved into every run.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="report for this training backend (default: the one `train` would pick here)")
     p.set_defaults(handler=run_info)
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from engine.config import RunConfig
-    from engine.hardware import snapshot
-    from engine.precision import choose
+    from engine.backends import choose, load
 
     layout = Layout.resolve()
-    snap = snapshot(layout)
-    choice = choose("auto", snap["device"], RunConfig(), layout)
-    snap.update(precision=choice.precision, precision_reason=f"{choice.reason}, for the default config")
+    choice = choose(args.backend)
+    backend = load(choice.name)
+    snap = {"backend": choice.name, "backend_reason": choice.reason, **backend.facts(layout)}
+    precision, why = backend.choose_precision("auto", snap["device"], RunConfig(), layout)
+    snap.update(precision=precision, precision_reason=f"{why}, for the default config")
     if args.json:
         print(json.dumps(snap, indent=2))
         return 0

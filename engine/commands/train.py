@@ -1,7 +1,7 @@
 """`train`, `resume` and `demo`: the engine process that trains, streams events and obeys control.
 
 Every config field is a flag named after it (engine.config), so a TUI form, a YAML file, run.json
-and a shell line all say the same thing. Training imports torch lazily: `--help` stays instant.
+and a shell line all say the same thing. Training imports its framework lazily: `--help` stays instant.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
                                    "keep the computation the same may change (length, intervals, precision, "
                                    "device, micro_batch x grad_accum at the same global batch).")
     r.add_argument("ref", metavar="NAME|CHECKPOINT")
+    r.add_argument("--reset-optimizer", action="store_true",
+                   help="continue the weights with fresh AdamW state (when the saved optimizer state does not fit)")
     _common(r)
     add_config_flags(r)
     r.set_defaults(handler=cmd_resume)
@@ -109,29 +111,30 @@ def check_cache_agrees(data: DataConfig, given: set[str]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     raw = RunConfig.read(args.config) if args.config else {}
-    # Every refusal that needs no cache comes before the torch import and before anything is written.
+    # Every refusal that needs no cache comes before the framework import and before anything is written.
     cfg = apply_config_flags(RunConfig.from_dict(raw), args).validate()
     check_cache_agrees(cfg.data, given_fields(raw, args))
     _check_common(args)
-    from engine.train import new_run, run_to_end
+    from engine.assemble import new_run, run_to_end
 
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    # Malformed flag values are refused before the torch import; resume_run checks them against the saved config.
+    # Malformed flag values are refused before the framework import; resume_run checks them against the saved config.
     apply_config_flags(RunConfig(), args).validate()
     _check_common(args)
-    from engine.train import resume_run, run_to_end
+    from engine.assemble import resume_run, run_to_end
 
     return run_to_end(lambda: resume_run(args.ref, Layout.resolve(), _options(args),
-                                         override=lambda cfg: apply_config_flags(cfg, args)))
+                                         override=lambda cfg: apply_config_flags(cfg, args),
+                                         reset_optimizer=args.reset_optimizer))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(RunConfig.from_dict(DEMO), args).validate()
     check_cache_agrees(cfg.data, given_fields({}, args))
     _check_common(args)
-    from engine.train import new_run, run_to_end
+    from engine.assemble import new_run, run_to_end
 
     return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers, name_prefix="demo_"))

@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from engine.backends.base import Dist
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str = ""
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def device(self, kind: str) -> torch.device:
-        return torch.device(kind, self.local_rank) if kind == "cuda" else torch.device(kind)
+def device(d: Dist, kind: str) -> torch.device:
+    """This rank's torch device of `kind` (cuda is per local rank)."""
+    return torch.device(kind, d.local_rank) if kind == "cuda" else torch.device(kind)
 
 
 def init(device_kind: str) -> Dist:

@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine import hardware
+from engine import host
 from engine.atomic import atomic_write_json, read_json
+from engine.backends.torch_model import autocast, finish_config
 from engine.errors import UserError
+from engine.model_config import complete, llama_config
 
 if TYPE_CHECKING:
     from engine.config import RunConfig
@@ -76,18 +78,16 @@ class Choice:
 def probe_shape(cfg: "RunConfig") -> ProbeShape:
     """The run's layer shape with at most PROBE_TOKENS tokens: rows of the micro-batch, and a
     sequence cut to PROBE_TOKENS when longer (the matmuls keep the run's sizes)."""
-    from engine.model import llama_config
-
-    c = llama_config(cfg.model, SHAPE_VOCAB, cfg.data.seq_len, {})  # neither vocabulary nor special ids enter the probe
+    c = complete(llama_config(cfg.model, SHAPE_VOCAB, cfg.data.seq_len, {}))  # the vocabulary does not enter the probe
     seq_len = min(cfg.data.seq_len, PROBE_TOKENS)
     rows = max(1, min(cfg.train.micro_batch, PROBE_TOKENS // seq_len))
-    return ProbeShape(hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_attention_heads,
-                      kv_heads=c.num_key_value_heads, seq_len=seq_len, rows=rows)
+    return ProbeShape(hidden=c["hidden_size"], intermediate=c["intermediate_size"], heads=c["num_attention_heads"],
+                      kv_heads=c["num_key_value_heads"], seq_len=seq_len, rows=rows)
 
 
 def machine_key(device: str, shape: ProbeShape) -> str:
     """What a measurement is valid for: another CPU, thread count, torch or shape measures again."""
-    return (f"{device} | {hardware.cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
+    return (f"{device} | {host.cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | "
             f"{shape.key()}")
 
 
@@ -169,9 +169,6 @@ def run_probe(device: str, shape: ProbeShape) -> Measurement:
     Repetitions stop once the answer is clear or PROBE_SECONDS have passed: where bf16 is emulated
     one bf16 step costs ten fp32 ones, and the probe must stay cheap."""
     from transformers import LlamaConfig, LlamaModel
-
-    from engine.model import finish_config
-    from engine.train import autocast
 
     config = finish_config(LlamaConfig(
         vocab_size=PROBE_VOCAB, hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=1,

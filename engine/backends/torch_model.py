@@ -1,50 +1,37 @@
-"""The model: a transformers LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, SDPA attention) from a preset
-or any LlamaConfig JSON, so every checkpoint is a plain HF folder that `from_pretrained` loads.
+"""The torch model: a transformers LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, SDPA attention) built from
+LlamaConfig fields, so every checkpoint is a plain HF folder that `from_pretrained` loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.config import ModelConfig
 from engine.errors import UserError, shown
-from engine.llama_json import check_fits, read_llama_json
-from engine.presets import get_preset
+from engine.llama_json import META_KEYS
 
 
-def llama_config(model: ModelConfig, vocab_size: int, seq_len: int, token_ids: Mapping[str, int]) -> LlamaConfig:
-    """The preset's shape, or a user's LlamaConfig JSON checked against the cache it will read, with
-    the special-token ids of the cache's tokenizer (`token_ids`: bos/eos/pad_token_id)."""
-    if model.model_config is None:
-        kwargs = get_preset(model.preset).llama_kwargs(vocab_size, seq_len)
-    else:
-        where = f"model config {model.model_config}"
-        kwargs = read_llama_json(model.model_config)
-        kwargs.setdefault("vocab_size", vocab_size)
-        if kwargs["vocab_size"] < vocab_size:
-            raise UserError(f"{where}: vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-        check_fits(kwargs, seq_len, where)
+def hf_config(fields: Mapping[str, Any]) -> LlamaConfig:
+    """A LlamaConfig from config.json fields (engine.model_config.llama_config's, or a checkpoint's)."""
+    kwargs = {k: v for k, v in fields.items() if k not in META_KEYS}
     try:
         config = LlamaConfig(**kwargs)
     except Exception as e:  # noqa: BLE001 - strict-dataclass, Key and Attribute errors for the keys we do not check
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
         raise UserError(f"invalid model config: {shown(first, 200)}") from None
-    return finish_config(config, token_ids)
+    return finish_config(config)
 
 
-def finish_config(config: LlamaConfig, token_ids: Mapping[str, int] | None = None) -> LlamaConfig:
-    """Settings that are not part of the shape: SDPA attention, no KV cache, and the tokenizer's
-    special ids (LlamaConfig's defaults, bos 1 and eos 2, belong to another tokenizer: generate()
-    would never stop at the real EOS). Set before the model is built, so its generation config and
-    every checkpoint's config.json and generation_config.json carry them too."""
+def finish_config(config: LlamaConfig) -> LlamaConfig:
+    """Training settings that are not part of the shape: SDPA attention, no KV cache. (The
+    tokenizer's special ids arrive in the fields: engine.model_config.llama_config.)"""
     config._attn_implementation = "sdpa"
     config.use_cache = False
-    for key, value in (token_ids or {}).items():
-        setattr(config, key, value)
     return config
 
 
@@ -76,6 +63,14 @@ def param_groups(model: LlamaForCausalLM, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context forward passes run under: nothing for fp32, torch autocast for bf16 and fp16."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:

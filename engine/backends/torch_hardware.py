@@ -1,4 +1,5 @@
-"""What this machine can train with: device, precision support, memory, disk and library versions.
+"""What torch can train with here: device, precision support and library versions, on top of the
+framework-free host facts (engine.host).
 
 The same snapshot is printed by `packtrain-engine info`, saved into every run (run.json and the
 RunStarted header) so a result can be traced to the hardware that produced it, and shown by the
@@ -7,20 +8,17 @@ TUI's environment screen. Sizes are GiB (2**30 bytes).
 
 from __future__ import annotations
 
-import os
 import platform
-import shutil
-from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
+from engine import host
 from engine.paths import Layout
 from engine.units import GIB
 
 # CPU flags for native bf16 dot products (AVX512-BF16, AMX, Arm BF16). They say bf16 is supported,
-# not that it is faster than fp32 here: engine/precision.py measures that.
+# not that it is faster than fp32 here: engine/backends/torch_precision.py measures that.
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
@@ -29,7 +27,7 @@ def snapshot(layout: Layout) -> dict[str, Any]:
     disk_free_gb) plus device_count and cpu_capability; values are JSON-safe."""
     import transformers
 
-    vm = psutil.virtual_memory()
+    facts = host.host_snapshot(layout)
     device, device_name, bf16, vram, count = _accelerator()
     return {
         "device": device,
@@ -37,15 +35,15 @@ def snapshot(layout: Layout) -> dict[str, Any]:
         "device_count": count,
         "bf16": bf16,
         "cpu_capability": _cpu_capability(),
-        "ram_total_gb": round(vm.total / GIB, 2),
-        "ram_available_gb": round(vm.available / GIB, 2),
+        "ram_total_gb": facts["ram_total_gb"],
+        "ram_available_gb": facts["ram_available_gb"],
         "vram_gb": None if vram is None else round(vram / GIB, 2),
-        "cpu_count": _usable_cpus(),
+        "cpu_count": facts["cpu_count"],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "root": str(layout.root),
-        "disk_free_gb": round(_disk_free(layout.root) / GIB, 2),
+        "python": facts["python"],
+        "root": facts["root"],
+        "disk_free_gb": facts["disk_free_gb"],
     }
 
 
@@ -57,7 +55,7 @@ def _accelerator() -> tuple[str, str, bool, int | None, int]:
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return "mps", f"Apple {platform.machine()} (MPS)", _mps_bf16(), _mps_memory(), 1
-    return "cpu", cpu_name(), _cpu_bf16(), None, 1
+    return "cpu", host.cpu_name(), _cpu_bf16(), None, 1
 
 
 def _mps_bf16() -> bool:
@@ -79,43 +77,10 @@ def _cpu_capability() -> str:
     return str(get()) if get is not None else "unknown"
 
 
-def _cpuinfo(*keys: str) -> str | None:
-    """First value of any of `keys` in /proc/cpuinfo (Linux); None elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in keys and value.strip():
-            return value.strip()
-    return None
-
-
 def _cpu_bf16() -> bool:
     """True when this CPU runs bf16 natively, or with AVX512 (torch's CPU bf16 kernels are
     vectorised there); without either it is emulated. Whether it pays is measured, not read here."""
-    flags = set((_cpuinfo("flags", "Features") or "").split())
+    flags = set((host.cpuinfo("flags", "Features") or "").split())
     if flags.intersection(_CPU_BF16_FLAGS):
         return True
     return _cpu_capability().startswith("AVX512")
-
-
-def cpu_name() -> str:
-    """The CPU model: part of the key a precision measurement is cached under."""
-    return _cpuinfo("model name") or platform.processor() or platform.machine() or "cpu"
-
-
-def _usable_cpus() -> int:
-    """Cores this process may run on (containers and taskset limit it below os.cpu_count())."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _disk_free(root: Path) -> int:
-    """Free space where data will land; the root may not exist yet, so use its nearest ancestor."""
-    path = root
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free

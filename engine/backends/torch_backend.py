@@ -1,0 +1,272 @@
+"""The torch backend: transformers' LlamaForCausalLM, torch AdamW, autocast, DDP under torchrun.
+
+Per step the host hands over numpy rows and gets back device scalars: loss and grad norm stay on
+the device until the loop asks for them on a log step (to_host), so a step never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.backends import torch_distributed as D
+from engine.backends.base import (
+    Backend, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
+)
+from engine.backends.torch_hardware import snapshot
+from engine.backends import torch_precision
+from engine.backends.torch_model import autocast, build_model, count_params, hf_config, lm_loss, param_groups
+from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
+from engine.config import RunConfig, TrainConfig
+from engine.errors import UserError
+from engine.paths import Layout
+from engine.state import OptimizerState, RngState, ScalerState
+
+# --- device, precision and RNG ---------------------------------------------------------------------
+
+
+def pick_device(choice: str) -> str:
+    """`auto` means CUDA, then MPS, then CPU; an explicit choice that is unavailable is refused."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is available")
+    if choice == "mps" and not has_mps:
+        raise UserError("train.device is mps but MPS is not available")
+    return choice
+
+
+def pick_precision(choice: str, device: str, cfg: RunConfig, layout: Layout) -> str:
+    """The policy is torch_precision's; `auto` on a CPU measures the run's own layer shape there."""
+    return torch_precision.choose(choice, device, cfg, layout).precision
+
+
+def rng_state() -> RngState:
+    """Every RNG the run could draw from, as JSON (a torch state tensor becomes a list of ints)."""
+    return RngState(torch=torch.get_rng_state().tolist(),
+                    cuda=[s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+                    **host_rng_state())
+
+
+def set_rng_state(state: RngState) -> None:
+    if state.torch:  # empty when another backend saved it: its generators cannot carry
+        torch.set_rng_state(torch.tensor(state.torch, dtype=torch.uint8))
+    if state.cuda and torch.cuda.is_available():  # one state per device the saving process saw; this one may see fewer
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state.cuda][:torch.cuda.device_count()])
+    set_host_rng_state(state)
+
+
+def check_rng_state(state: RngState, source: Path) -> None:
+    """Try the saved states on throwaway generators: one that torch, numpy or Python refuses is
+    refused here, before the run starts, rather than when it is restored after the run started."""
+    check_host_rng_state(state, source)
+    try:
+        if state.torch:
+            torch.Generator().set_state(torch.tensor(state.torch, dtype=torch.uint8))
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:
+        raise UserError(f"{source}: field 'rng' holds a state the generators refuse: "
+                        f"{' '.join(str(e).split())[:120]}") from None
+    if state.cuda and torch.cuda.is_available():
+        devices = range(min(len(state.cuda), torch.cuda.device_count()))
+        if any(len(state.cuda[i]) != torch.cuda.get_rng_state(i).numel() for i in devices):
+            raise UserError(f"{source}: field 'rng.cuda' does not hold CUDA generator states")
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+# --- model and optimizer --------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                             fused=device == "cuda" or None)
+
+
+def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model = build_model(config, t.seed).to(device)
+    if t.grad_checkpointing:
+        # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
+        self.device = pick_device(cfg.train.device)
+        self.dist = D.init(self.device)
+        layout = layout or Layout.resolve()
+        self.precision = D.broadcast(self.dist, pick_precision(cfg.train.precision, self.device, cfg, layout)
+                                     if self.dist.is_main else None)
+        self.torch_device = D.device(self.dist, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+
+    def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
+        model = prepare_model(hf_config(config), train, self.torch_device)
+        self.adopt(model, make_optimizer(model, train, self.device), compile=train.compile)
+
+    def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, compile: bool = False) -> None:
+        """Train `model` with `optimizer` (DDP-wrapped under torchrun, compiled on request); without
+        an optimizer the backend only saves and loads weights."""
+        self.net, self.optimizer, self.model = unwrap(model), optimizer, model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(model, device_ids=[self.dist.local_rank] if self.device == "cuda" else None)
+        self.forward = torch.compile(self.model) if compile else self.model
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+
+    @property
+    def n_params(self) -> int:
+        return count_params(self.net)
+
+    def model_config(self) -> dict[str, Any]:
+        config = json.loads(self.net.config.to_json_string())
+        config["architectures"] = [type(self.net).__name__]  # as save_pretrained records it
+        return config
+
+    def generation_config(self) -> str | None:
+        generation = getattr(self.net, "generation_config", None)
+        return None if generation is None else generation.to_json_string()
+
+    # --- steps --------------------------------------------------------------------------------
+    def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
+                   want_norm: bool) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = torch.from_numpy(rows).to(self.torch_device, non_blocking=True)
+        loss_sum = None
+        for k in range(grad_accum):
+            sync = k == grad_accum - 1 or not self.dist.enabled
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.torch_device, self.precision):
+                loss = lm_loss(self.forward, batch[k * micro_batch:(k + 1) * micro_batch]) / grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        grad_norm = None
+        if grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
+        elif want_norm:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss_sum, grad_norm=grad_norm)
+
+    @torch.no_grad()
+    def eval_loss(self, rows: np.ndarray) -> float:
+        self.net.eval()
+        try:
+            with autocast(self.torch_device, self.precision):
+                return lm_loss(self.net, torch.from_numpy(rows).to(self.torch_device)).item()
+        finally:
+            self.net.train()
+
+    def to_host(self, values: list[Any]) -> list[float]:
+        return torch.stack([v.detach().float() for v in values]).tolist() if values else []
+
+    # --- named tensors ------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        return hf_state_dict(self.net)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return weight_shapes(self.net)
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.net.load_state_dict(dict(tensors), strict=False)  # tied copies share storage with what was loaded
+
+    def optimizer_groups(self) -> list[list[str]]:
+        return param_names(self.net, self.optimizer)
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return flatten_optimizer(self.net, self.optimizer)
+
+    def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], saved: OptimizerState,
+                             where: str) -> None:
+        load_optimizer(tensors, saved, self.net, self.optimizer, where)
+
+    def save_tensors(self, tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+        save_file(dict(tensors), str(path), metadata=metadata)
+
+    def load_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path))
+
+    # --- RNG, precision, memory, facts --------------------------------------------------------
+    def rng_state(self) -> RngState:
+        return rng_state()
+
+    def set_rng_state(self, state: RngState) -> None:
+        set_rng_state(state)
+
+    def check_rng_state(self, state: RngState, source: Path) -> None:
+        check_rng_state(state, source)
+
+    def scaler_state(self) -> ScalerState | None:
+        return ScalerState(**self.scaler.state_dict()) if self.scaler.is_enabled() else None
+
+    def load_scaler_state(self, state: ScalerState | None) -> None:
+        if state:
+            self.scaler.load_state_dict(asdict(state))
+
+    def precision_context(self) -> contextlib.AbstractContextManager:
+        return autocast(self.torch_device, self.precision)
+
+    def memory(self) -> Memory:
+        dev_mem = 0.0
+        if self.torch_device.type == "cuda":
+            dev_mem = torch.cuda.max_memory_allocated(self.torch_device) / 1e9
+        elif self.torch_device.type == "mps":
+            dev_mem = torch.mps.current_allocated_memory() / 1e9
+        return Memory(rss_gb=psutil.Process().memory_info().rss / 1e9, device_gb=dev_mem)
+
+    @classmethod
+    def facts(cls, layout: Layout) -> dict[str, Any]:
+        return snapshot(layout)
+
+    @classmethod
+    def choose_precision(cls, requested: str, device: str, cfg: RunConfig, layout: Layout) -> tuple[str, str]:
+        choice = torch_precision.choose(requested, device, cfg, layout)
+        return choice.precision, choice.reason
+
+    def versions(self) -> dict[str, str]:
+        return versions()
+
+    # --- collectives --------------------------------------------------------------------------
+    def broadcast(self, obj: Any) -> Any:
+        return D.broadcast(self.dist, obj)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return D.all_reduce_sum(self.dist, values)
+
+    def any_flags(self, flags: list[bool]) -> list[bool]:
+        return D.any_flags(self.dist, flags)
+
+    def barrier(self) -> None:
+        D.barrier(self.dist)
+
+    def shutdown(self) -> None:
+        D.shutdown(self.dist)
+
+
+BACKEND = TorchBackend
