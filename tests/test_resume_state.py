@@ -167,13 +167,13 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     """safetensors reports ENOSPC as SafetensorError, which is not an OSError."""
     from safetensors import SafetensorError
 
-    import engine.checkpoint as checkpoint
+    import engine.backends.torch_backend as torch_backend
 
     def full_disk(*_: Any, **__: Any) -> None:
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     with copy_of(trained) as root:
-        monkeypatch.setattr(checkpoint, "save_file", full_disk)
+        monkeypatch.setattr(torch_backend, "save_file", full_disk)
         rc, _, err = engine(root, "resume", MODEL, "--max-steps", "3")
         assert rc == 1 and err.startswith("error: cannot save checkpoint_000003") and err.count("\n") == 1, err
         assert "No space left on device" in err and "Traceback" not in err
