@@ -177,9 +177,8 @@ class DataOrder:
     @classmethod
     def restore(cls, state: Mapping[str, Any], events: list[dict], chunk_sizes: Mapping[int, int]) -> "DataOrder":
         """The order a checkpoint recorded; a state of the wrong shape is refused with UserError."""
-        if not isinstance(state, Mapping) or type(state.get("seed")) is not int \
-                or type(state.get("window", WINDOW)) is not int or state.get("window", WINDOW) < 1:
-            raise UserError("checkpoint field 'data' must hold an integer seed and an integer window >= 1")
+        if not isinstance(state, Mapping) or type(state.get("seed")) is not int:
+            raise UserError("checkpoint field 'data' must hold an integer seed")
         evs = [GrowthEvent.from_dict(e) for e in events]
         eval_ids = state.get("eval_chunks")
         if not isinstance(eval_ids, list) or not all(type(c) is int and c >= 0 for c in eval_ids):
