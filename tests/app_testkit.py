@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -34,7 +35,10 @@ def screen_text(app: Any) -> str:
 
 
 async def wait_for(pilot: Any, predicate: Callable[[], Any], timeout: float = 60.0, what: str = "") -> Any:
-    """Poll the running app until `predicate()` is truthy; on timeout fail with the screen shown."""
+    """Poll the running app until `predicate()` is truthy; on timeout fail with the screen shown.
+
+    It sleeps rather than `pilot.pause()`: a pause waits for the app to go idle, which a streaming
+    screen does only when its stream ends, so a state that lasts only while it streams was never seen."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -42,7 +46,7 @@ async def wait_for(pilot: Any, predicate: Callable[[], Any], timeout: float = 60
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}\n{screen_text(pilot.app)}")
-        await pilot.pause(0.1)
+        await asyncio.sleep(0.1)
 
 
 def fake_step(step: int, total: int = 1000) -> P.Step:

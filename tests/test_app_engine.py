@@ -96,10 +96,14 @@ async def start_training(pilot: Any) -> None:
     await wait_for(pilot, lambda: step_of(pilot.app) >= 2, 90, "training to start")
 
 
-async def test_environment_checks_complete_from_the_engine(layout: Layout) -> None:
+async def test_environment_checks_complete_from_the_engine(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
     from engine.backends.torch_precision import machine_key, probe_shape
 
     # this machine's measurement, as an earlier run left it: the engine reads it instead of probing
+    # the key names the thread count: the engine runs with OMP_NUM_THREADS=1, whatever this process has
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     layout.precision_cache.parent.mkdir(parents=True, exist_ok=True)
     layout.precision_cache.write_text(json.dumps({"format": 1, "entries": {
         machine_key("cpu", probe_shape(RunConfig())): {"fp32_ms": 30.0, "bf16_ms": 50.0, "error": None}}}))
