@@ -133,7 +133,8 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
 RESUMABLE = {
     "train": {"max_steps", "max_tokens", "epochs", "epoch_fraction", "save_interval", "keep_last", "log_interval",
               "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
-              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend"},
+              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend",
+              "sample_every", "sample_prompt", "sample_tokens", "sample_temperature", "tracker"},
     "data": {"cache"},
 }
 

@@ -33,11 +33,12 @@ from engine.control import EngineLock, poll_commands
 from engine.data import DataOrder, rank_slice, read_sequences, split_ids
 from engine.errors import UserError
 from engine.paths import Layout
-from engine.run_log import RunLog
+from engine.run_log import EventSink, RunLog
 from engine.schedule import Schedule, total_steps
 from engine.state import (
     TRAINER_STATE_FORMAT, CacheRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState, TrainerState,
 )
+from engine.train_samples import TrainingSamples
 
 
 # --- what a run starts from ----------------------------------------------------------------------
@@ -47,6 +48,7 @@ from engine.state import (
 class Options:
     events: bool = False  # JSON events on stdout instead of human lines
     trace_data: str | None = None  # append the sequence ids each rank trains on (audits and tests)
+    sinks: list[EventSink] = field(default_factory=list)  # more followers of rank 0's events (engine.tracking)
 
 
 @dataclass
@@ -75,12 +77,15 @@ class Trainer:
     def __init__(self, start: Start, *, layout: Layout, backend: Backend, cache: Any, checkpointer: Any,
                  log: RunLog, opts: Options) -> None:
         self.s, self.layout, self.backend, self.opts, self.log = start, layout, backend, opts, log
+        log.sinks += opts.sinks
         self.dist = backend.dist
         self.cfg, self.t = start.cfg, start.cfg.train
         self.cache, self.ckpt = cache, checkpointer
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
         self.n_params = backend.n_params
+        self.samples = TrainingSamples(self.t, backend, tokenizer_dir=cache.tokenizer_dir, eos_id=cache.eos_id,
+                                       context=self.seq_len, log=log)
         backend.load_scaler_state(start.scaler)
         self.log.emit(self.plan_event())
         self.check_growth()
@@ -315,6 +320,7 @@ class Trainer:
                 losses = []
                 excluded, paused, t_log = 0.0, 0.0, time.perf_counter()
             t_boundary = time.perf_counter()
+            self.samples.after_step(s.step)
             done = s.step >= s.schedule.total_steps
             if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()

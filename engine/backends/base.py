@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from engine import protocol as P
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
@@ -111,6 +112,13 @@ class Backend(ABC):
     @abstractmethod
     def to_host(self, values: list[Tensor]) -> list[float]:
         """Device scalars as floats, with one synchronisation for the lot."""
+
+    def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Callable[[str, P.SamplingParams], tuple[str, int]]:
+        """A function that continues a prompt with the model being trained, for samples during
+        training: (text, new tokens). It leaves the model in training mode; the caller restores
+        the RNGs. A backend that cannot refuses here, before the run starts."""
+        raise UserError(f"train.sample_every: the {self.name} backend cannot generate samples during training; "
+                        "train with --backend torch, or leave --sample-every out")
 
     # --- named tensors ------------------------------------------------------------------------
     @abstractmethod

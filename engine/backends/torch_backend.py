@@ -174,6 +174,12 @@ class TorchBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss_sum, grad_norm=grad_norm)
 
+    def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Any:
+        from engine.generate import training_sampler
+
+        return training_sampler(self.net, tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
+                                context=context)
+
     @torch.no_grad()
     def eval_loss(self, rows: np.ndarray) -> float:
         self.net.eval()

@@ -1,0 +1,46 @@
+"""Samples during training (`train.sample_every`, like nanoGPT's): every N steps, a short text from
+the model being trained, as a `sample` event in the run log, the dashboard and the report.
+
+Cheap when on and nothing when off. Rank 0 alone generates, between optimizer steps, with the
+backend's own generation (the KV cache, `sample_tokens` new tokens); the model goes back to training
+mode and every RNG the run draws from is restored afterwards, so a run with samples trains exactly
+the run without them, and resumes the same. Each sample is drawn with the run's seed: the same
+random numbers at every step, so differences between samples are the model's.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine import protocol as P
+from engine.backends.base import Backend
+from engine.config import TrainConfig
+from engine.errors import UserError
+from engine.run_log import RunLog
+
+
+class TrainingSamples:
+    def __init__(self, t: TrainConfig, backend: Backend, *, tokenizer_dir: Path, eos_id: int, context: int,
+                 log: RunLog) -> None:
+        self.every, self.backend, self.log = t.sample_every, backend, log
+        self.prompt = t.sample_prompt or ""
+        self.params = P.SamplingParams(max_new_tokens=t.sample_tokens, temperature=t.sample_temperature, seed=t.seed)
+        if not self.every:
+            return
+        if t.sample_tokens >= context:
+            raise UserError(f"train.sample_tokens ({t.sample_tokens}) must leave room for a prompt in this cache's "
+                            f"sequences of {context} tokens")
+        self.generate = backend.sampler(tokenizer_dir, eos_id, context) if backend.dist.is_main else None
+
+    def after_step(self, step: int) -> None:
+        if not self.every or step % self.every or self.generate is None:
+            return
+        rng = self.backend.rng_state()
+        started = time.perf_counter()
+        try:
+            text, new_tokens = self.generate(self.prompt, self.params)
+        finally:
+            self.backend.set_rng_state(rng)
+        self.log.emit(P.TrainingSample(step=step, prompt=self.prompt, text=text, new_tokens=new_tokens,
+                                       seconds=time.perf_counter() - started))
