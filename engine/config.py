@@ -96,7 +96,7 @@ class TrainConfig:
     shuffle_buffer_mb: int = 1024  # decoded rows shuffled together (and kept decoded): all of a cache that fits
     sample_every: int = 0  # generate a short sample every N steps, as a `sample` event; 0 = off
     sample_prompt: str | None = None  # what samples continue; none starts a new document
-    sample_tokens: int = 48  # new tokens per sample
+    sample_tokens: int | None = None  # new tokens per sample; none: min(48, seq_len / 2)
     sample_temperature: float = 0.8  # 0 is greedy; sampled with `seed`, so every sample draws the same numbers
     tracker: str | None = None  # extra metric sinks, comma-separated: tensorboard, wandb, csv (engine.tracking)
 
@@ -201,8 +201,9 @@ class RunConfig:
         _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {shown(t.backend)}")
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
         _require(t.sample_every >= 0, f"train.sample_every must be >= 0 (0 disables), got {t.sample_every}")
-        _require(t.sample_tokens >= 1, f"train.sample_tokens must be a positive integer, got {t.sample_tokens}")
-        _require(t.sample_every == 0 or t.sample_tokens < d.seq_len or d.cache is not None,
+        _require(t.sample_tokens is None or t.sample_tokens >= 1,
+                 f"train.sample_tokens must be a positive integer, got {t.sample_tokens}")
+        _require(t.sample_every == 0 or t.sample_tokens is None or t.sample_tokens < d.seq_len or d.cache is not None,
                  f"train.sample_tokens ({t.sample_tokens}) must leave room for a prompt in seq_len {d.seq_len}")
         _require(t.sample_temperature >= 0, f"train.sample_temperature must be >= 0 (0 is greedy), "
                                             f"got {t.sample_temperature}")

@@ -19,16 +19,19 @@ from engine.config import TrainConfig
 from engine.errors import UserError
 from engine.run_log import RunLog
 
+DEFAULT_TOKENS = 48  # short: a glimpse of the model, not a benchmark
+
 
 class TrainingSamples:
     def __init__(self, t: TrainConfig, backend: Backend, *, tokenizer_dir: Path, eos_id: int, context: int,
                  log: RunLog) -> None:
         self.every, self.backend, self.log = t.sample_every, backend, log
         self.prompt = t.sample_prompt or ""
-        self.params = P.SamplingParams(max_new_tokens=t.sample_tokens, temperature=t.sample_temperature, seed=t.seed)
+        tokens = t.sample_tokens or max(1, min(DEFAULT_TOKENS, context // 2))
+        self.params = P.SamplingParams(max_new_tokens=tokens, temperature=t.sample_temperature, seed=t.seed)
         if not self.every:
             return
-        if t.sample_tokens >= context:
+        if tokens >= context:
             raise UserError(f"train.sample_tokens ({t.sample_tokens}) must leave room for a prompt in this cache's "
                             f"sequences of {context} tokens")
         self.generate = backend.sampler(tokenizer_dir, eos_id, context) if backend.dist.is_main else None
