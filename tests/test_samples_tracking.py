@@ -207,6 +207,19 @@ def test_a_tracker_that_fails_is_dropped_with_one_warning(tmp_path: Path) -> Non
     assert [e["event"] for e in kinds].count("eval") == 2
 
 
+def test_only_rank_0_tracks(tmp_path: Path) -> None:
+    from engine.run_log import RunLog
+
+    layout = Layout(tmp_path)
+    for rank, enabled in ((1, False), (0, True)):
+        log = RunLog(events=True, enabled=enabled, stream=open(tmp_path / f"out{rank}", "w", encoding="utf-8"))
+        log.sinks.append(Trackers(layout))
+        log.attach(layout.run_log("m", 1), P.RunStarted(model="m", run=1, config={"train": {"tracker": "csv"}}))
+        log.emit(P.Eval(step=1, loss=1.0, perplexity=2.7))
+        log.close()
+        assert layout.metrics_csv("m", 1).exists() == enabled
+
+
 def test_a_missing_tracker_package_is_refused_before_anything_is_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     real = importlib.util.find_spec
