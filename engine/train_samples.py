@@ -11,6 +11,7 @@ random numbers at every step, so differences between samples are the model's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import protocol as P
@@ -23,12 +24,15 @@ DEFAULT_TOKENS = 48  # short: a glimpse of the model, not a benchmark
 
 
 class TrainingSamples:
+    """The loop's one hook for samples: `after_step` at each optimizer-step boundary."""
+
     def __init__(self, t: TrainConfig, backend: Backend, *, tokenizer_dir: Path, eos_id: int, context: int,
                  log: RunLog) -> None:
         self.every, self.backend, self.log = t.sample_every, backend, log
         self.prompt = t.sample_prompt or ""
         tokens = t.sample_tokens or max(1, min(DEFAULT_TOKENS, context // 2))
         self.params = P.SamplingParams(max_new_tokens=tokens, temperature=t.sample_temperature, seed=t.seed)
+        self.generate: Callable[[str, P.SamplingParams], tuple[str, int]] | None = None
         if not self.every:
             return
         if tokens >= context:
@@ -37,7 +41,7 @@ class TrainingSamples:
         self.generate = backend.sampler(tokenizer_dir, eos_id, context) if backend.dist.is_main else None
 
     def after_step(self, step: int) -> None:
-        if not self.every or step % self.every or self.generate is None:
+        if self.generate is None or step % self.every:
             return
         rng = self.backend.rng_state()
         started = time.perf_counter()
