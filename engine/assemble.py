@@ -68,6 +68,9 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
             build_cache(d, layout, workers=workers, on_event=log.emit)
         backend.barrier()
     cache = PackedCache(path, cache_bytes=cfg.train.shuffle_buffer_mb << 20)
+    if cache.flagged and not backend.trains_flags:
+        raise UserError(f"cache {path} holds {cache.record_format} instruction data (loss masks, example boundaries), "
+                        f"which the {backend.name} backend does not train; use --backend torch")
     spec = str((cache.meta.get("tokenizer") or {}).get("spec", ""))
     if d.cache:  # an explicit cache decides what the data is; the saved config says so too
         d.seq_len, d.tokenizer = cache.seq_len, spec or d.tokenizer

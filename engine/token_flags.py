@@ -26,9 +26,9 @@ def loss_mask(flags: np.ndarray) -> np.ndarray:
     return (flags[:, 1:] & TRAIN).astype(bool)
 
 
-def trained_tokens(flags: np.ndarray | None, rows: int, seq_len: int) -> int:
-    """Targets that count in the loss; every target when there are no flags."""
-    return rows * seq_len if flags is None else int(np.count_nonzero(flags[:, 1:] & TRAIN))
+def trained_tokens(flags: np.ndarray) -> int:
+    """Targets that count in the loss."""
+    return int(np.count_nonzero(flags[:, 1:] & TRAIN))
 
 
 def position_ids(flags: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.state import OptimizerState, RngState, ScalerState
-from engine.token_flags import loss_mask, position_ids
+from engine.token_flags import loss_mask, position_ids, trained_tokens
 
 # --- device, precision and RNG ---------------------------------------------------------------------
 
@@ -155,9 +155,9 @@ class TorchBackend(Backend):
     # --- steps --------------------------------------------------------------------------------
     def _flag_tensors(self, flags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(position ids, loss mask, trained targets) of flagged rows, on the device."""
-        mask = loss_mask(flags)
         positions = torch.from_numpy(position_ids(flags)).to(self.torch_device, non_blocking=True)
-        return positions, torch.from_numpy(mask).to(self.torch_device, non_blocking=True), int(mask.sum())
+        mask = torch.from_numpy(loss_mask(flags)).to(self.torch_device, non_blocking=True)
+        return positions, mask, trained_tokens(flags)
 
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
                    want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
