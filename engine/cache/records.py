@@ -4,7 +4,7 @@ text segments that train or not.
 The format is found from the columns, first match wins:
 
 - `messages` (chat: a list of {role, content}) -> `chat`, rendered with the tokenizer's chat
-  template (transformers' apply_chat_template); the assistant turns train. A tokenizer without a
+  template (transformers' renderer behind apply_chat_template); the assistant turns train. A tokenizer without a
   chat template is refused (there is no generic fallback that a chat model would expect);
 - `prompt` and `response` -> `prompt_response`;
 - `instruction` and `output` (optional `input`, Alpaca) -> `instruction`;
@@ -113,24 +113,38 @@ def chat_template(tokenizer_dir: Path) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
+def named_special_tokens(tokenizer_dir: Path) -> dict[str, str]:
+    """`bos_token`, `eos_token`, ... as the folder's special_tokens_map.json and tokenizer_config.json
+    name them (the later file wins, as in transformers); chat templates refer to them by these names."""
+    named: dict[str, str] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((tokenizer_dir / file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key, value in (data.items() if isinstance(data, dict) else ()):
+            token = value.get("content") if isinstance(value, dict) else value
+            if key.endswith("_token") and isinstance(token, str):
+                named[key] = token
+    return named
+
+
 class Renderer:
-    """Records of one format -> segments, through the tokenizer's chat template when it has one."""
+    """Records of one format -> segments, through the tokenizer's chat template when it has one
+    (transformers' own renderer, the one apply_chat_template runs, fed the same special tokens)."""
 
     def __init__(self, fmt: str, tokenizer_dir: Path) -> None:
         self.fmt = fmt
-        self.hf: Any = None
-        if require_template(fmt, chat_template(tokenizer_dir), tokenizer_dir) is not None:
-            from transformers import AutoTokenizer
-
-            self.hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.template = require_template(fmt, chat_template(tokenizer_dir), tokenizer_dir)
+        self.specials = named_special_tokens(tokenizer_dir) if self.template else {}
 
     @property
     def templated(self) -> bool:
         """Template text names special tokens (`<|im_start|>`) that must encode as such."""
-        return self.hf is not None
+        return self.template is not None
 
     def segments(self, record: Mapping[str, Any]) -> Segments:
-        if self.hf is None:
+        if self.template is None:
             return plain_segments(record, self.fmt)
         messages = as_messages(record, self.fmt)
         out: Segments = []
@@ -149,13 +163,17 @@ class Renderer:
         return out + ([(rest, False)] if rest else [])
 
     def _render(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         if not messages:
             return ""
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            rendered, _ = render_jinja_template([messages], chat_template=self.template,
+                                                add_generation_prompt=generation_prompt, **self.specials)
         except Exception as e:  # noqa: BLE001 - jinja raises whatever the template raises
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"the tokenizer's chat template failed on a record: {shown(first, 120)}") from None
+        return rendered[0]
 
 
 def require_template(fmt: str, template: str | None, tokenizer: Path | str) -> str | None:

@@ -383,4 +383,7 @@ def _dataset_source(ds: Any, spec: str, kind: str, options: dict[str, Any], colu
                            text_column=column, files_fingerprint=files)
     if streaming and not source.head(max_docs=1):
         raise UserError(f"source {spec!r} holds no documents")
+    if fmt != TEXT_FORMAT and not streaming:
+        for _ in source._iter_docs():  # every record checked now: a bad one refuses the build before it starts
+            pass
     return source
