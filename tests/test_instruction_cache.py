@@ -76,14 +76,15 @@ def test_formats_are_detected_from_the_columns() -> None:
     assert detect_format(["text", "prompt"]) == "text"
 
 
-def test_examples_pack_whole_with_padding_that_never_trains() -> None:
+def test_examples_pack_whole_first_fit_with_padding_that_never_trains() -> None:
     examples = [Example([1, 2, 3], [False, True, True]), Example([4, 5, 6, 7], [False, False, True, True]),
-                Example(list(range(8, 20)), [False] * 6 + [True] * 6)]
+                Example(list(range(8, 20)), [False] * 6 + [True] * 6), Example([20, 21], [False, False])]
     packed = pack_examples(examples, eos_id=0, seq_len=7, dtype=np.dtype("<u2"))
-    assert packed.rows.tolist() == [[1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 6, 7, 0, 0, 0, 0], list(range(8, 16))]
-    assert packed.flags[0].tolist() == [START, TRAIN, TRAIN, TRAIN, 0, 0, 0, 0]  # the EOS after a response trains
+    # the last example fits the first row's tail; the long one is cut to a row of its own
+    assert packed.rows.tolist() == [[1, 2, 3, 0, 20, 21, 0, 0], [4, 5, 6, 7, 0, 0, 0, 0], list(range(8, 16))]
+    assert packed.flags[0].tolist() == [START, TRAIN, TRAIN, TRAIN, START, 0, 0, 0]  # a response's EOS trains
     assert packed.flags[1].tolist() == [START, 0, TRAIN, TRAIN, TRAIN, 0, 0, 0]
-    assert (packed.padding, packed.truncated, packed.dropped) == (7, 1, 5)
+    assert (packed.padding, packed.truncated, packed.dropped) == (4, 1, 5)
 
 
 def test_prompt_response_trains_only_the_response(root: Path, tmp_path: Path) -> None:

@@ -4,9 +4,9 @@ followed in instruction caches by a [n_seqs, seq_len + 1] uint8 flags plane (eng
 Packing is a pure function of the chunk's documents: each document is followed by EOS, the
 stream is cut into rows of seq_len + 1 tokens and the remainder under one row is dropped (and
 counted), never carried into the next chunk. That is what lets any chunk be rebuilt alone,
-byte for byte. Instruction examples are packed whole instead (`pack_examples`): an example that
-does not fit the rest of a row starts the next one, and the rest is padding (EOS, no flags), so
-a response never loses its prompt to a row boundary. numpy + lz4 + xxhash only: the reader
+byte for byte. Instruction examples are packed whole instead (`pack_examples`): each goes into
+the first row of its chunk with room for it (first fit, in source order), and what no example
+fills is padding (EOS, no flags), so a response never loses its prompt to a row boundary. numpy + lz4 + xxhash only: the reader
 imports this, not the tokenizer stack.
 """
 
@@ -78,14 +78,14 @@ class Example:
 
 
 def pack_examples(examples: list[Example], *, eos_id: int, seq_len: int, dtype: np.dtype) -> Packed:
-    """Whole examples, each followed by EOS (trained when its last token is), greedily into rows of
-    seq_len + 1; a row's unused tail is EOS padding that never trains. An example longer than a
-    row is cut to one row (counted in `truncated` and `dropped`)."""
+    """Whole examples, each followed by EOS (trained when its last token is), first-fit into rows of
+    seq_len + 1: each goes into the first row with room for it, else starts a new row. A row's
+    unused tail is EOS padding that never trains. An example longer than a row is cut to one row
+    (counted in `truncated` and `dropped`)."""
     row = seq_len + 1
-    rows: list[np.ndarray] = []
-    flag_rows: list[np.ndarray] = []
-    fill = row  # no open row yet
-    tokens = dropped = truncated = padding = 0
+    rows, flag_rows = np.full((len(examples), row), eos_id, dtype=dtype), np.zeros((len(examples), row), dtype=np.uint8)
+    fill = np.zeros(len(examples), dtype=np.int64)  # tokens used per row; at most one row per example
+    n_rows = tokens = dropped = truncated = 0
     for ex in examples:
         ids = np.asarray([*ex.ids, eos_id], dtype=dtype)
         flags = np.asarray([*ex.trains, bool(ex.trains) and ex.trains[-1]], dtype=np.uint8) * np.uint8(TRAIN)
@@ -95,20 +95,15 @@ def pack_examples(examples: list[Example], *, eos_id: int, seq_len: int, dtype: 
             dropped += len(ids) - row
             truncated += 1
             ids, flags = ids[:row], flags[:row]
-        if fill + len(ids) > row:
-            padding += row - fill
-            rows.append(np.full(row, eos_id, dtype=dtype))
-            flag_rows.append(np.zeros(row, dtype=np.uint8))
-            fill = 0
-        rows[-1][fill:fill + len(ids)] = ids
-        flag_rows[-1][fill:fill + len(ids)] = flags
-        fill += len(ids)
-    if rows:
-        padding += row - fill
+        fits = np.flatnonzero(fill[:n_rows] + len(ids) <= row)
+        r = int(fits[0]) if fits.size else n_rows
+        n_rows = max(n_rows, r + 1)
+        rows[r, fill[r]:fill[r] + len(ids)] = ids
+        flag_rows[r, fill[r]:fill[r] + len(ids)] = flags
+        fill[r] += len(ids)
     lengths = np.fromiter((len(ex.ids) for ex in examples), dtype=np.int64, count=len(examples))
-    shape = (len(rows), row)
-    return Packed(np.stack(rows) if rows else np.empty(shape, dtype=dtype), tokens, dropped, lengths,
-                  np.stack(flag_rows) if rows else np.empty(shape, dtype=np.uint8), padding, truncated)
+    padding = int(n_rows * row - fill[:n_rows].sum())
+    return Packed(rows[:n_rows], tokens, dropped, lengths, flag_rows[:n_rows], padding, truncated)
 
 
 def doc_length_summary(lengths: np.ndarray) -> dict[str, Any]:
