@@ -112,7 +112,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     log.info(backend_line)
     cache = open_cache(cfg, layout, backend, log, workers=workers)
     order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
-                            rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
+                            rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype, cache.flagged))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
     if global_batch > order.n_train_sequences:
         raise UserError(

@@ -81,9 +81,10 @@ def check_ranges(value: Any, what: str) -> list[list[int]]:
     return value
 
 
-def rows_in_budget(budget_bytes: int, seq_len: int, dtype: Any) -> int:
-    """Decoded rows of `seq_len + 1` tokens that fit `budget_bytes`: the window of a new run."""
-    return max(1, int(budget_bytes) // ((int(seq_len) + 1) * np.dtype(dtype).itemsize))
+def rows_in_budget(budget_bytes: int, seq_len: int, dtype: Any, flagged: bool = False) -> int:
+    """Decoded rows of `seq_len + 1` tokens (and their flag bytes when `flagged`) that fit
+    `budget_bytes`: the window of a new run."""
+    return max(1, int(budget_bytes) // ((int(seq_len) + 1) * (np.dtype(dtype).itemsize + int(flagged))))
 
 
 def cut_windows(costs: list[int], limit: int) -> list[slice]:
