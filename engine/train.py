@@ -35,10 +35,10 @@ from engine.errors import UserError
 from engine.paths import Layout
 from engine.run_log import RunLog
 from engine.schedule import Schedule, total_steps
-from engine.token_flags import trained_tokens
 from engine.state import (
     TRAINER_STATE_FORMAT, CacheRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState, TrainerState,
 )
+from engine.token_flags import trained_tokens
 
 
 # --- what a run starts from ----------------------------------------------------------------------
