@@ -76,6 +76,19 @@ def test_formats_are_detected_from_the_columns() -> None:
     assert detect_format(["text", "prompt"]) == "text"
 
 
+def test_alpaca_without_a_template_and_prompt_response_through_one(tmp_path: Path) -> None:
+    from engine.cache.records import Renderer
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    alpaca = Renderer("instruction", plain).segments({"instruction": "Add", "input": "2 2", "output": "4"})
+    assert alpaca == [("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\nAdd"
+                       "\n\n### Input:\n2 2\n\n### Response:\n", False), ("4", True)]
+    chat = Renderer("prompt_response", _chat_tokenizer(tmp_path / "tok")).segments({"prompt": "hi", "response": "yo"})
+    assert chat == [("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False), ("yo<|im_end|>\n", True)]
+
+
 def test_examples_pack_whole_first_fit_with_padding_that_never_trains() -> None:
     examples = [Example([1, 2, 3], [False, True, True]), Example([4, 5, 6, 7], [False, False, True, True]),
                 Example(list(range(8, 20)), [False] * 6 + [True] * 6), Example([20, 21], [False, False])]
