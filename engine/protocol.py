@@ -192,6 +192,16 @@ class CacheReady(Event):
     sequences: int
     ok: bool = True
     bad: list[dict[str, Any]] = field(default_factory=list)
+    format: str = "text"  # text, or the instruction format found: chat, prompt_response, instruction
+    examples: int = 0  # documents or instruction examples in the committed chunks
+    trained_share: float | None = None  # share of targets that train (instruction caches); None: all
+
+    def data_line(self) -> str:
+        """`chat: 1,200 examples, 38.5% of tokens train` (or `text: 4,000 documents`), as the CLI and
+        the cache screen show it."""
+        if self.trained_share is None:
+            return f"{self.format}: {self.examples:,} documents"
+        return f"{self.format}: {self.examples:,} examples, {100 * self.trained_share:.1f}% of tokens train"
 
 
 # --- using a model: eval, generation, the serve-model child ------------------------------------------

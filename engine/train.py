@@ -30,7 +30,7 @@ from engine.backends.base import Backend
 from engine.catalog import display_name
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
-from engine.data import DataOrder, rank_slice, read_sequences, split_ids
+from engine.data import DataOrder, rank_slice, read_flags, read_sequences, split_ids
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.run_log import EventSink, RunLog
@@ -38,6 +38,7 @@ from engine.schedule import Schedule, total_steps
 from engine.state import (
     TRAINER_STATE_FORMAT, CacheRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState, TrainerState,
 )
+from engine.token_flags import trained_tokens
 from engine.train_samples import TrainingSamples
 
 
@@ -208,11 +209,13 @@ class Trainer:
         mine = ids[self.dist.rank::self.dist.world_size]
         total, count = 0.0, 0
         for i in range(0, len(mine), self.t.micro_batch):
-            rows = read_sequences(self.cache, mine[i:i + self.t.micro_batch])
-            total += self.backend.eval_loss(rows) * len(rows)
-            count += len(rows)
+            part = mine[i:i + self.t.micro_batch]
+            rows, flags = read_sequences(self.cache, part), read_flags(self.cache, part)
+            weight = len(rows) if flags is None else trained_tokens(flags)  # a mean over trained targets
+            total += self.backend.eval_loss(rows, flags) * weight
+            count += weight
         total, count = self.backend.all_reduce_sum([total, float(count)])
-        loss = total / count
+        loss = total / max(count, 1.0)
         self.last_eval = (self.s.step, loss)
         if self.s.best_eval_loss is None or loss < self.s.best_eval_loss:
             self.s.best_eval_loss = loss
@@ -300,7 +303,8 @@ class Trainer:
             self.trace(mine)
             log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
             result = backend.train_step(read_sequences(self.cache, mine), lr, micro_batch=t.micro_batch,
-                                        grad_accum=t.grad_accum, grad_clip=t.grad_clip, want_norm=log_now)
+                                        grad_accum=t.grad_accum, grad_clip=t.grad_clip, want_norm=log_now,
+                                        flags=read_flags(self.cache, mine))
             losses.append(result.loss)
             self.step_loss = result.loss
             s.step += 1

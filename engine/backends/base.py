@@ -98,16 +98,24 @@ class Backend(ABC):
         """generation_config.json text, when the framework has one."""
 
     # --- steps --------------------------------------------------------------------------------
-    @abstractmethod
-    def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool) -> StepResult:
-        """One optimizer step on packed rows [n, seq_len + 1] (x = row[:-1], y = row[1:]) at `lr`,
-        in `grad_accum` micro-batches, clipped to `grad_clip` by global norm (0: no clipping; the
-        norm is then computed only when `want_norm`)."""
+    trains_flags: ClassVar[bool] = False  # whether train_step/eval_loss honour `flags` (instruction caches)
 
     @abstractmethod
-    def eval_loss(self, rows: np.ndarray) -> float:
-        """Mean next-token loss of `rows` without touching gradients or optimizer state."""
+    def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
+                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
+        """One optimizer step on packed rows [n, seq_len + 1] (x = row[:-1], y = row[1:]) at `lr`,
+        in `grad_accum` micro-batches, clipped to `grad_clip` by global norm (0: no clipping; the
+        norm is then computed only when `want_norm`).
+
+        `flags` (engine.token_flags, same shape as rows) marks the targets that train and where
+        packed examples start; the loss is then the sum over trained targets of the whole global
+        batch divided by their count, so micro-batches and ranks with more response tokens weigh
+        exactly as much as those tokens do. None: every target trains, rows are one stream."""
+
+    @abstractmethod
+    def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
+        """Mean next-token loss of `rows` (over the trained targets when `flags` are given) without
+        touching gradients or optimizer state."""
 
     @abstractmethod
     def to_host(self, values: list[Tensor]) -> list[float]:
