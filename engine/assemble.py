@@ -16,7 +16,8 @@ from engine.backends import choose, load
 from engine.backends.base import Backend
 from engine.catalog import DISPLAY_RE, display_name
 from engine.checkpoint import Checkpointer
-from engine.config import RunConfig
+from engine import pretrained
+from engine.config import RunConfig, default_lr
 from engine.data import DataOrder, check_resume_cache, rows_in_budget
 from engine.errors import UserError
 from engine.model_config import llama_config, read_config_json
@@ -84,6 +85,13 @@ def token_ids(cache: Any) -> dict[str, int]:
     return special_token_ids(cache.tokenizer_dir, cache.eos_id)
 
 
+def param_line(backend: Backend) -> str:
+    total, trainable = backend.n_params, backend.n_trainable
+    if trainable == total:
+        return f"Parameters: {total:,}, all trained"
+    return f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
+
+
 def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
     """The given name unless it is taken (engine.names.taken_reason, the TUI's rule too); else the
     first free suggestion."""
@@ -103,6 +111,9 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     cfg.validate()
     if cfg.name:
         validate_new_name(cfg.name, layout)  # now, not after a whole cache was built for it
+    if cfg.train.lr is None:
+        cfg.train.lr = default_lr(cfg.model)
+    folder = pretrained.prepare(cfg) if cfg.model.init_from else None
     backend, backend_line = open_backend(cfg, layout)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
@@ -116,7 +127,13 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
             f"a step needs {global_batch:,} sequences (micro_batch {cfg.train.micro_batch:,} x grad_accum "
             f"{cfg.train.grad_accum:,} x {dist.world_size} processes) but {cache.path} holds only "
             f"{order.n_train_sequences:,} training sequences; lower --micro-batch or --grad-accum, or grow the cache")
-    backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len, token_ids(cache)), cfg.train)
+    if folder is None:
+        backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len, token_ids(cache)), cfg.train)
+    else:
+        pretrained.check_vocab(folder, cache.vocab_size)
+        backend.build_pretrained(folder, cfg.model, cfg.train,
+                                 pretrained.base_record(cfg.model, folder) if cfg.model.adapter else None)
+    log.info(param_line(backend))
     cfg.name = backend.broadcast(choose_name(cfg, layout, backend.n_params, cache.dataset_name, cache.seq_len,
                                              name_prefix) if dist.is_main else None)
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
@@ -199,7 +216,11 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
         raise UserError(f"{source}: field 'cursor' ({state.cursor:,} in epoch {state.epoch}) is not a position in "
                         f"this run's data ({order.n_train_sequences:,} training sequences per epoch)")
     check_resume_cache(asdict(state.cache), cache, cache.manifest_hash(order.known_chunks))
-    backend.build({**read_config_json(path), **token_ids(cache)}, cfg.train)
+    if cfg.model.init_from:
+        folder, base = pretrained.base_folder(cfg.model, path)
+        backend.build_pretrained(folder, cfg.model, cfg.train, base)
+    else:
+        backend.build({**read_config_json(path), **token_ids(cache)}, cfg.train)
     checkpointer.load(path, backend, optimizer=not reset_optimizer)
     if state.backend != backend.name:
         log.info(f"Continuing a {state.backend} checkpoint on {backend.name}: the weights"

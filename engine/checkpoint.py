@@ -240,6 +240,8 @@ class Checkpointer:
             generation = backend.generation_config()
             if generation is not None:
                 (tmp / GENERATION_FILE).write_text(generation, encoding="utf-8")
+            for file, text in backend.extra_files().items():
+                (tmp / file).write_text(text, encoding="utf-8")
             if tokenizer_dir is not None:
                 copy_tokenizer(Path(tokenizer_dir), tmp)
             if optimizer:
