@@ -85,13 +85,6 @@ def token_ids(cache: Any) -> dict[str, int]:
     return special_token_ids(cache.tokenizer_dir, cache.eos_id)
 
 
-def param_line(backend: Backend) -> str:
-    total, trainable = backend.n_params, backend.n_trainable
-    if trainable == total:
-        return f"Parameters: {total:,}, all trained"
-    return f"Parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
-
-
 def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq_len: int, prefix: str = "") -> str:
     """The given name unless it is taken (engine.names.taken_reason, the TUI's rule too); else the
     first free suggestion."""
@@ -133,7 +126,6 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
         pretrained.check_vocab(folder, cache.vocab_size)
         backend.build_pretrained(folder, cfg.model, cfg.train,
                                  pretrained.base_record(cfg.model, folder) if cfg.model.adapter else None)
-    log.info(param_line(backend))
     cfg.name = backend.broadcast(choose_name(cfg, layout, backend.n_params, cache.dataset_name, cache.seq_len,
                                              name_prefix) if dist.is_main else None)
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)

@@ -80,7 +80,7 @@ class Trainer:
         self.cache, self.ckpt = cache, checkpointer
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
-        self.n_params = backend.n_params
+        self.n_params, self.n_trainable = backend.n_params, backend.n_trainable
         backend.load_scaler_state(start.scaler)
         self.log.emit(self.plan_event())
         self.check_growth()
@@ -127,6 +127,7 @@ class Trainer:
             tokens_per_step=self.global_batch * self.seq_len, epochs=self.t.epochs,
             epoch_fraction=self.t.epoch_fraction, schedule=sched.kind,
             previous_total_steps=previous, n_params=self.n_params,
+            n_trainable=self.n_trainable if self.n_trainable != self.n_params else None,
         )
 
     def check_growth(self) -> None:
@@ -369,7 +370,8 @@ class Trainer:
             model=s.model_name, run=s.run, start_step=s.step, total_steps=s.schedule.total_steps,
             target_tokens=s.schedule.total_steps * self.global_batch * self.seq_len, resumed_from=s.resumed_from,
             pid=psutil.Process().pid, world_size=self.dist.world_size, config=self.cfg.to_dict(),
-            hardware={**self.hardware(), "precision": self.backend.precision, "n_params": self.n_params},
+            hardware={**self.hardware(), "precision": self.backend.precision, "n_params": self.n_params,
+                      "n_trainable": self.n_trainable},
         )
 
     def write_run_json(self, log_path: Path) -> None:
