@@ -8,12 +8,16 @@ turns them into peft's saved layout (adapter_model.safetensors) or merges them i
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from engine.catalog import MODEL_FILE
 from engine.config import ModelConfig, TrainConfig
 from engine.errors import UserError, shown
 from engine.pretrained import lora_targets, read_model_json
@@ -132,3 +136,52 @@ def saved_adapter_name(live: str) -> str:
 
 def n_trainable(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def adapter_model(checkpoint: Path, record: dict[str, Any]) -> torch.nn.Module:
+    """Base plus the checkpoint's adapter on the CPU in fp32, the base checked to be the one trained
+    on (a QLoRA adapter goes onto the unquantized base: merging into 4-bit weights would round it)."""
+    from engine.pretrained import check_base, resolve
+
+    m = replace(ModelConfig(**record["model"]), method="lora")
+    folder = resolve(m.init_from or record["init_from"])
+    check_base(record, folder, f"checkpoint {checkpoint.name}")
+    net = with_adapter(load_causal_lm(folder, m, "fp32", torch.device("cpu")), m, TrainConfig())
+    tensors = load_file(str(checkpoint / MODEL_FILE))
+    missing = set(trainable_tensors(net)) - set(tensors)
+    if missing:
+        raise UserError(f"checkpoint {checkpoint.name} does not hold this adapter (e.g. {sorted(missing)[0]})")
+    net.load_state_dict(tensors, strict=False)
+    return net
+
+
+def export_adapter(checkpoint: Path, out: Path) -> None:
+    """A peft adapter folder (adapter_config.json, adapter_model.safetensors) plus the tokenizer,
+    which PeftModel.from_pretrained loads onto the base."""
+    from engine.checkpoint import copy_tokenizer
+    from engine.pretrained import read_base_record
+
+    record = read_base_record(checkpoint)
+    assert record is not None
+    tensors = load_file(str(checkpoint / MODEL_FILE))
+    save_file({saved_adapter_name(k): v for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(record["adapter_config"], indent=2, sort_keys=True) + "\n",
+                                      encoding="utf-8")
+    copy_tokenizer(checkpoint, out)
+
+
+def export_merged(checkpoint: Path, out: Path) -> None:
+    """The base's architecture with the adapter folded into its weights: a plain HF model folder."""
+    from engine.checkpoint import copy_tokenizer
+    from engine.pretrained import read_base_record
+
+    record = read_base_record(checkpoint)
+    assert record is not None
+    merged = adapter_model(checkpoint, record).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(str(out))
+    copy_tokenizer(checkpoint, out)
