@@ -47,6 +47,13 @@ def open_backend(cfg: RunConfig, layout: Layout) -> tuple[Backend, str]:
     return backend, f"Backend: {choice.name} on {backend.device}, {backend.precision} ({choice.reason})"
 
 
+def check_finetune(cfg: RunConfig, backend: Backend) -> None:
+    """Fine-tuning this backend cannot do is refused before any cache or model work."""
+    if cfg.model.init_from and not backend.fine_tunes:
+        raise UserError(f"the {backend.name} backend trains from scratch only; fine-tune with --backend torch")
+    pretrained.check_method(cfg.model.method, backend.device)
+
+
 def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *, workers: int | None = None,
                recorded: str | None = None) -> Any:
     """The run's cache: an explicit path, else the one its data config names; a missing cache is
@@ -108,6 +115,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
         cfg.train.lr = default_lr(cfg.model)
     folder = pretrained.prepare(cfg) if cfg.model.init_from else None
     backend, backend_line = open_backend(cfg, layout)
+    check_finetune(cfg, backend)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
     log.info(backend_line)
@@ -187,6 +195,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     check_overrides(saved_cfg, cfg)
     cfg.validate()
     backend, backend_line = open_backend(cfg, layout)
+    check_finetune(cfg, backend)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
     log.info(backend_line)
@@ -223,7 +232,8 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     start = Start(
         cfg=cfg, model_name=name, run=next_run_number(run_file.runs), schedule=state.plan.schedule, order=order,
         step=state.step, epoch=state.epoch, cursor=state.cursor, tokens_seen=state.tokens_seen,
-        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss, cache_sequences=state.cache.total_sequences,
+        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss,
+        evals_since_best=state.evals_since_best, cache_sequences=state.cache.total_sequences,
         resumed_from=display_name(name, state.step, state.run), rng=state.rng, scaler=state.scaler,
         history=run_file.runs,
     )

@@ -7,6 +7,7 @@ when the hub is out of reach it fails at once (engine.cache.hub) instead of retr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import asdict
@@ -92,6 +93,17 @@ def resolve(source: str) -> Path:
     except (HfHubHTTPError, OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot fetch model {source!r} from the hub: {shown(first, 200)}") from None
+
+
+def check_method(method: str, device: str) -> None:
+    """QLoRA's quantized base is a bitsandbytes CUDA kernel: refuse it before any work elsewhere."""
+    if method != "qlora":
+        return
+    if device != "cuda":
+        raise UserError(f"model.method qlora needs a CUDA GPU: bitsandbytes quantizes the base on CUDA only "
+                        f"(this run is on {device}); use --method lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("model.method qlora needs bitsandbytes: pip install -e '.[qlora]'")
 
 
 def weights_hash(folder: Path) -> str:

@@ -148,7 +148,7 @@ class Error(Event):
 class Finished(Event):
     kind: ClassVar[str] = "finished"
     step: int
-    reason: Literal["completed", "stopped", "error"]
+    reason: Literal["completed", "stopped", "early_stopped", "error"]
     final_loss: float | None = None
     checkpoint: str | None = None
 

@@ -69,6 +69,7 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    fine_tunes: ClassVar[bool] = False  # loads pretrained models and LoRA adapters (build_pretrained)
     device: str  # what it trains on, as `info` reports it (cpu, cuda, mps, gpu)
     precision: str  # fp32, bf16 or fp16
     dist: Dist
@@ -87,8 +88,9 @@ class Backend(ABC):
     def build_pretrained(self, folder: Path, model: ModelConfig, train: TrainConfig,
                          base: dict[str, Any] | None = None) -> None:
         """The pretrained model in `folder` (any causal LM), trained whole (model.method full) or
-        through a fresh LoRA adapter; `base` is the base record an adapter checkpoint carries."""
-        raise UserError(f"the {self.name} backend trains from scratch only; fine-tune with --backend torch")
+        through a fresh LoRA adapter; `base` is the base record an adapter checkpoint carries. Only
+        backends with `fine_tunes` implement it (engine.assemble refuses the others first)."""
+        raise NotImplementedError
 
     @property
     @abstractmethod

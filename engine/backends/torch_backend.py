@@ -26,7 +26,7 @@ from engine.backends.base import (
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
 from engine.backends.torch_finetune import (
-    adapter_config, base_model, check_method, enable_checkpointing, load_finetune_model,
+    adapter_config, base_model, enable_checkpointing, load_finetune_model,
     n_trainable, trainable_tensors,
 )
 from engine.backends.torch_model import autocast, build_model, count_params, hf_config, lm_loss, param_groups
@@ -112,6 +112,7 @@ def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn
 
 class TorchBackend(Backend):
     name = "torch"
+    fine_tunes = True
 
     def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
         self.device = pick_device(cfg.train.device)
@@ -129,7 +130,6 @@ class TorchBackend(Backend):
 
     def build_pretrained(self, folder: Path, model: ModelConfig, train: TrainConfig,
                          base: dict[str, Any] | None = None) -> None:
-        check_method(model.method, self.device)
         net = load_finetune_model(folder, model, train, self.precision, self.torch_device)
         if model.adapter:
             assert base is not None, "an adapter run records its base"

@@ -7,7 +7,6 @@ turns them into peft's saved layout (adapter_model.safetensors) or merges them i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from dataclasses import replace
@@ -25,17 +24,6 @@ from engine.pretrained import lora_targets, read_model_json
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"  # peft's name for the one adapter; it appears in live parameter names only
-
-
-def check_method(method: str, device: str) -> None:
-    """QLoRA's quantized base is a bitsandbytes CUDA kernel: refuse it up front anywhere else."""
-    if method != "qlora":
-        return
-    if device != "cuda":
-        raise UserError(f"model.method qlora needs a CUDA GPU: bitsandbytes quantizes the base on CUDA only "
-                        f"(this run is on {device}); use --method lora")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("model.method qlora needs bitsandbytes: pip install -e '.[qlora]'")
 
 
 def base_dtype(m: ModelConfig, precision: str) -> torch.dtype:

@@ -116,6 +116,8 @@ def _status(e: catalog.CheckpointEntry) -> str:
     if not e.valid:
         return f"invalid: {e.reason}"
     tags = ["latest"] if e.is_latest else []
+    if e.is_best:
+        tags.append("best")
     if e.running:
         tags.append("running")
     return ", ".join(tags) or "valid"
