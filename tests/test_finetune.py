@@ -49,7 +49,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def config(root: Path, name: str, model: Path | str, **fields: Any) -> RunConfig:
     train = {"precision": "fp32", "device": "cpu", "backend": "torch", "micro_batch": 4, "max_steps": 12,
              "log_interval": 1, "seed": 3, "eval_interval": 1000, "save_interval": 1000, "warmup_steps": 0}
-    model_fields = {k: fields.pop(k) for k in list(fields) if k in ("method", "lora_rank", "lora_targets")}
+    model_fields = {k: fields.pop(k) for k in list(fields) if k in ("method", "lora_dropout")}
     train.update(fields)
     return RunConfig.from_dict({
         "name": name, "model": {"init_from": str(model), **model_fields},
@@ -199,13 +199,14 @@ def test_early_stop_keeps_and_labels_the_best_checkpoint(root: Path, models: dic
 
 
 def test_kill_and_resume_a_lora_run_is_exact(root: Path, models: dict[str, Path]) -> None:
-    flags = ["--init-from", str(models["llama"]), "--method", "lora", "--source", str(root / "docs.jsonl"),
-             "--dataset-name", "docs-llama", "--seq-len", "32", "--docs-per-chunk", "40", "--precision", "fp32",
-             "--device", "cpu", "--backend", "torch", "--micro-batch", "4", "--max-steps", "16", "--lr", "1e-2",
-             "--lora-dropout", "0.1", "--log-interval", "1", "--save-interval", "4", "--seed", "5"]
-    done = run_engine(root, "train", "--name", "whole", *flags)
-    assert done.returncode == 0, done.stderr
+    """The uninterrupted reference trains here (one thread, as the engines); the cut run is killed."""
+    fields = {"method": "lora", "lr": 1e-2, "lora_dropout": 0.1, "max_steps": 16, "save_interval": 4, "seed": 5}
+    train(root, config(root, "whole", models["llama"], **fields))
     reference = step_losses(read_log(root, "whole", 1))
+    cfg = config(root, "cut", models["llama"], **fields).to_dict()
+    flags = [f"--{key.replace('_', '-')}={value}" for section in ("model", "data", "train")
+             for key, value in cfg[section].items() if value is not None and value != getattr(
+                 RunConfig(), section).__dict__[key]]
     proc = start_engine(root, "train", "--name", "cut", *flags)
     saved = wait_event(proc, lambda e: e["event"] == "checkpoint_saved" and e["step"] >= 4)
     os.kill(proc.pid, signal.SIGKILL)
