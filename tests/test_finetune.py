@@ -23,6 +23,7 @@ from engine.catalog import list_checkpoints
 from engine.checkpoint import export_hf
 from engine.config import RunConfig
 from engine.errors import UserError
+from engine.inference import load
 from engine.paths import Layout
 from engine.train import Options
 from pretrained_support import save_tiny_pretrained
@@ -110,7 +111,9 @@ def test_merged_export_equals_base_plus_adapter(root: Path, models: dict[str, Pa
         with_adapter = PeftModel.from_pretrained(base, str(adapter))(input_ids=ids).logits
         folded = AutoModelForCausalLM.from_pretrained(str(merged))(input_ids=ids).logits
         trained = lora_run.backend.net.eval()(input_ids=ids).logits  # eval: no LoRA dropout
+        used = load(Layout(root), "lora_checkpoint_20_run_1", device="cpu").model(input_ids=ids).logits  # generate, chat
     assert not torch.allclose(plain, with_adapter, atol=1e-3), "the adapter changed nothing"
+    torch.testing.assert_close(used, with_adapter, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(with_adapter, trained, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(folded, with_adapter, atol=1e-5, rtol=1e-5)
     if has_mlx_lm():

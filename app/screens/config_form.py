@@ -232,6 +232,13 @@ class ConfigFormScreen(Screen[None]):
             data["data"]["subset"] = None
         return RunConfig.from_dict(data).validate()
 
+    def _refuse(self, message: str) -> None:
+        """The reason under the form, scrolled into view: the form is taller than a small terminal."""
+        status = self.query_one("#form-status", Static)
+        status.update(f"✗ {message}")
+        status.set_classes("status bad")
+        self.call_after_refresh(status.scroll_visible, animate=False)  # once the new text has its height
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
         self.action_submit()
@@ -243,19 +250,17 @@ class ConfigFormScreen(Screen[None]):
             self.app.pop_screen()
 
     def action_submit(self) -> None:
-        status = self.query_one("#form-status", Static)
         try:
             cfg = self.collect()
         except UserError as e:
-            status.update(f"✗ {e}")
-            status.set_classes("status bad")
+            self._refuse(str(e))
             return
         try:
             path = save_config(self.app.layout, cfg)
         except OSError as e:
-            status.update(f"✗ cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}")
-            status.set_classes("status bad")
+            self._refuse(f"cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}")
             return
+        status = self.query_one("#form-status", Static)
         status.update(f"Saved {path}")
         status.set_classes("status ok")
         self.app.open_cache_for_new(cfg, path)

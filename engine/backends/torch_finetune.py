@@ -162,14 +162,24 @@ def export_adapter(checkpoint: Path, out: Path) -> None:
     copy_tokenizer(checkpoint, out)
 
 
-def export_merged(checkpoint: Path, out: Path) -> None:
-    """The base's architecture with the adapter folded into its weights: a plain HF model folder."""
-    from engine.checkpoint import copy_tokenizer
+def merged_model(checkpoint: Path) -> torch.nn.Module | None:
+    """An adapter checkpoint as one plain model of the base's architecture (the adapter folded into
+    its weights, fp32 on the CPU); None for a checkpoint that holds a whole model."""
     from engine.pretrained import read_base_record
 
     record = read_base_record(checkpoint)
-    assert record is not None
+    if record is None:
+        return None
     merged = adapter_model(checkpoint, record).merge_and_unload()
     merged.config.use_cache = True
+    return merged
+
+
+def export_merged(checkpoint: Path, out: Path) -> None:
+    """The base's architecture with the adapter folded into its weights: a plain HF model folder."""
+    from engine.checkpoint import copy_tokenizer
+
+    merged = merged_model(checkpoint)
+    assert merged is not None
     merged.save_pretrained(str(out))
     copy_tokenizer(checkpoint, out)
