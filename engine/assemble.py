@@ -17,7 +17,7 @@ from engine.backends.base import Backend
 from engine.catalog import DISPLAY_RE, display_name
 from engine.checkpoint import Checkpointer
 from engine import pretrained
-from engine.config import RunConfig, default_lr
+from engine.config import RunConfig
 from engine.data import DataOrder, check_resume_cache, rows_in_budget
 from engine.errors import UserError
 from engine.model_config import llama_config, read_config_json
@@ -111,8 +111,6 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     cfg.validate()
     if cfg.name:
         validate_new_name(cfg.name, layout)  # now, not after a whole cache was built for it
-    if cfg.train.lr is None:
-        cfg.train.lr = default_lr(cfg.model)
     folder = pretrained.prepare(cfg) if cfg.model.init_from else None
     backend, backend_line = open_backend(cfg, layout)
     check_finetune(cfg, backend)
@@ -150,7 +148,8 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
 RESUMABLE = {
     "train": {"max_steps", "max_tokens", "epochs", "epoch_fraction", "save_interval", "keep_last", "log_interval",
               "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
-              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend"},
+              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend",
+              "early_stop_patience"},
     "data": {"cache"},
 }
 

@@ -82,7 +82,7 @@ class DataConfig:
 class TrainConfig:
     micro_batch: int = 8
     grad_accum: int = 1
-    lr: float | None = None  # None: DEFAULT_LR for the run's start (scratch, full, lora, qlora)
+    lr: float = 1e-3  # a new fine-tune that does not set it gets DEFAULT_LR for its method (with_default_lr)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -195,7 +195,7 @@ class RunConfig:
             v = getattr(t, key)
             _require(v >= 1, f"train.{key} must be a positive integer, got {v}")
         _require(t.keep_last >= 2, f"train.keep_last must be at least 2, got {t.keep_last}")
-        _require(t.lr is None or t.lr > 0, f"train.lr must be a positive number, got {t.lr}")
+        _require(t.lr > 0, f"train.lr must be a positive number, got {t.lr}")
         _require(t.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)")
         _require(t.early_stop_patience == 0 or d.eval_chunks > 0,
                  "train.early_stop_patience needs eval data: set data.eval_chunks to 1 or more")
@@ -225,6 +225,14 @@ class RunConfig:
 
 def default_lr(m: ModelConfig) -> float:
     return DEFAULT_LR[m.method if m.init_from else "scratch"]
+
+
+def with_default_lr(cfg: RunConfig, given: set[str]) -> RunConfig:
+    """A new run whose LR nobody gave (`given`: given_fields) trains at its start's default, so a
+    fine-tune never starts at the from-scratch LR that would wreck what the model knows."""
+    if "train.lr" not in given:
+        cfg.train.lr = default_lr(cfg.model)
+    return cfg
 
 
 def check_model(m: ModelConfig, d: DataConfig) -> None:
@@ -394,6 +402,15 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 # --- CLI flags mirror the field names -------------------------------------------------------------
 
 
+FLAG_HELP = {
+    "lr": "peak LR; default: " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()),
+    "init_from": "fine-tune this pretrained model (a folder or hub name); its own config and tokenizer apply",
+    "method": f"with --init-from: {', '.join(METHODS)} (qlora: a 4/8-bit base, CUDA only); default: full",
+    "lora_targets": "comma-separated module names; default: every attention and MLP projection",
+    "early_stop_patience": "stop after N evals without a lower eval loss; default: 0 (never)",
+}
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
@@ -406,7 +423,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             typ = _field_kind(cls, f.name)[0]
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            help_text = f"default: {default}"
+            help_text = FLAG_HELP.get(f.name, f"default: {default}")
             if typ is bool:
                 group.add_argument(flag_name(f.name), dest=f"cfg_{section}_{f.name}", default=None,
                                    action=argparse.BooleanOptionalAction, help=help_text)
@@ -431,7 +448,7 @@ def apply_config_flags(cfg: RunConfig, ns: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def given_fields(raw: dict[str, Any], ns: argparse.Namespace) -> set[str]:
+def given_fields(raw: dict[str, Any], ns: argparse.Namespace | None = None) -> set[str]:
     """'section.key' for every field the user set, in the config file (`raw`, as RunConfig.read
     returns it) or as a flag: the values a command may not silently replace."""
     data = _unwrap(raw) if raw else {}

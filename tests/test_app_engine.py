@@ -372,8 +372,10 @@ async def test_fine_tune_a_pretrained_folder_with_lora_from_the_form(layout: Lay
         form.query_one("#start-kind", Select).value = "pretrained"
         await wait_for(pilot, lambda: not form.query_one("#f-model-init_from", Input).disabled)
         assert form.query_one("#f-model-preset", Select).disabled and form.query_one("#f-model-lora_rank", Input).disabled
+        assert form.query_one("#f-train-lr", Input).value == "2e-05"  # the full fine-tune default
         form.query_one("#f-model-method", Select).value = "lora"
         await wait_for(pilot, lambda: not form.query_one("#f-model-lora_rank", Input).disabled)
+        assert form.query_one("#f-train-lr", Input).value == "0.0002"
         await pilot.click("#f-model-init_from")
         await pilot.press(*str(model), "enter")
         await wait_for(pilot, lambda: isinstance(app.screen, CacheScreen), what="the cache screen")

@@ -69,7 +69,7 @@ def test_hash_ignores_the_name_only() -> None:
         ({"train": {"lr": float("inf")}}, "train.lr must be a finite number, got inf"),
         ({"train": {"weight_decay": float("nan")}}, "train.weight_decay must be a finite number, got nan"),
         ({"data": {"seq_len": None}}, "data.seq_len is required, got none"),
-        ({"train": {"weight_decay": None}}, "train.weight_decay is required, got none"),  # lr: None is its default
+        ({"train": {"lr": None}}, "train.lr is required, got none"),
         ({"train": {"max_steps": "1e400"}}, "train.max_steps: '1e400' is out of range"),
         ({"train": {"max_steps": 10**400}}, "train.max_steps <an integer of about 401 digits> is unreasonably large"),
         ({"train": {"micro_batch": 10**20}}, "train.micro_batch 100,000,000,000,000,000,000 is unreasonably large"),

@@ -21,7 +21,7 @@ import torch
 from engine.assemble import new_run, resume_run
 from engine.catalog import list_checkpoints
 from engine.checkpoint import export_hf
-from engine.config import RunConfig
+from engine.config import RunConfig, with_default_lr
 from engine.errors import UserError
 from engine.inference import load
 from engine.paths import Layout
@@ -150,8 +150,8 @@ def test_gpt2_lora_with_checkpointing_and_llama_full_fine_tune_train(root: Path,
     assert {k.split(".")[-4] for k in saved} == {"c_attn", "c_proj", "c_fc"}  # ...c_attn.lora_A.default.weight
 
     cfg = config(root, "full", models["llama"], grad_checkpointing=True)
+    assert with_default_lr(cfg, set()).train.lr == 2e-5  # the CLI's and the API's default for a full fine-tune
     trainer = train(root, cfg)
-    assert cfg.train.lr == 2e-5  # the full fine-tune default
     assert trainer.backend.n_trainable == trainer.backend.n_params
     from transformers import AutoModelForCausalLM
 

@@ -18,7 +18,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
 from app.draft import UNKNOWN_VOCAB, save_config, vocab_guess
-from engine.config import PRECISIONS, SCHEDULES, RunConfig
+from engine.config import DEFAULT_LR, PRECISIONS, SCHEDULES, RunConfig
 from engine.errors import UserError
 from engine.presets import PRESETS
 
@@ -52,7 +52,7 @@ DATA_FIELDS = (
 TRAIN_FIELDS = (
     FieldSpec("train", "micro_batch", "Micro-batch", "integer"),
     FieldSpec("train", "grad_accum", "Grad accumulation", "integer"),
-    FieldSpec("train", "lr", "Learning rate", "number", True, "blank = 1e-3 new, 2e-5 full FT, 2e-4 LoRA"),
+    FieldSpec("train", "lr", "Learning rate", "number"),
     FieldSpec("train", "warmup_ratio", "Warmup ratio", "number"),
     FieldSpec("train", "estimated_total_sequences", "Full dataset (seqs)", "integer", True,
               "blank = this cache; for smart warmup, the full size"),
@@ -179,6 +179,18 @@ class ConfigFormScreen(Screen[None]):
         self.query_one("#f-data-tokenizer", Input).disabled = pretrained
         for spec in LORA_FIELDS:
             self.query_one(f"#{spec.id}", Input).disabled = not adapter
+        self._follow_default_lr(str(self.query_one("#f-model-method", Select).value) if pretrained else "scratch")
+
+    def _follow_default_lr(self, start: str) -> None:
+        """An LR still at some start's default moves to this start's (a full fine-tune at the
+        from-scratch LR would wreck the model); one the user typed stays."""
+        lr = self.query_one("#f-train-lr", Input)
+        try:
+            current = float(lr.value)
+        except ValueError:
+            return
+        if current in DEFAULT_LR.values() and current != DEFAULT_LR[start]:
+            lr.value = f"{DEFAULT_LR[start]:g}"
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "f-data-tokenizer":
