@@ -132,7 +132,8 @@ def create_app(layout: Layout, token: str | None = None) -> FastAPI:
     @app.post("/api/runs", status_code=202)
     def start(config: dict[str, Any] = Body(..., description="a run config: name, model, data, train")) -> dict[str, Any]:
         """Start a training from a config, as `packtrain-engine train --config` would."""
-        cfg = with_default_lr(RunConfig.from_dict(config), given_fields(config)).validate()
+        cfg = RunConfig.from_dict(config)
+        cfg = with_default_lr(cfg, given_fields(config)).validate()
         if not cfg.name:
             raise ApiError(400, "the config needs a name: the model's folder and the run log are named after it")
         refuse_if_busy(layout, cfg.name)

@@ -114,8 +114,9 @@ def check_cache_agrees(data: DataConfig, given: set[str]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     raw = RunConfig.read(args.config) if args.config else {}
     # Every refusal that needs no cache comes before the framework import and before anything is written.
+    cfg = apply_config_flags(RunConfig.from_dict(raw), args)  # refuses a malformed file before it is read further
     given = given_fields(raw, args)
-    cfg = with_default_lr(apply_config_flags(RunConfig.from_dict(raw), args), given).validate()
+    cfg = with_default_lr(cfg, given).validate()
     check_cache_agrees(cfg.data, given)
     _check_common(args)
     from engine.assemble import new_run, run_to_end
