@@ -223,3 +223,15 @@ def test_kill_and_resume_a_lora_run_is_exact(root: Path, models: dict[str, Path]
     assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
     a, b = (weights(root / "checkpoints" / n / "checkpoint_000016") for n in ("whole", "cut"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_lora_on_instruction_data_lowers_the_response_loss(root: Path, models: dict[str, Path]) -> None:
+    source = root / "pr.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"the cat sat on mat {i} and ", "response": "the dog ran far away."})
+                              + "\n" for i in range(160)), encoding="utf-8")
+    cfg = config(root, "instruct", models["llama"], method="lora", lr=2e-2, eval_interval=6, max_steps=12)
+    cfg.data.source, cfg.data.dataset_name = str(source), "pr-llama"
+    trainer = train(root, cfg)
+    assert trainer.cache.record_format == "prompt_response"
+    evals = [e["loss"] for e in read_log(root, "instruct", 1) if e["event"] == "eval"]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.1, evals
