@@ -369,6 +369,8 @@ async def test_bad_cache_chunk_is_named_and_repaired(layout: Layout, tmp_path: P
 async def test_fine_tune_a_pretrained_folder_with_lora_from_the_form(layout: Layout, tmp_path: Path) -> None:
     from textual.widgets import Input, Select
 
+    from app.formatting import format_params
+    from app.screens.dashboard import plan_text
     from pretrained_support import save_tiny_pretrained
 
     model = save_tiny_pretrained(tmp_path / "pretrained", "llama")
@@ -395,5 +397,8 @@ async def test_fine_tune_a_pretrained_folder_with_lora_from_the_form(layout: Lay
         await wait_for(pilot, lambda: "Cache ready" in screen_text(app), 60, "the cache build")
         await pilot.press("enter")
         await wait_for(pilot, lambda: "Finished (completed) at step 6" in screen_text(app), 120, "the end")
-        assert "Train 16.4K of 56.2K params" in screen_text(app)
+        plan = app.screen.state.plan
+        assert plan is not None and 0 < plan.n_trainable < plan.n_params
+        assert (f"Train {format_params(plan.n_trainable)} of {format_params(plan.n_params)} params"
+                in plan_text(app.screen.state))
     assert (layout.model_dir("ft_run") / "checkpoint_000006" / "base_model.json").is_file()
