@@ -10,24 +10,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from engine.errors import UserError, shown
 from engine.llama_json import META_KEYS
 
 
-def hf_config(fields: Mapping[str, Any]) -> LlamaConfig:
+def hf_config(fields: Mapping[str, Any]) -> PretrainedConfig:
     """A LlamaConfig from config.json fields (engine.model_config.llama_config's, or a checkpoint's)."""
     kwargs = {k: v for k, v in fields.items() if k not in META_KEYS}
+    model_type = fields.get("model_type", "llama")
     try:
-        config = LlamaConfig(**kwargs)
+        # another architecture: a fine-tuned pretrained model's checkpoint (engine.backends.torch_finetune)
+        config = LlamaConfig(**kwargs) if model_type == "llama" else AutoConfig.for_model(model_type, **kwargs)
     except Exception as e:  # noqa: BLE001 - strict-dataclass, Key and Attribute errors for the keys we do not check
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
         raise UserError(f"invalid model config: {shown(first, 200)}") from None
     return finish_config(config)
 
 
-def finish_config(config: LlamaConfig) -> LlamaConfig:
+def finish_config(config: PretrainedConfig) -> PretrainedConfig:
     """Training settings that are not part of the shape: SDPA attention, no KV cache. (The
     tokenizer's special ids arrive in the fields: engine.model_config.llama_config.)"""
     config._attn_implementation = "sdpa"
@@ -35,10 +37,10 @@ def finish_config(config: LlamaConfig) -> LlamaConfig:
     return config
 
 
-def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+def build_model(config: PretrainedConfig, seed: int) -> torch.nn.Module:
     """Random init that depends only on the seed (the global torch RNG is reseeded here)."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config) if isinstance(config, LlamaConfig) else AutoModelForCausalLM.from_config(config)
 
 
 def count_params(model: torch.nn.Module) -> int:
