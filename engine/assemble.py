@@ -44,7 +44,16 @@ def open_backend(cfg: RunConfig, layout: Layout) -> tuple[Backend, str]:
     """The framework this run trains with on this machine, and a log line saying which and why."""
     choice = choose(cfg.train.backend)
     backend = load(choice.name)(cfg, layout)
-    return backend, f"Backend: {choice.name} on {backend.device}, {backend.precision} ({choice.reason})"
+    sharded = ""
+    if cfg.train.parallel == "fsdp":  # refused before any cache or model work
+        if not backend.shards:
+            raise UserError(f"the {backend.name} backend does not shard models (train.parallel fsdp); "
+                            "use --backend torch under torchrun, or --parallel ddp")
+        if not backend.dist.enabled:
+            raise UserError("train.parallel fsdp shards the model across processes: start 2 or more with "
+                            "torchrun, or train with --parallel ddp")
+        sharded = f", FSDP over {backend.dist.world_size} processes"
+    return backend, f"Backend: {choice.name} on {backend.device}, {backend.precision}{sharded} ({choice.reason})"
 
 
 def check_finetune(cfg: RunConfig, backend: Backend) -> None:
@@ -151,7 +160,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
 RESUMABLE = {
     "train": {"max_steps", "max_tokens", "epochs", "epoch_fraction", "save_interval", "keep_last", "log_interval",
               "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
-              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend",
+              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend", "parallel",
               "sample_every", "sample_prompt", "sample_tokens", "sample_temperature", "tracker",
               "early_stop_patience"},
     "data": {"cache"},

@@ -34,6 +34,7 @@ QUANT_BITS = (4, 8)  # qlora's base, through bitsandbytes on CUDA
 # adapted, and a full fine-tune at a scratch LR forgets what it knew; an adapter starts at zero and
 # moves only its low-rank delta, so it takes a LoRA paper's LR.
 DEFAULT_LR = {"scratch": 1e-3, "full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+PARALLELS = ("ddp", "fsdp")  # under torchrun: every rank holds the whole model, or a shard of it (FSDP2)
 BACKENDS = ("auto", "torch", "mlx")  # auto: mlx on Apple Silicon when mlx-lm is installed, else torch
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": None}  # sink -> the package (and extra) it needs
 SECTIONS = ("model", "data", "train")
@@ -102,6 +103,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     backend: str = "auto"
+    parallel: str = "ddp"  # how torchrun's processes split the model: ddp or fsdp (engine.backends.torch_fsdp)
     compile: bool = False
     grad_checkpointing: bool = False
     seed: int = 1
@@ -222,6 +224,7 @@ class RunConfig:
         _require(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {shown(t.precision)}")
         _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {shown(t.device)}")
         _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {shown(t.backend)}")
+        check_parallel(m, t)
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
         _require(t.sample_every >= 0, f"train.sample_every must be >= 0 (0 disables), got {t.sample_every}")
         _require(t.sample_tokens is None or t.sample_tokens >= 1,
@@ -269,6 +272,17 @@ def check_model(m: ModelConfig, d: DataConfig) -> None:
     from engine.pretrained import check_local_model
 
     check_local_model(m.init_from, d.seq_len)
+
+
+def check_parallel(m: ModelConfig, t: TrainConfig) -> None:
+    """What sharding cannot do, from the config alone; the process count is the backend's to check."""
+    _require(t.parallel in PARALLELS, f"train.parallel must be one of {', '.join(PARALLELS)}, got {shown(t.parallel)}")
+    if t.parallel != "fsdp":
+        return
+    _require(not m.adapter, f"train.parallel fsdp shards a full fine-tune or a model from scratch; a {m.method} "
+                            "adapter is small: train it with --parallel ddp")
+    _require(t.sample_every == 0, "train.sample_every does not work with train.parallel fsdp: rank 0 samples alone, "
+                                  "and a sharded model needs every rank; leave --sample-every out")
 
 
 def check_data(d: DataConfig, where: str = "data.") -> None:
@@ -434,6 +448,7 @@ FLAG_HELP = {
     "init_from": "fine-tune this pretrained model (a folder or hub name); its own config and tokenizer apply",
     "method": f"with --init-from: {', '.join(METHODS)} (qlora: a 4/8-bit base, CUDA only); default: full",
     "lora_targets": "comma-separated module names; default: every attention and MLP projection",
+    "parallel": f"under torchrun: {' or '.join(PARALLELS)} (fsdp shards weights, grads and AdamW state); default: ddp",
     "early_stop_patience": "stop after N evals without a lower eval loss; default: 0 (never)",
 }
 

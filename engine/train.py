@@ -195,10 +195,13 @@ class Trainer:
             return
         self.saved_at_step = self.s.step
         loss = self.loss_now()
-        if not self.dist.is_main:
+        with self.backend.full_state():  # every rank: a sharded model gathers onto rank 0, which alone writes
+            saved = self.ckpt.save(step=self.s.step, backend=self.backend, trainer_state=self.trainer_state(loss).to_dict(),
+                                   tokenizer_dir=self.cache.tokenizer_dir,
+                                   eval_loss=self.eval_at(self.s.step)) if self.dist.is_main else None
+        self.backend.barrier()
+        if saved is None:
             return
-        saved = self.ckpt.save(step=self.s.step, backend=self.backend, trainer_state=self.trainer_state(loss).to_dict(),
-                               tokenizer_dir=self.cache.tokenizer_dir, eval_loss=self.eval_at(self.s.step))
         self.last_checkpoint = saved.display_name
         self.log.emit(P.CheckpointSaved(step=self.s.step, path=str(saved.path), display_name=saved.display_name,
                                         loss=loss, seconds=saved.seconds, bytes=saved.bytes))
@@ -210,12 +213,17 @@ class Trainer:
             return None
         mine = ids[self.dist.rank::self.dist.world_size]
         total, count = 0.0, 0
-        for i in range(0, len(mine), self.t.micro_batch):
+        # Every rank runs as many forwards (a sharded model's are collectives); a rank out of rows
+        # repeats one with weight 0.
+        for i in range(0, -(-len(ids) // self.dist.world_size), self.t.micro_batch):
             part = mine[i:i + self.t.micro_batch]
-            rows, flags = read_sequences(self.cache, part), read_flags(self.cache, part)
-            weight = len(rows) if flags is None else trained_tokens(flags)  # a mean over trained targets
-            total += self.backend.eval_loss(rows, flags) * weight
-            count += weight
+            read = part if len(part) else ids[:1]
+            rows, flags = read_sequences(self.cache, read), read_flags(self.cache, read)
+            loss = self.backend.eval_loss(rows, flags)
+            if len(part):
+                weight = len(rows) if flags is None else trained_tokens(flags)  # a mean over trained targets
+                total += loss * weight
+                count += weight
         total, count = self.backend.all_reduce_sum([total, float(count)])
         loss = total / max(count, 1.0)
         self.last_eval = (self.s.step, loss)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,6 +71,7 @@ class Backend(ABC):
 
     name: ClassVar[str]
     fine_tunes: ClassVar[bool] = False  # loads pretrained models and LoRA adapters (build_pretrained)
+    shards: ClassVar[bool] = False  # shards the model across torchrun's ranks (train.parallel fsdp)
     device: str  # what it trains on, as `info` reports it (cpu, cuda, mps, gpu)
     precision: str  # fp32, bf16 or fp16
     dist: Dist
@@ -146,6 +147,11 @@ class Backend(ABC):
                         "train with --backend torch, or leave --sample-every out")
 
     # --- named tensors ------------------------------------------------------------------------
+    def full_state(self) -> AbstractContextManager[None]:
+        """Every rank enters this around a save; rank 0 calls weights() and optimizer_state() inside.
+        A sharded model gathers its whole state onto rank 0 here, a collective no rank may skip."""
+        return nullcontext()
+
     @abstractmethod
     def weights(self) -> dict[str, Tensor]:
         """Parameters under HF names; tied weights once, under the embedding's name."""

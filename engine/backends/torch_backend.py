@@ -1,4 +1,4 @@
-"""The torch backend: transformers' LlamaForCausalLM, torch AdamW, autocast, DDP under torchrun.
+"""The torch backend: transformers' LlamaForCausalLM, torch AdamW, autocast, DDP or FSDP2 under torchrun.
 
 Per step the host hands over numpy rows and gets back device scalars: loss and grad norm stay on
 the device until the loop asks for them on a log step (to_host), so a step never waits for the GPU.
@@ -7,11 +7,13 @@ the device until the loop asks for them on a log step (to_host), so a step never
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,10 @@ from engine.backends.torch_finetune import (
 )
 from engine.backends.torch_model import (autocast, build_model, count_params, hf_config, lm_loss, masked_nll,
                                          param_groups)
-from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
+from engine.backends.torch_state import (
+    flatten_optimizer, hf_state_dict, load_optimizer, named_optimizer_state, param_names, restored_optimizer_state, unwrap,
+    weight_shapes,
+)
 from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
@@ -116,6 +121,7 @@ class TorchBackend(Backend):
     name = "torch"
     trains_flags = True
     fine_tunes = True
+    shards = True
 
     def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
         self.device = pick_device(cfg.train.device)
@@ -126,25 +132,42 @@ class TorchBackend(Backend):
         self.torch_device = D.device(self.dist, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.adapter_files: dict[str, str] = {}  # written beside an adapter run's weights
+        # train.parallel fsdp: engine.backends.torch_fsdp, imported only then (torch.distributed.checkpoint is slow to import)
+        self.fsdp: ModuleType | None = None
+        if cfg.train.parallel == "fsdp" and self.dist.enabled:
+            if self.precision == "fp16":
+                raise UserError("train.parallel fsdp trains in bf16 or fp32 (fp16's loss scaling is not wired to "
+                                "sharded gradients): pass --precision bf16 or fp32")
+            self.fsdp = importlib.import_module("engine.backends.torch_fsdp")
+        self.shapes: dict[str, tuple[int, ...]] = {}  # a sharded model's, taken before sharding
+        self.gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # inside full_state()
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
-        model = prepare_model(hf_config(config), train, self.torch_device)
+        model = self.shard(prepare_model(hf_config(config), train, self.torch_device))
         self.adopt(model, make_optimizer(model, train, self.device), compile=train.compile)
 
     def build_pretrained(self, folder: Path, model: ModelConfig, train: TrainConfig,
                          base: dict[str, Any] | None = None) -> None:
-        net = load_finetune_model(folder, model, train, self.precision, self.torch_device)
+        net = self.shard(load_finetune_model(folder, model, train, self.precision, self.torch_device))
         if model.adapter:
             assert base is not None, "an adapter run records its base"
             record = {**base, "adapter_config": adapter_config(net, model.init_from or str(folder))}
             self.adapter_files = {BASE_FILE: json.dumps(record, indent=2, sort_keys=True) + "\n"}
         self.adopt(net, make_optimizer(net, train, self.device), compile=train.compile)
 
+    def shard(self, net: torch.nn.Module) -> torch.nn.Module:
+        """Under train.parallel fsdp, `net` sharded in place (before its optimizer is made, which
+        must hold the sharded parameters); otherwise `net` as it is."""
+        if self.fsdp is not None:
+            self.shapes = weight_shapes(net)
+            self.fsdp.shard(net, self.torch_device, self.precision)
+        return net
+
     def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, compile: bool = False) -> None:
-        """Train `model` with `optimizer` (DDP-wrapped under torchrun, compiled on request); without
-        an optimizer the backend only saves and loads weights."""
+        """Train `model` with `optimizer` (DDP-wrapped under torchrun unless sharded, compiled on
+        request); without an optimizer the backend only saves and loads weights."""
         self.net, self.optimizer, self.model = unwrap(model), optimizer, model
-        if self.dist.enabled:
+        if self.dist.enabled and self.fsdp is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(model, device_ids=[self.dist.local_rank] if self.device == "cuda" else None)
@@ -192,7 +215,10 @@ class TorchBackend(Backend):
         for k in range(grad_accum):
             sync = k == grad_accum - 1 or not self.dist.enabled
             part = slice(k * micro_batch, (k + 1) * micro_batch)
-            with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.torch_device, self.precision):
+            if self.fsdp is not None:
+                self.fsdp.set_gradient_sync(self.model, sync)
+            with (contextlib.nullcontext() if sync or self.fsdp else self.model.no_sync()), \
+                    autocast(self.torch_device, self.precision):
                 if flags is None:
                     loss = lm_loss(self.forward, batch[part]) / grad_accum
                 else:
@@ -206,6 +232,8 @@ class TorchBackend(Backend):
         elif want_norm:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if grad_norm is not None and self.fsdp is not None:
+            grad_norm = self.fsdp.local(grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -229,32 +257,59 @@ class TorchBackend(Backend):
                 return masked_nll(self.net, batch, positions, mask).item() / max(1, trained)
         finally:
             self.net.train()
+            if self.fsdp is not None:
+                self.fsdp.reshard(self.net)
 
     def to_host(self, values: list[Any]) -> list[float]:
         return torch.stack([v.detach().float() for v in values]).tolist() if values else []
 
     # --- named tensors ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def full_state(self) -> Any:
+        if self.fsdp is None:
+            yield
+            return
+        named = self.fsdp.gather_optimizer(self.net, self.optimizer) if self.optimizer is not None else None
+        self.gathered = (self.fsdp.gather_weights(self.net, self.shapes), flatten_optimizer(named) if named else ({}, {}))
+        try:
+            yield
+        finally:
+            self.gathered = None
+
     def weights(self) -> dict[str, torch.Tensor]:
+        if self.gathered is not None:
+            return self.gathered[0]
         if self.adapter_files:  # the adapter alone: the base is the pretrained folder's
             return {n: p.detach().cpu().contiguous() for n, p in trainable_tensors(self.net).items()}
         return hf_state_dict(self.net)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.shapes:
+            return self.shapes
         if self.adapter_files:
             return {n: tuple(p.shape) for n, p in trainable_tensors(self.net).items()}
         return weight_shapes(self.net)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self.fsdp is not None:
+            self.fsdp.load_weights(self.net, tensors)
+            return
         self.net.load_state_dict(dict(tensors), strict=False)  # tied copies share storage with what was loaded
 
     def optimizer_groups(self) -> list[list[str]]:
         return param_names(self.net, self.optimizer)
 
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return flatten_optimizer(self.net, self.optimizer)
+        if self.gathered is not None:
+            return self.gathered[1]
+        return flatten_optimizer(named_optimizer_state(self.net, self.optimizer))
 
     def load_optimizer_state(self, tensors: Mapping[str, Mapping[str, torch.Tensor]], saved: OptimizerState,
                              where: str) -> None:
+        if self.fsdp is not None:
+            self.fsdp.load_optimizer(self.net, self.optimizer,
+                                     restored_optimizer_state(tensors, saved, self.net, self.optimizer, where))
+            return
         load_optimizer(tensors, saved, self.net, self.optimizer, where)
 
     def save_tensors(self, tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

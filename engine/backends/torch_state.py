@@ -65,21 +65,30 @@ def param_names(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[
         raise ValueError("the optimizer holds parameters that are not the model's") from None
 
 
-def flatten_optimizer(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors `<param>/<key>` for safetensors, and JSON-safe {param_groups, scalars} for the state."""
+def named_optimizer_state(net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() keyed by parameter name, as torch.distributed.checkpoint's
+    get_optimizer_state_dict returns it: {"state": {name: {key: value}}, "param_groups": [{..., "params": [names]}]}."""
     sd = optimizer.state_dict()
-    group_names = param_names(net, optimizer)
+    state, groups = {}, []
+    for group, names in zip(sd["param_groups"], param_names(net, optimizer)):
+        state.update({name: sd["state"][index] for index, name in zip(group["params"], names) if index in sd["state"]})
+        groups.append({**group, "params": names})
+    return {"state": state, "param_groups": groups}
+
+
+def flatten_optimizer(named: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors `<param>/<key>` for safetensors, and JSON-safe {param_groups, scalars} for the state,
+    from the state by name (named_optimizer_state)."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    groups = []
-    for group, names in zip(sd["param_groups"], group_names):
-        for index, name in zip(group["params"], names):
-            for key, value in sd["state"].get(index, {}).items():
-                if torch.is_tensor(value):
-                    tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars.setdefault(name, {})[key] = _json_value(value)
-        groups.append({k: _json_value(v) for k, v in group.items() if k != "params"} | {"params": names})
+    for name, entry in named["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = _json_value(value)
+    groups = [{k: _json_value(v) for k, v in group.items() if k != "params"} | {"params": list(group["params"])}
+              for group in named["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -94,22 +103,31 @@ def _json_value(v: Any) -> Any:
 def load_optimizer(by_param: Mapping[str, Mapping[str, torch.Tensor]], saved: OptimizerState,
                    net: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str) -> None:
     """Restore state saved by flatten_optimizer (or another backend in the same layout), checked
-    against the live optimizer (engine.checkpoint.load_optimizer has checked names and shapes).
-    Groups are matched by position and parameters by name."""
+    against the live optimizer (engine.checkpoint.load_optimizer has checked names and shapes)."""
+    named = restored_optimizer_state(by_param, saved, net, optimizer, where)
+    index = {name: i for i, name in enumerate(name for group in named["param_groups"] for name in group["params"])}
+    optimizer.load_state_dict({
+        "state": {index[name]: entry for name, entry in named["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                         for group in named["param_groups"]]})
+
+
+def restored_optimizer_state(by_param: Mapping[str, Mapping[str, torch.Tensor]], saved: OptimizerState,
+                             net: torch.nn.Module, optimizer: torch.optim.Optimizer, where: str) -> dict[str, Any]:
+    """The saved state by parameter name (named_optimizer_state's layout) for the live optimizer:
+    groups are matched by position and parameters by name."""
     current = param_names(net, optimizer)
-    param_groups, index = [], 0
-    for i, (group, live) in enumerate(zip(saved.param_groups, optimizer.param_groups)):
+    param_groups = []
+    for i, (group, live, names) in enumerate(zip(saved.param_groups, optimizer.param_groups, current)):
         restored = _restored_group(group, live, optimizer, f"{where}: param group {i}")
-        restored["params"] = list(range(index, index + len(live["params"])))
-        index += len(live["params"])
-        param_groups.append(restored)
-    state: dict[int, dict[str, Any]] = {}
-    for index, name in enumerate(name for names in current for name in names):
+        param_groups.append({**restored, "params": names})
+    state: dict[str, dict[str, Any]] = {}
+    for name in (name for names in current for name in names):
         entry: dict[str, Any] = dict(by_param.get(name, {}))
         entry.update(saved.scalars.get(name, {}))
         if entry:
-            state[index] = entry
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+            state[name] = entry
+    return {"state": state, "param_groups": param_groups}
 
 
 def _restored_group(saved: dict[str, Any], live: dict[str, Any], optimizer: torch.optim.Optimizer,
