@@ -34,6 +34,7 @@ LONG = "a" * 300
 BOUNDED_FLOATS = {"min_lr_ratio", "beta1", "beta2", "warmup_ratio", "wsd_decay_ratio", "epoch_fraction"}
 BAD_STR = {  # values of string fields that are wrong for that field (plus "" and none below)
     "preset": ["huge"], "schedule": ["zigzag"], "precision": ["int3"], "device": ["tpu"], "backend": ["jax"],
+    "parallel": ["zero", "fsdp"],  # fsdp in one process: nothing to shard across
     "dataset_name": ["../x", "-rf", LONG, ".hidden", "a/b"], "tokenizer": ["bpe:abc", "bpe:-5", "bpe:1e400", "bpe:100"],
     "model_config": ["{cwd}/m/neg.json", "{cwd}/m/div.json", "{cwd}/m/inf.json", "{cwd}/m/word.json",
                      "{cwd}/m/syntax.json", "{cwd}/m/list.json", "{cwd}/m/kv.json", "{cwd}/m/odd.json",

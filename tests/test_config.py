@@ -191,3 +191,24 @@ def test_a_valid_model_config_json_passes_with_floats_made_floats(tmp_path) -> N
     kwargs = read_llama_json(str(path))
     assert kwargs["initializer_range"] == 0.0 and isinstance(kwargs["initializer_range"], float)
     assert "model_type" not in kwargs and "architectures" not in kwargs
+
+
+def test_fsdp_refusals_come_before_any_work(tmp_path) -> None:
+    from engine.assemble import open_backend
+    from engine.backends import has_mlx_lm
+    from engine.config import ModelConfig, TrainConfig, check_parallel
+    from engine.paths import Layout
+
+    with pytest.raises(UserError, match="train.parallel must be one of ddp, fsdp"):
+        RunConfig.from_dict({"train": {"parallel": "zero"}}).validate()
+    with pytest.raises(UserError, match="a lora adapter is small: train it with --parallel ddp"):
+        check_parallel(ModelConfig(init_from="folder", method="lora"), TrainConfig(parallel="fsdp"))
+    with pytest.raises(UserError, match="sample_every does not work with train.parallel fsdp"):
+        RunConfig.from_dict({"train": {"parallel": "fsdp", "sample_every": 5}}).validate()
+    check_parallel(ModelConfig(init_from="folder", method="full"), TrainConfig(parallel="fsdp"))  # a full fine-tune shards
+    # (one process is refused in tests/test_bad_input.py: `--parallel fsdp` there is one of its flags)
+    cfg = RunConfig.from_dict({"train": {"parallel": "fsdp", "backend": "mlx", "device": "cpu", "precision": "fp32"}})
+    if has_mlx_lm():
+        with pytest.raises(UserError, match="the mlx backend does not shard models"):
+            open_backend(cfg, Layout(tmp_path))
+    assert not any(tmp_path.iterdir())

@@ -4,12 +4,15 @@ split each global batch between them, and resume (on two processes or on one).""
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
+from safetensors.numpy import load_file
 
 from tests.train_support import (
     build_tiny_cache, data_flags, engine_env, read_log, read_trace, run_engine, step_losses, train_flags, write_corpus,
@@ -36,17 +39,30 @@ def torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:
-    corpus = write_corpus(tmp_path)
-    build_tiny_cache(tmp_path, corpus)
-    common = [*data_flags(corpus), "--max-steps", "12", "--save-interval", "6"]
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A root with the tiny cache, and the flags every run here shares."""
+    root = tmp_path_factory.mktemp("distributed")
+    corpus = write_corpus(root)
+    build_tiny_cache(root, corpus)
+    return root, [*data_flags(corpus), "--max-steps", "12", "--save-interval", "6"]
 
+
+@pytest.fixture(scope="module")
+def ddp_run(world: tuple[Path, list[str]]) -> Path:
+    """`two`: 12 steps on two gloo processes (DDP), traced, with checkpoints at 6 and 12."""
+    root, common = world
+    two = torchrun(root, "train", "--name", "two", *common, *train_flags(micro_batch=4, grad_accum=1),
+                   "--trace-data", str(root / "two.trace"))
+    assert two.returncode == 0, two.stderr + two.stdout
+    return root
+
+
+def test_two_processes_match_one_and_resume(world: tuple[Path, list[str]], ddp_run: Path) -> None:
+    tmp_path, common = world
     one = run_engine(tmp_path, "train", "--name", "one", *common, *train_flags(micro_batch=4, grad_accum=2),
                      "--trace-data", str(tmp_path / "one.trace"))
     assert one.returncode == 0, one.stderr
-    two = torchrun(tmp_path, "train", "--name", "two", *common, *train_flags(micro_batch=4, grad_accum=1),
-                   "--trace-data", str(tmp_path / "two.trace"))
-    assert two.returncode == 0, two.stderr + two.stdout
 
     single, double = step_losses(read_log(tmp_path, "one", 1)), step_losses(read_log(tmp_path, "two", 1))
     assert sorted(single) == sorted(double) == list(range(1, 13))
@@ -74,3 +90,40 @@ def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:
     for step in resumed_two:
         assert resumed_one[step] == pytest.approx(resumed_two[step], rel=2e-5, abs=2e-5)
     assert read_log(tmp_path, "one", 2)[0]["world_size"] == 2
+
+
+def step_norms(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["grad_norm"] for e in events if e["event"] == "step"}
+
+
+def test_fsdp_matches_ddp_and_its_checkpoint_resumes_in_one_process(world: tuple[Path, list[str]],
+                                                                    ddp_run: Path) -> None:
+    """FSDP2 on two gloo processes: the DDP run's losses and clipped grad norms, the same checkpoint
+    (full weights and AdamW state by name), and one process continues it as the DDP run went on."""
+    root, common = world
+    sharded = torchrun(root, "train", "--name", "sharded", *common, "--parallel", "fsdp",
+                       *train_flags(micro_batch=4, grad_accum=1))
+    assert sharded.returncode == 0, sharded.stderr + sharded.stdout
+    assert "FSDP over 2 processes" in sharded.stdout
+    fsdp_log, ddp_log = read_log(root, "sharded", 1), read_log(root, "two", 1)
+    fsdp_losses, ddp_losses = step_losses(fsdp_log), step_losses(ddp_log)
+    assert sorted(fsdp_losses) == list(range(1, 13))
+    for step, loss in fsdp_losses.items():
+        assert loss == pytest.approx(ddp_losses[step], rel=2e-5, abs=2e-5), step
+        assert step_norms(fsdp_log)[step] == pytest.approx(step_norms(ddp_log)[step], rel=1e-5), step
+    (fsdp_eval,), (ddp_eval,) = ([(e["step"], e["loss"]) for e in log if e["event"] == "eval"] for log in (fsdp_log, ddp_log))
+    assert fsdp_eval == pytest.approx(ddp_eval, rel=2e-5)  # both ranks ran the eval's forwards together
+    ours, theirs = root / "checkpoints" / "sharded" / "checkpoint_000006", root / "checkpoints" / "two" / "checkpoint_000006"
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = load_file(str(ours / name)), load_file(str(theirs / name))
+        assert sorted(a) == sorted(b) and "lm_head.weight" not in a  # tied weights once, as DDP writes them
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}")
+    assert json.loads((ours / "trainer_state.json").read_text())["optimizer"] == \
+        json.loads((theirs / "trainer_state.json").read_text())["optimizer"]
+
+    # one process, the same global batch: step 7 is the DDP run's step 7 (an exact resume)
+    resumed = run_engine(root, "resume", "sharded_checkpoint_6_run_1", "--parallel", "ddp", "--grad-accum", "2",
+                         "--max-steps", "7")
+    assert resumed.returncode == 0, resumed.stderr
+    assert step_losses(read_log(root, "sharded", 2)) == {7: pytest.approx(ddp_losses[7], rel=2e-5, abs=2e-5)}
