@@ -66,6 +66,8 @@ class RunState:
     step: protocol.Step | None = None
     last_checkpoint: protocol.CheckpointSaved | None = None
     expanded: protocol.CacheExpanded | None = None
+    fallback: protocol.OomFallback | None = None  # the OOM ladder's latest rung
+    rollback: protocol.DivergenceRollback | None = None
     finished: protocol.Finished | None = None
     error: str = ""
     error_lines: list[str] = field(default_factory=list)
@@ -125,6 +127,10 @@ class RunState:
             self.plan = e
         elif isinstance(e, protocol.CacheExpanded):
             self.expanded = e
+        elif isinstance(e, protocol.OomFallback):
+            self.fallback = e
+        elif isinstance(e, protocol.DivergenceRollback):
+            self.rollback = e
         elif isinstance(e, protocol.CheckpointSaved):
             self.last_checkpoint = e
         elif isinstance(e, protocol.State):

@@ -25,7 +25,7 @@ from engine.paths import Layout, check_name
 from engine.run_log import RunLog
 from engine.schedule import plan_schedule
 from engine.state import TRAINER_STATE, RunFile, RunRecord, read_file
-from engine.train import Options, Start, Trainer
+from engine.train import Options, Start, Trainer, counters
 
 
 def read_run_json(layout: Layout, model: str) -> RunFile:
@@ -37,6 +37,10 @@ def read_run_json(layout: Layout, model: str) -> RunFile:
 
 def next_run_number(history: list[RunRecord]) -> int:
     return max((r.run for r in history), default=0) + 1
+
+
+def run_log(opts: Options, is_main: bool) -> RunLog:
+    return RunLog(events=opts.events, enabled=is_main, quiet=opts.quiet, on_event=opts.on_event)
 
 
 def open_backend(cfg: RunConfig, layout: Layout) -> tuple[Backend, str]:
@@ -105,7 +109,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
         validate_new_name(cfg.name, layout)  # now, not after a whole cache was built for it
     backend, backend_line = open_backend(cfg, layout)
     dist = backend.dist
-    log = RunLog(events=opts.events, enabled=dist.is_main)
+    log = run_log(opts, dist.is_main)
     log.info(backend_line)
     cache = open_cache(cfg, layout, backend, log, workers=workers)
     order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
@@ -133,7 +137,8 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
 RESUMABLE = {
     "train": {"max_steps", "max_tokens", "epochs", "epoch_fraction", "save_interval", "keep_last", "log_interval",
               "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
-              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend"},
+              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend",
+              "divergence_patience", "divergence_lr_factor"},
     "data": {"cache"},
 }
 
@@ -179,7 +184,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     cfg.validate()
     backend, backend_line = open_backend(cfg, layout)
     dist = backend.dist
-    log = RunLog(events=opts.events, enabled=dist.is_main)
+    log = run_log(opts, dist.is_main)
     log.info(backend_line)
     checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
     path = Path(backend.broadcast(str(checkpointer.resolve(ref)) if dist.is_main else None))
@@ -207,13 +212,8 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
                  + f"; losses follow a {state.backend} resume only to float tolerance")
     elif reset_optimizer:
         log.info("Optimizer state reset (--reset-optimizer): the weights carry, AdamW moments start at zero")
-    start = Start(
-        cfg=cfg, model_name=name, run=next_run_number(run_file.runs), schedule=state.plan.schedule, order=order,
-        step=state.step, epoch=state.epoch, cursor=state.cursor, tokens_seen=state.tokens_seen,
-        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss, cache_sequences=state.cache.total_sequences,
-        resumed_from=display_name(name, state.step, state.run), rng=state.rng, scaler=state.scaler,
-        history=run_file.runs,
-    )
+    start = Start(cfg=cfg, model_name=name, run=next_run_number(run_file.runs), order=order, elapsed_s=state.elapsed_s,
+                  resumed_from=display_name(name, state.step, state.run), history=run_file.runs, **counters(state))
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
 
 

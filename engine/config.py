@@ -92,6 +92,8 @@ class TrainConfig:
     eval_batches: int = 4
     growth_check_interval: int = 0  # re-check the cache for new chunks every K steps; 0 = at resume only
     shuffle_buffer_mb: int = 1024  # decoded rows shuffled together (and kept decoded): all of a cache that fits
+    divergence_patience: int = 3  # non-finite steps in a row before a rollback (engine.guard); 0: no guard
+    divergence_lr_factor: float = 0.5  # the LR multiplier each rollback applies
 
 
 SECTION_TYPES: dict[str, type] = dict(zip(SECTIONS, (ModelConfig, DataConfig, TrainConfig)))
@@ -193,6 +195,9 @@ class RunConfig:
         _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {shown(t.device)}")
         _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {shown(t.backend)}")
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
+        _require(t.divergence_patience >= 0, "train.divergence_patience must be >= 0 (0 turns the guard off)")
+        _require(0 < t.divergence_lr_factor <= 1,
+                 f"train.divergence_lr_factor must be in (0, 1], got {t.divergence_lr_factor}")
         _require(t.shuffle_buffer_mb >= 1, f"train.shuffle_buffer_mb must be a positive integer, got {t.shuffle_buffer_mb}")
         low, high = SEED_RANGE
         _require(low <= t.seed <= high, f"train.seed must be between -2**63 and 2**64-1 (what torch accepts), "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -25,10 +26,12 @@ def human(event: P.Event) -> str | None:
 class RunLog:
     """Event sink for one engine process. `enabled=False` (ranks other than 0) drops everything."""
 
-    def __init__(self, *, events: bool, enabled: bool = True, stream: IO[str] | None = None) -> None:
+    def __init__(self, *, events: bool, enabled: bool = True, stream: IO[str] | None = None, quiet: bool = False,
+                 on_event: Callable[[P.Event], None] | None = None) -> None:
         self.events = events
         self.enabled = enabled
-        self.stream: IO[str] | None = stream if stream is not None else sys.stdout
+        self.stream: IO[str] | None = None if quiet else stream if stream is not None else sys.stdout
+        self.on_event = on_event
         self.path: Path | None = None
         self._file: IO[str] | None = None
         # Events from before the log exists (setup decisions, resume checks) are shown at once and
@@ -57,6 +60,8 @@ class RunLog:
             self._file.flush()
         elif not isinstance(event, P.CacheProgress):
             self._early.append(line)
+        if self.on_event is not None:
+            self.on_event(event)
         if self.events:
             self._print(line)
         else:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.backends import torch_distributed as D
 from engine.backends.base import (
-    Backend, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
+    Backend, DeviceOutOfMemory, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
 )
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
@@ -29,6 +29,7 @@ from engine.backends.torch_model import autocast, build_model, count_params, hf_
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
+from engine.faults import Faults
 from engine.paths import Layout
 from engine.state import OptimizerState, RngState, ScalerState
 
@@ -101,12 +102,22 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch
 def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = build_model(config, t.seed).to(device)
     if t.grad_checkpointing:
-        # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     return model
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS a plain RuntimeError that says so."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 class TorchBackend(Backend):
@@ -120,6 +131,7 @@ class TorchBackend(Backend):
                                      if self.dist.is_main else None)
         self.torch_device = D.device(self.dist, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.faults = Faults.from_env()
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
         model = prepare_model(hf_config(config), train, self.torch_device)
@@ -151,28 +163,71 @@ class TorchBackend(Backend):
 
     # --- steps --------------------------------------------------------------------------------
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool) -> StepResult:
+                   want_norm: bool, guard: bool = False, poison: bool = False) -> StepResult:
+        try:
+            return self._step(rows, lr, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
+                              want_norm=want_norm, guard=guard, poison=poison)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            self.release_memory()
+            raise DeviceOutOfMemory(" ".join(str(e).split())[:200]) from None
+
+    def _step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
+              want_norm: bool, guard: bool, poison: bool) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = torch.from_numpy(rows).to(self.torch_device, non_blocking=True)
         loss_sum = None
         for k in range(grad_accum):
+            if self.faults.oom(micro_batch):
+                raise torch.OutOfMemoryError(f"fault hook: a micro-batch of {micro_batch} rows "
+                                             f"(above {self.faults.oom_above}) ran out of memory")
             sync = k == grad_accum - 1 or not self.dist.enabled
             with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.torch_device, self.precision):
                 loss = lm_loss(self.forward, batch[k * micro_batch:(k + 1) * micro_batch]) / grad_accum
+                if poison:
+                    loss = loss * float("nan")
             self.scaler.scale(loss).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         grad_norm = None
         if grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-        elif want_norm:
+        elif want_norm or guard:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        skipped = guard and not self.finite(loss_sum, grad_norm)
+        if skipped:
+            self.scaler.update()  # the scaler saw the same inf/NaN gradients and backs off its scale
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_sum, grad_norm=grad_norm)
+        return StepResult(loss=loss_sum, grad_norm=grad_norm, skipped=skipped)
+
+    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """The guard's one host read per step. Under fp16 an overflowed norm is the loss scaler's to
+        skip (it does, and lowers its scale); only the loss counts."""
+        ok = torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            ok = ok & torch.isfinite(grad_norm)
+        return bool(ok.item())
+
+    def enable_grad_checkpointing(self) -> bool:
+        checkpoint_activations(self.net)
+        return True
+
+    def weights_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.net.parameters())
+
+    def release_memory(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.torch_device.type == "mps":
+            torch.mps.empty_cache()
 
     @torch.no_grad()
     def eval_loss(self, rows: np.ndarray) -> float:
