@@ -102,7 +102,7 @@ def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq
 
 
 def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | None = None,
-            name_prefix: str = "") -> Trainer:
+            name_prefix: str = "", auto_plan: dict[str, Any] | None = None) -> Trainer:
     """Everything a fresh run needs, checked before anything about the run is written."""
     cfg.validate()
     if cfg.name:
@@ -128,7 +128,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
         log.warn(w)
     history = read_run_json(layout, cfg.name).runs if layout.run_json(cfg.name).exists() else []
     start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(history), schedule=schedule, order=order,
-                  cache_sequences=cache.n_sequences, history=history)
+                  cache_sequences=cache.n_sequences, history=history, auto_plan=auto_plan)
     checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
 

@@ -211,6 +211,7 @@ class RunRecord:
     world_size: Positive
     precision: str
     hardware: dict[str, Any]
+    auto_plan: dict[str, Any] | None = None  # engine.planner's result when `train --auto-plan` chose the settings
 
 
 @dataclass

@@ -78,6 +78,7 @@ class Start:
     scaler: ScalerState | None = None
     history: list[RunRecord] = field(default_factory=list)  # run.json "runs" so far
     guard: GuardRecord = field(default_factory=GuardRecord)
+    auto_plan: dict[str, Any] | None = None  # the planner's table when `train --auto-plan` chose the settings
 
 
 def counters(state: TrainerState) -> dict[str, Any]:
@@ -293,7 +294,7 @@ class Trainer:
                 self.run_entry = RunRecord(
                     run=s.run, started=time.time(), start_step=s.step, resumed_from=s.resumed_from,
                     log=str(log_path.relative_to(self.layout.root)), world_size=dist.world_size,
-                    precision=self.backend.precision, hardware=self.hardware(),
+                    precision=self.backend.precision, hardware=self.hardware(), auto_plan=s.auto_plan,
                 )
                 self.write_run_json()
                 self.log.attach(log_path, self.header())

@@ -17,7 +17,7 @@ from engine.faults import ENV
 from engine.paths import Layout
 from engine.state import load_trainer_state
 from engine.train import Options
-from train_support import BACKENDS, read_log, step_losses, write_corpus
+from train_support import BACKENDS, build_cache_in_process, read_log, step_losses
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +25,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny byte-level cache (seq_len 32) that every run here trains on."""
-    from engine.cache.build import build_cache
-    from engine.config import DataConfig
-
     r = tmp_path_factory.mktemp("robust")
-    corpus = write_corpus(r)
-    build_cache(DataConfig(source=str(corpus), dataset_name="docs", tokenizer="bytes", seq_len=32, docs_per_chunk=40),
-                Layout.resolve(r), workers=1)
+    build_cache_in_process(r)
     return r
 
 

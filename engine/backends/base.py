@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import psutil
 
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
@@ -196,6 +197,18 @@ class Backend(ABC):
 
     @abstractmethod
     def memory(self) -> Memory: ...
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for memory().device_gb (the planner measures each candidate's own)."""
+        return None
+
+    def memory_limit_gb(self) -> float:
+        """What a run may use: the device's memory where there is one, else the RAM free now."""
+        return psutil.virtual_memory().available / 1e9
+
+    def release_memory(self) -> None:
+        """Hand cached device memory back (after an OOM, between planner candidates)."""
+        return None
 
     @classmethod
     @abstractmethod

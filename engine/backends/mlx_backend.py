@@ -170,7 +170,7 @@ class MLXBackend(Backend):
         except RuntimeError as e:
             if not is_out_of_memory(e):
                 raise
-            mx.clear_cache()  # the step's arrays are garbage already: params and optimizer were not touched
+            self.release_memory()  # the step's arrays are garbage already: params and optimizer were not touched
             raise DeviceOutOfMemory(" ".join(str(e).split())[:200]) from None
 
     def _step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
@@ -281,6 +281,18 @@ class MLXBackend(Backend):
 
     def precision_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the cast happens on the parameters (_loss), not in a context
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def memory_limit_gb(self) -> float:
+        if self.device == "gpu":
+            info = mx.device_info()
+            return float(info.get("max_recommended_working_set_size") or info["memory_size"]) / 1e9
+        return super().memory_limit_gb()
+
+    def release_memory(self) -> None:
+        mx.clear_cache()
 
     def memory(self) -> Memory:
         device = mx.get_peak_memory() / 1e9 if self.device == "gpu" else 0.0

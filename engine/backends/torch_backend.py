@@ -287,6 +287,17 @@ class TorchBackend(Backend):
     def precision_context(self) -> contextlib.AbstractContextManager:
         return autocast(self.torch_device, self.precision)
 
+    def reset_peak_memory(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
+
+    def memory_limit_gb(self) -> float:
+        if self.torch_device.type == "cuda":
+            return torch.cuda.get_device_properties(self.torch_device).total_memory / 1e9
+        if self.torch_device.type == "mps":
+            return torch.mps.recommended_max_memory() / 1e9
+        return super().memory_limit_gb()
+
     def memory(self) -> Memory:
         dev_mem = 0.0
         if self.torch_device.type == "cuda":
