@@ -15,6 +15,7 @@ from engine.config import RunConfig
 from engine.errors import UserError
 from engine.faults import ENV
 from engine.paths import Layout
+from engine.report import collect
 from engine.state import load_trainer_state
 from engine.train import Options
 from train_support import BACKENDS, build_cache_in_process, read_log, step_losses
@@ -67,6 +68,8 @@ def test_the_oom_ladder_keeps_the_losses_and_a_resume_after_it_is_exact(
     fallbacks = of_kind(laddered, "oom_fallback")
     assert [(f["step"], f["micro_batch"], f["grad_accum"]) for f in fallbacks] == [(0, 2, 4), (0, 1, 8)]
     assert "micro_batch 4 x grad_accum 2" in fallbacks[0]["message"]
+    markers = collect(Layout.resolve(root), f"ladder_{backend}").markers
+    assert [(m.step, m.kind) for m in markers] == [(0, "fallback"), (0, "fallback")]  # on the report's plots
     expected, got = step_losses(plain), step_losses(laddered)
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[k] for k in sorted(got)], [expected[k] for k in sorted(expected)], rtol=1e-5)
@@ -108,6 +111,7 @@ def test_non_finite_steps_are_skipped_counted_and_a_streak_rolls_back_at_a_lower
     assert [e["step"] for e in after] == [4, 5, 6, 7, 8]
     assert after[0]["loss"] == pytest.approx(clean[4], rel=1e-6)  # step 4 replays with the checkpoint's state
     assert after[1]["lr"] == pytest.approx(steps[5]["lr"] * 0.5)
+    assert [(m.step, m.kind) for m in collect(Layout.resolve(root), "nan").markers] == [(7, "rollback")]
     state = load_trainer_state(root / "checkpoints" / "nan" / "checkpoint_000008")
     assert (state.guard.skipped_steps, state.guard.rollbacks, state.guard.lr_scale) == (3, 1, 0.5)
 
