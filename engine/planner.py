@@ -116,10 +116,6 @@ def candidates(t: TrainConfig, backend: Backend) -> list[Candidate]:
 def plan(cfg: RunConfig, layout: Layout, *, steps: int = STEPS, margin: float = MARGIN, workers: int | None = None,
          opts: Options | None = None) -> PlanResult:
     """Measure every candidate for `cfg` (its cache built first if missing, as `train` does)."""
-    if not 0 < margin <= 1:
-        raise UserError(f"--margin must be in (0, 1], got {margin}")
-    if steps < 1:
-        raise UserError(f"--plan-steps must be a positive integer, got {steps}")
     cfg.validate()
     first, _ = open_backend(cfg, layout)
     if first.dist.enabled:

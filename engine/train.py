@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import psutil
 
+from engine import oom
 from engine import protocol as P
 from engine.atomic import atomic_write_json
-from engine import oom
 from engine.backends.base import Backend, DeviceOutOfMemory, StepResult
 from engine.catalog import display_name
 from engine.checkpoint import NonFiniteWeights
@@ -420,13 +420,14 @@ class Trainer:
         diverged_at = s.step
         state = self.ckpt.load(Path(path), self.backend)
         for key, value in counters(state).items():
-            setattr(s, key, value)
-        s.guard = self.guard.record  # the run's own counts carry on; the checkpoint's are older
+            if key != "guard":  # the run's own counts carry on; the checkpoint's are older
+                setattr(s, key, value)
         s.order = DataOrder.restore(state.data, state.growth_events, self.cache.chunk_sizes)
         self.backend.set_rng_state(state.rng)
         self.backend.load_scaler_state(state.scaler)
         self.guard.rolled_back()
         self.known_loss, self.last_eval = None, None
+        self.saved_at_step = -1  # the replayed steps save again, over the abandoned timeline's saves
         self.log.emit(P.DivergenceRollback(
             step=diverged_at, to_step=s.step, skipped=streak, lr_scale=s.guard.lr_scale,
             message=f"Diverged: {streak} non-finite steps in a row up to step {diverged_at:,}; rolled back to "

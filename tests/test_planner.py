@@ -102,3 +102,18 @@ async def test_the_form_plans_through_the_engine_and_fills_in_the_winner(cache: 
         cfg = form.collect()
     assert (cfg.train.micro_batch, cfg.train.grad_accum) == (2, 4)
     assert Layout(engine_env).config_yaml("form").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["plan", "--margin", "1.5"], "--margin must be in (0, 1], got 1.5"),
+    (["plan", "--margin", "nan"], "--margin must be in (0, 1], got nan"),
+    (["plan", "--plan-steps", "0"], "--plan-steps must be a positive integer, got 0"),
+    (["train", "--auto-plan", "--margin", "0"], "--margin must be in (0, 1], got 0.0"),
+])
+def test_bad_planner_flags_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                          message: str) -> None:
+    monkeypatch.setenv("PACKTRAIN_HOME", str(tmp_path))
+    assert main([*flags, "--preset", "tiny"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []

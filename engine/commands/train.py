@@ -82,6 +82,13 @@ def _plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-steps", type=int, default=3, metavar="N", help="planner: timed steps per candidate (default 3)")
 
 
+def check_plan_flags(args: argparse.Namespace) -> None:
+    if not 0 < args.margin <= 1:
+        raise UserError(f"--margin must be in (0, 1], got {args.margin}")
+    if args.plan_steps < 1:
+        raise UserError(f"--plan-steps must be a positive integer, got {args.plan_steps}")
+
+
 def _options(args: argparse.Namespace) -> Any:
     from engine.train import Options
 
@@ -136,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(RunConfig.from_dict(raw), args).validate()
     check_cache_agrees(cfg.data, given_fields(raw, args))
     _check_common(args)
+    check_plan_flags(args)
     from engine.assemble import new_run, run_to_end
 
     auto_plan = None
@@ -158,6 +166,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = apply_config_flags(RunConfig.from_dict(raw), args).validate()
     check_cache_agrees(cfg.data, given_fields(raw, args))
     check_workers(args.workers)
+    check_plan_flags(args)
     from engine.planner import choose, plan, table
     from engine.train import Options
 
