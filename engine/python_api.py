@@ -95,15 +95,8 @@ class Trainer:
         from engine.assemble import run_to_end
         from engine.train import Options
 
-        ended: list[P.Finished] = []
-
-        def on_event(event: P.Event) -> None:
-            if isinstance(event, P.Finished):
-                ended.append(event)
-            if self.on_event is not None:
-                self.on_event(event)
-
-        opts = Options(quiet=self.quiet, on_event=on_event)
+        callback = Callback(self.on_event)
+        opts = Options(quiet=self.quiet, sinks=[callback])
 
         def build() -> Any:
             trainer = make(opts)
@@ -111,4 +104,23 @@ class Trainer:
             return trainer
 
         run_to_end(build)
-        return ended[-1]
+        assert callback.finished is not None  # a run that returns has emitted how it ended
+        return callback.finished
+
+
+class Callback:
+    """The user's `on_event` as one of the run log's sinks (engine.run_log.EventSink); it keeps
+    the Finished event train() and resume() return."""
+
+    def __init__(self, on_event: Callable[[P.Event], None] | None) -> None:
+        self.on_event = on_event
+        self.finished: P.Finished | None = None
+
+    def handle(self, event: P.Event, log: Any) -> None:
+        if isinstance(event, P.Finished):
+            self.finished = event
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def close(self) -> None:
+        return None

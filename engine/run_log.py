@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from engine import protocol as P
 
@@ -23,20 +22,28 @@ def human(event: P.Event) -> str | None:
     return None if isinstance(event, P.Error) else P.describe(event)
 
 
+class EventSink(Protocol):
+    """Something else that follows every event the log gets (engine.tracking.Trackers)."""
+
+    def handle(self, event: P.Event, log: "RunLog") -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RunLog:
     """Event sink for one engine process. `enabled=False` (ranks other than 0) drops everything."""
 
-    def __init__(self, *, events: bool, enabled: bool = True, stream: IO[str] | None = None, quiet: bool = False,
-                 on_event: Callable[[P.Event], None] | None = None) -> None:
+    def __init__(self, *, events: bool, enabled: bool = True, stream: IO[str] | None = None,
+                 quiet: bool = False) -> None:
         self.events = events
         self.enabled = enabled
         self.stream: IO[str] | None = None if quiet else stream if stream is not None else sys.stdout
-        self.on_event = on_event
         self.path: Path | None = None
         self._file: IO[str] | None = None
         # Events from before the log exists (setup decisions, resume checks) are shown at once and
         # written after the header, so a refused start writes nothing and a started one loses nothing.
         self._early: list[str] = []
+        self.sinks: list[EventSink] = []
 
     def attach(self, path: Path, header: P.RunStarted) -> None:
         """Start the run log with its header; every later event is appended to it."""
@@ -60,14 +67,14 @@ class RunLog:
             self._file.flush()
         elif not isinstance(event, P.CacheProgress):
             self._early.append(line)
-        if self.on_event is not None:
-            self.on_event(event)
         if self.events:
             self._print(line)
         else:
             text = human(event)
             if text is not None:
                 self._print(text)
+        for sink in self.sinks:
+            sink.handle(event, self)
 
     def info(self, message: str) -> None:
         self.emit(P.Log(message=message))
@@ -97,6 +104,9 @@ class RunLog:
             pass
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -17,7 +17,6 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,17 +32,19 @@ from engine.catalog import display_name
 from engine.checkpoint import NonFiniteWeights
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
-from engine.data import DataOrder, rank_slice, read_sequences, split_ids
+from engine.data import DataOrder, rank_slice, read_flags, read_sequences, split_ids
 from engine.errors import UserError
 from engine.faults import Faults
 from engine.guard import DivergenceGuard
 from engine.paths import Layout
-from engine.run_log import RunLog
+from engine.run_log import EventSink, RunLog
 from engine.schedule import Schedule, total_steps
 from engine.state import (
     TRAINER_STATE_FORMAT, CacheRecord, GuardRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState,
     TrainerState,
 )
+from engine.token_flags import trained_tokens
+from engine.train_samples import TrainingSamples
 
 
 # --- what a run starts from ----------------------------------------------------------------------
@@ -54,7 +55,7 @@ class Options:
     events: bool = False  # JSON events on stdout instead of human lines
     trace_data: str | None = None  # append the sequence ids each rank trains on (audits and tests)
     quiet: bool = False  # nothing on stdout (the run log is written all the same)
-    on_event: Callable[[P.Event], None] | None = None  # each event as it is emitted (the Python API's callback)
+    sinks: list[EventSink] = field(default_factory=list)  # more followers of rank 0's events (engine.tracking)
 
 
 @dataclass
@@ -92,12 +93,15 @@ class Trainer:
     def __init__(self, start: Start, *, layout: Layout, backend: Backend, cache: Any, checkpointer: Any,
                  log: RunLog, opts: Options) -> None:
         self.s, self.layout, self.backend, self.opts, self.log = start, layout, backend, opts, log
+        log.sinks += opts.sinks
         self.dist = backend.dist
         self.cfg, self.t = start.cfg, start.cfg.train
         self.cache, self.ckpt = cache, checkpointer
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
         self.n_params = backend.n_params
+        self.samples = TrainingSamples(self.t, backend, tokenizer_dir=cache.tokenizer_dir, eos_id=cache.eos_id,
+                                       context=self.seq_len, log=log)
         backend.load_scaler_state(start.scaler)
         self.log.emit(self.plan_event())
         self.check_growth()
@@ -228,11 +232,13 @@ class Trainer:
         mine = ids[self.dist.rank::self.dist.world_size]
         total, count = 0.0, 0
         for i in range(0, len(mine), self.t.micro_batch):
-            rows = read_sequences(self.cache, mine[i:i + self.t.micro_batch])
-            total += self.backend.eval_loss(rows) * len(rows)
-            count += len(rows)
+            part = mine[i:i + self.t.micro_batch]
+            rows, flags = read_sequences(self.cache, part), read_flags(self.cache, part)
+            weight = len(rows) if flags is None else trained_tokens(flags)  # a mean over trained targets
+            total += self.backend.eval_loss(rows, flags) * weight
+            count += weight
         total, count = self.backend.all_reduce_sum([total, float(count)])
-        loss = total / count
+        loss = total / max(count, 1.0)
         self.last_eval = (self.s.step, loss)
         if self.s.best_eval_loss is None or loss < self.s.best_eval_loss:
             self.s.best_eval_loss = loss
@@ -323,7 +329,7 @@ class Trainer:
             ids, next_epoch, next_cursor = s.order.take(s.epoch, s.cursor, self.global_batch)
             mine = rank_slice(ids, dist.rank, dist.world_size)
             log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
-            result = self.train_step(read_sequences(self.cache, mine), lr, log_now)
+            result = self.train_step(read_sequences(self.cache, mine), read_flags(self.cache, mine), lr, log_now)
             self.trace(mine)
             if not result.skipped:
                 losses.append(result.loss)
@@ -349,6 +355,7 @@ class Trainer:
                 losses = []
                 excluded, paused, t_log = 0.0, 0.0, time.perf_counter()
             t_boundary = time.perf_counter()
+            self.samples.after_step(s.step)
             done = s.step >= s.schedule.total_steps
             if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()
@@ -376,15 +383,15 @@ class Trainer:
         return self.finish("completed")
 
     # --- surviving: the OOM ladder and the divergence guard ----------------------------------------
-    def train_step(self, rows: np.ndarray, lr: float, want_norm: bool) -> StepResult:
+    def train_step(self, rows: np.ndarray, flags: np.ndarray | None, lr: float, want_norm: bool) -> StepResult:
         """One optimizer step, down the OOM ladder (engine.oom) as far as it takes to fit."""
         t = self.t
         poison = self.faults.nan(self.s.step + 1)
         while True:
             try:
                 return self.backend.train_step(rows, lr, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
-                                               grad_clip=t.grad_clip, want_norm=want_norm, guard=self.guard.on,
-                                               poison=poison)
+                                               grad_clip=t.grad_clip, want_norm=want_norm, flags=flags,
+                                               guard=self.guard.on, poison=poison)
             except DeviceOutOfMemory as e:
                 self.fall_back(e)
 

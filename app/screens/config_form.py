@@ -67,6 +67,9 @@ TRAIN_FIELDS = (
     FieldSpec("train", "log_interval", "Log every (steps)", "integer"),
     FieldSpec("train", "growth_check_interval", "Growth check every", "integer",
               placeholder="0 = only at resume; N = every N steps"),
+    FieldSpec("train", "sample_every", "Sample every (steps)", "integer", placeholder="0 = off; N = a sample every N steps"),
+    FieldSpec("train", "sample_prompt", "Sample prompt", optional=True, placeholder="blank = a new document"),
+    FieldSpec("train", "tracker", "Trackers", optional=True, placeholder="blank = none; tensorboard, wandb, csv"),
 )
 SELECTS = (("model", "preset"), ("train", "schedule"), ("train", "precision"))
 
@@ -212,21 +215,24 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
             self.app.pop_screen()
 
     def say(self, text: str, ok: bool | None) -> None:
+        """The status line under the fields, scrolled into view: the form is taller than a small terminal.
+        `ok` None: neither good nor bad news yet (a plan in progress)."""
         status = self.query_one("#form-status", Static)
-        status.update(text if ok is None else f"{'' if ok else '✗ '}{text}")
+        status.update(text)
         status.set_classes("status" if ok is None else "status ok" if ok else "status bad")
+        self.call_after_refresh(status.scroll_visible, animate=False)
 
     def saved(self) -> tuple[RunConfig, Path] | None:
         """The form's config, checked and saved as checkpoints/<name>/config.yaml; None after saying why not."""
         try:
             cfg = self.collect()
         except UserError as e:
-            self.say(str(e), False)
+            self.say(f"✗ {e}", ok=False)
             return None
         try:
             return cfg, save_config(self.app.layout, cfg)
         except OSError as e:
-            self.say(f"cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}", False)
+            self.say(f"✗ cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}", ok=False)
             return None
 
     def action_submit(self) -> None:
@@ -234,7 +240,7 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
         if saved is None:
             return
         cfg, path = saved
-        self.say(f"Saved {path}", True)
+        self.say(f"Saved {path}", ok=True)
         self.app.open_cache_for_new(cfg, path)
 
     def action_plan(self) -> None:
@@ -242,7 +248,7 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
         if saved is None:
             return
         self.say("Planning: measuring each candidate setting for a few steps (the cache is built first if it is "
-                 "missing)...", None)
+                 "missing)...", ok=None)
         self.query_one("#plan", Button).disabled = True
         self.run_worker(self._plan(saved[1]), exclusive=True, group="plan")
 
@@ -250,7 +256,7 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
         try:
             result = await run_json(self.app.layout, "plan", "--config", str(path), "--json")
         except EngineCommandError as e:
-            self.say(f"plan: {e}", False)
+            self.say(f"✗ plan: {e}", ok=False)
             return
         finally:
             self.query_one("#plan", Button).disabled = False
@@ -259,4 +265,4 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
             self.query_one(f"#f-train-{name}", Input).value = str(winner[name])
         self.draft.train.grad_checkpointing = winner["grad_checkpointing"]  # collect() builds on the draft
         self.draft.train.compile = winner["compile"]
-        self.say(plan_line(result), True)
+        self.say(plan_line(result), ok=True)

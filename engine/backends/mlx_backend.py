@@ -163,8 +163,9 @@ class MLXBackend(Backend):
 
     # --- steps --------------------------------------------------------------------------------
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool, guard: bool = False, poison: bool = False) -> StepResult:
-        try:
+                   want_norm: bool, flags: np.ndarray | None = None, guard: bool = False,
+                   poison: bool = False) -> StepResult:
+        try:  # `flags` never arrive: instruction caches are refused before a run starts (trains_flags)
             return self._step(rows, lr, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
                               want_norm=want_norm, guard=guard, poison=poison)
         except RuntimeError as e:
@@ -205,7 +206,7 @@ class MLXBackend(Backend):
     def weights_finite(self) -> bool:
         return all(mx.all(mx.isfinite(p)).item() for _, p in tree_flatten(self.params))
 
-    def eval_loss(self, rows: np.ndarray) -> float:
+    def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
         return self._loss(self.params, mx.array(rows.astype(np.int32))).item()
 
     def to_host(self, values: list[Any]) -> list[float]:

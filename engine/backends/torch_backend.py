@@ -25,13 +25,15 @@ from engine.backends.base import (
 )
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
-from engine.backends.torch_model import autocast, build_model, count_params, hf_config, lm_loss, param_groups
+from engine.backends.torch_model import (autocast, build_model, count_params, hf_config, lm_loss, masked_nll,
+                                         param_groups)
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.faults import Faults
 from engine.paths import Layout
 from engine.state import OptimizerState, RngState, ScalerState
+from engine.token_flags import loss_mask, position_ids, trained_tokens
 
 # --- device, precision and RNG ---------------------------------------------------------------------
 
@@ -122,6 +124,7 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 class TorchBackend(Backend):
     name = "torch"
+    trains_flags = True
 
     def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
         self.device = pick_device(cfg.train.device)
@@ -162,11 +165,18 @@ class TorchBackend(Backend):
         return None if generation is None else generation.to_json_string()
 
     # --- steps --------------------------------------------------------------------------------
+    def _flag_tensors(self, flags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(position ids, loss mask, trained targets) of flagged rows, on the device."""
+        positions = torch.from_numpy(position_ids(flags)).to(self.torch_device, non_blocking=True)
+        mask = torch.from_numpy(loss_mask(flags)).to(self.torch_device, non_blocking=True)
+        return positions, mask, trained_tokens(flags)
+
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool, guard: bool = False, poison: bool = False) -> StepResult:
+                   want_norm: bool, flags: np.ndarray | None = None, guard: bool = False,
+                   poison: bool = False) -> StepResult:
         try:
             return self._step(rows, lr, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
-                              want_norm=want_norm, guard=guard, poison=poison)
+                              want_norm=want_norm, flags=flags, guard=guard, poison=poison)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -175,18 +185,26 @@ class TorchBackend(Backend):
             raise DeviceOutOfMemory(" ".join(str(e).split())[:200]) from None
 
     def _step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-              want_norm: bool, guard: bool, poison: bool) -> StepResult:
+              want_norm: bool, flags: np.ndarray | None, guard: bool, poison: bool) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = torch.from_numpy(rows).to(self.torch_device, non_blocking=True)
+        if flags is not None:
+            positions, mask, trained = self._flag_tensors(flags)
+            # DDP averages gradients over ranks, so each rank's sum is scaled by world / global count
+            scale = self.dist.world_size / max(1.0, self.all_reduce_sum([float(trained)])[0])
         loss_sum = None
         for k in range(grad_accum):
             if self.faults.oom(micro_batch):
                 raise torch.OutOfMemoryError(f"fault hook: a micro-batch of {micro_batch} rows "
                                              f"(above {self.faults.oom_above}) ran out of memory")
             sync = k == grad_accum - 1 or not self.dist.enabled
+            part = slice(k * micro_batch, (k + 1) * micro_batch)
             with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.torch_device, self.precision):
-                loss = lm_loss(self.forward, batch[k * micro_batch:(k + 1) * micro_batch]) / grad_accum
+                if flags is None:
+                    loss = lm_loss(self.forward, batch[part]) / grad_accum
+                else:
+                    loss = masked_nll(self.forward, batch[part], positions[part], mask[part]) * scale
                 if poison:
                     loss = loss * float("nan")
             self.scaler.scale(loss).backward()
@@ -229,12 +247,22 @@ class TorchBackend(Backend):
         elif self.torch_device.type == "mps":
             torch.mps.empty_cache()
 
+    def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Any:
+        from engine.generate import training_sampler
+
+        return training_sampler(self.net, tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
+                                context=context)
+
     @torch.no_grad()
-    def eval_loss(self, rows: np.ndarray) -> float:
+    def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
         self.net.eval()
+        batch = torch.from_numpy(rows).to(self.torch_device)
         try:
             with autocast(self.torch_device, self.precision):
-                return lm_loss(self.net, torch.from_numpy(rows).to(self.torch_device)).item()
+                if flags is None:
+                    return lm_loss(self.net, batch).item()
+                positions, mask, trained = self._flag_tensors(flags)
+                return masked_nll(self.net, batch, positions, mask).item() / max(1, trained)
         finally:
             self.net.train()
 

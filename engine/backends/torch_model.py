@@ -77,3 +77,14 @@ def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of packed rows [batch, seq_len + 1]: x = row[:-1], y = row[1:]."""
     logits = model(input_ids=rows[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+
+
+def masked_nll(model: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the targets `mask` keeps ([batch, seq_len] bool), the inputs
+    at `positions`: position ids that restart per packed example, from which transformers builds the
+    block-diagonal causal mask (engine.token_flags). A sum, so the caller divides by the trained
+    targets of the whole step, not of this micro-batch."""
+    logits = model(input_ids=rows[:, :-1], position_ids=positions).logits
+    targets = rows[:, 1:].masked_fill(~mask, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
