@@ -86,11 +86,14 @@ def test_unknown_settings_are_refused_before_anything_runs(tmp_path: Path) -> No
 
 def test_the_same_rows_reuse_their_cache_and_other_rows_under_its_name_are_refused(tmp_path: Path) -> None:
     from engine.cache.rows import write_rows_cache
+    from engine.cache.validate import validate_cache
     from engine.paths import Layout
 
     layout = Layout.resolve(tmp_path)
     rows = np.arange(10 * 17).reshape(10, 17) % 50
     path = write_rows_cache(Rows(rows.tolist()), layout, "ids", vocab_size=50)
+    report = validate_cache(path)
+    assert (report.ok, report.n_chunks, report.n_sequences) == (True, 5, 10)  # `cache validate` passes it
     stamp = (path / "cache_metadata.json").stat().st_mtime_ns
     assert write_rows_cache(Rows(rows.tolist()), layout, "ids", vocab_size=50) == path
     assert (path / "cache_metadata.json").stat().st_mtime_ns == stamp

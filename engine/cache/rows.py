@@ -23,8 +23,8 @@ import numpy as np
 
 from engine.atomic import atomic_write_text
 from engine.cache.chunks import compress, doc_length_summary, np_dtype, write_chunk_file
-from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, TOKENIZER_DIR, chunk_filename,
-                                   dtype_name_for_vocab, load_metadata, metadata_path, save_metadata)
+from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, IDS_FILE, TOKENIZER_DIR,
+                                   chunk_filename, dtype_name_for_vocab, load_metadata, metadata_path, save_metadata)
 from engine.cache.registry import register_cache
 from engine.cache.tokenizer import file_sha256
 from engine.errors import UserError
@@ -32,7 +32,6 @@ from engine.paths import Layout
 
 MAX_ROWS_PER_CHUNK = 4096
 MIN_CHUNKS = 8  # a small dataset still gets held-out chunks and a shuffle across chunks
-IDS_FILE = "ids.json"  # the tokenizer folder's one file: what the ids are
 
 
 def rows_of(dataset: Any, vocab_size: int) -> tuple[int, list[np.ndarray]]:
