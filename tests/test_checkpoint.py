@@ -391,6 +391,7 @@ def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout:
             def model_config(self): return {{}}
             def generation_config(self): return None
             def extra_files(self): return {{}}
+            def weights_finite(self): return True
 
         real = c.atomic_write_bytes
         def die_after_manifest(path, data, **kw):

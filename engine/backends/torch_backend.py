@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.backends import torch_distributed as D
 from engine.backends.base import (
-    Backend, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
+    Backend, DeviceOutOfMemory, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
 )
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
@@ -34,6 +34,7 @@ from engine.backends.torch_model import (autocast, build_model, count_params, hf
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
 from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
+from engine.faults import Faults
 from engine.paths import Layout
 from engine.pretrained import BASE_FILE
 from engine.state import OptimizerState, RngState, ScalerState
@@ -112,6 +113,12 @@ def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn
     return model
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS a plain RuntimeError that says so."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
 class TorchBackend(Backend):
     name = "torch"
     trains_flags = True
@@ -126,6 +133,7 @@ class TorchBackend(Backend):
         self.torch_device = D.device(self.dist, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.adapter_files: dict[str, str] = {}  # written beside an adapter run's weights
+        self.faults = Faults.from_env()
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
         model = prepare_model(hf_config(config), train, self.torch_device)
@@ -180,7 +188,20 @@ class TorchBackend(Backend):
         return positions, mask, trained_tokens(flags)
 
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
+                   want_norm: bool, flags: np.ndarray | None = None, guard: bool = False,
+                   poison: bool = False) -> StepResult:
+        try:
+            return self._step(rows, lr, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
+                              want_norm=want_norm, flags=flags, guard=guard, poison=poison)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            self.release_memory()
+            raise DeviceOutOfMemory(" ".join(str(e).split())[:200]) from None
+
+    def _step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
+              want_norm: bool, flags: np.ndarray | None, guard: bool, poison: bool) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = torch.from_numpy(rows).to(self.torch_device, non_blocking=True)
@@ -190,6 +211,9 @@ class TorchBackend(Backend):
             scale = self.dist.world_size / max(1.0, self.all_reduce_sum([float(trained)])[0])
         loss_sum = None
         for k in range(grad_accum):
+            if self.faults.oom(micro_batch):
+                raise torch.OutOfMemoryError(f"fault hook: a micro-batch of {micro_batch} rows "
+                                             f"(above {self.faults.oom_above}) ran out of memory")
             sync = k == grad_accum - 1 or not self.dist.enabled
             part = slice(k * micro_batch, (k + 1) * micro_batch)
             with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.torch_device, self.precision):
@@ -197,19 +221,47 @@ class TorchBackend(Backend):
                     loss = lm_loss(self.forward, batch[part]) / grad_accum
                 else:
                     loss = masked_nll(self.forward, batch[part], positions[part], mask[part]) * scale
+                if poison:
+                    loss = loss * float("nan")
             self.scaler.scale(loss).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         grad_norm = None
         if grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-        elif want_norm:
+        elif want_norm or guard:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        skipped = guard and not self.finite(loss_sum, grad_norm)
+        if skipped:
+            self.scaler.update()  # the scaler saw the same inf/NaN gradients and backs off its scale
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_sum, grad_norm=grad_norm)
+        return StepResult(loss=loss_sum, grad_norm=grad_norm, skipped=skipped)
+
+    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """The guard's one host read per step. Under fp16 an overflowed norm is the loss scaler's to
+        skip (it does, and lowers its scale); only the loss counts."""
+        ok = torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            ok = ok & torch.isfinite(grad_norm)
+        return bool(ok.item())
+
+    def enable_grad_checkpointing(self) -> bool:
+        enable_checkpointing(self.net)
+        return True
+
+    def weights_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.net.parameters())
+
+    def release_memory(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.torch_device.type == "mps":
+            torch.mps.empty_cache()
 
     def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Any:
         from engine.generate import training_sampler
@@ -282,6 +334,17 @@ class TorchBackend(Backend):
 
     def precision_context(self) -> contextlib.AbstractContextManager:
         return autocast(self.torch_device, self.precision)
+
+    def reset_peak_memory(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
+
+    def memory_limit_gb(self) -> float:
+        if self.torch_device.type == "cuda":
+            return torch.cuda.get_device_properties(self.torch_device).total_memory / 1e9
+        if self.torch_device.type == "mps":
+            return torch.mps.recommended_max_memory() / 1e9
+        return super().memory_limit_gb()
 
     def memory(self) -> Memory:
         dev_mem = 0.0
