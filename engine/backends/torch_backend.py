@@ -1,4 +1,5 @@
-"""The torch backend: transformers' LlamaForCausalLM, torch AdamW, autocast, DDP under torchrun.
+"""The torch backend: a Llama with transformers' tensors (engine.backends.torch_model), torch AdamW,
+autocast, DDP under torchrun.
 
 Per step the host hands over numpy rows and gets back device scalars: loss and grad norm stay on
 the device until the loop asks for them on a log step (to_host), so a step never waits for the GPU.
@@ -7,10 +8,10 @@ the device until the loop asks for them on a log step (to_host), so a step never
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ from engine.backends.base import (
 )
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
-from engine.backends.torch_model import autocast, build_model, count_params, hf_config, lm_loss, param_groups
+from engine.backends.torch_model import (
+    autocast, build_model, config_json, count_params, generation_json, lm_loss, param_groups,
+)
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
@@ -84,9 +87,7 @@ def check_rng_state(state: RngState, source: Path) -> None:
 
 
 def versions() -> dict[str, str]:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
+    return {"torch": torch.__version__, "transformers": version("transformers"), "numpy": np.__version__,
             "python": platform.python_version()}
 
 
@@ -98,8 +99,8 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch
                              fused=device == "cuda" or None)
 
 
-def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn.Module:
-    model = build_model(config, t.seed).to(device)
+def prepare_model(fields: Mapping[str, Any], t: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model = build_model(fields, t.seed).to(device)
     if t.grad_checkpointing:
         # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
         if hasattr(model, "activation_checkpointing_enable"):
@@ -122,7 +123,7 @@ class TorchBackend(Backend):
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
-        model = prepare_model(hf_config(config), train, self.torch_device)
+        model = prepare_model(config, train, self.torch_device)
         self.adopt(model, make_optimizer(model, train, self.device), compile=train.compile)
 
     def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, compile: bool = False) -> None:
@@ -141,13 +142,10 @@ class TorchBackend(Backend):
         return count_params(self.net)
 
     def model_config(self) -> dict[str, Any]:
-        config = json.loads(self.net.config.to_json_string())
-        config["architectures"] = [type(self.net).__name__]  # as save_pretrained records it
-        return config
+        return config_json(self.net)
 
     def generation_config(self) -> str | None:
-        generation = getattr(self.net, "generation_config", None)
-        return None if generation is None else generation.to_json_string()
+        return generation_json(self.net)
 
     # --- steps --------------------------------------------------------------------------------
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,

@@ -1,23 +1,40 @@
-"""The torch model: a transformers LlamaForCausalLM (RMSNorm, RoPE, SwiGLU, SDPA attention) built from
-LlamaConfig fields, so every checkpoint is a plain HF folder that `from_pretrained` loads.
+"""The torch model: a Llama (RMSNorm, RoPE, SwiGLU, SDPA attention) built from LlamaConfig fields, so
+every checkpoint is a plain HF folder that `from_pretrained` loads.
+
+Two implementations hold the same tensors under the same names: packtrain's lean one
+(torch_fast_llama, the default) and transformers' LlamaForCausalLM (`PACKTRAIN_MODEL_IMPL=hf`, for
+interop checks and for configs the lean one refuses). transformers is imported only for the latter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from collections.abc import Mapping
-from typing import Any
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from engine.backends.torch_fast_llama import LlamaForCausalLM as FastLlama
+from engine.backends.torch_state import unwrap
 from engine.errors import UserError, shown
 from engine.llama_json import META_KEYS
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
-def hf_config(fields: Mapping[str, Any]) -> LlamaConfig:
+ENV_IMPL = "PACKTRAIN_MODEL_IMPL"
+IMPLS = ("fast", "hf")
+Impl = Literal["fast", "hf"]
+
+
+def hf_config(fields: Mapping[str, Any]) -> "LlamaConfig":
     """A LlamaConfig from config.json fields (engine.model_config.llama_config's, or a checkpoint's)."""
+    from transformers import LlamaConfig
+
     kwargs = {k: v for k, v in fields.items() if k not in META_KEYS}
     try:
         config = LlamaConfig(**kwargs)
@@ -27,7 +44,7 @@ def hf_config(fields: Mapping[str, Any]) -> LlamaConfig:
     return finish_config(config)
 
 
-def finish_config(config: LlamaConfig) -> LlamaConfig:
+def finish_config(config: "LlamaConfig") -> "LlamaConfig":
     """Training settings that are not part of the shape: SDPA attention, no KV cache. (The
     tokenizer's special ids arrive in the fields: engine.model_config.llama_config.)"""
     config._attn_implementation = "sdpa"
@@ -35,10 +52,43 @@ def finish_config(config: LlamaConfig) -> LlamaConfig:
     return config
 
 
-def build_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
-    """Random init that depends only on the seed (the global torch RNG is reseeded here)."""
+def model_impl(impl: str | None = None) -> Impl:
+    """`impl`, else $PACKTRAIN_MODEL_IMPL, else "fast"."""
+    chosen = impl or os.environ.get(ENV_IMPL) or "fast"
+    if chosen not in IMPLS:
+        raise UserError(f"{ENV_IMPL} must be one of {', '.join(IMPLS)}, got {chosen!r}")
+    return chosen  # type: ignore[return-value]
+
+
+def build_model(fields: Mapping[str, Any], seed: int, *, impl: str | None = None) -> torch.nn.Module:
+    """A model from config.json fields; random init that depends only on the seed (the global torch
+    RNG is reseeded here)."""
+    chosen = model_impl(impl)
+    config = hf_config(fields) if chosen == "hf" else None  # refuse bad fields before reseeding
     torch.manual_seed(seed)
+    if config is None:
+        return FastLlama(fields)
+    from transformers import LlamaForCausalLM
+
     return LlamaForCausalLM(config)
+
+
+def config_json(net: torch.nn.Module) -> dict[str, Any]:
+    """config.json as save_pretrained writes it; the fast model's fields are already that shape."""
+    if isinstance(net, FastLlama):
+        return {**net.fields, "transformers_version": version("transformers")}
+    return {**json.loads(net.config.to_json_string()), "architectures": [type(net).__name__]}
+
+
+def generation_json(net: torch.nn.Module) -> str | None:
+    """generation_config.json: the special ids, as GenerationConfig.from_model_config records them."""
+    if not isinstance(net, FastLlama):
+        generation = getattr(net, "generation_config", None)
+        return None if generation is None else generation.to_json_string()
+    f = net.fields
+    return json.dumps({"_from_model_config": True, "bos_token_id": f["bos_token_id"], "eos_token_id": f["eos_token_id"],
+                       "output_attentions": False, "output_hidden_states": False, "pad_token_id": f["pad_token_id"],
+                       "transformers_version": version("transformers"), "use_cache": False}, indent=2) + "\n"
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -46,7 +96,7 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def param_groups(model: LlamaForCausalLM, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay the projection matrices only.
 
     Norm gains and biases are scales and offsets that decay would pull towards zero for no
@@ -74,6 +124,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of packed rows [batch, seq_len + 1]: x = row[:-1], y = row[1:]."""
+    """Mean next-token cross-entropy of packed rows [batch, seq_len + 1]: x = row[:-1], y = row[1:].
+
+    `model` may be wrapped (DDP, torch.compile); it is called through the wrapper either way. The
+    fast model computes the loss itself, chunk by chunk, without the full logits."""
+    if isinstance(unwrap(model), FastLlama):
+        return model(rows[:, :-1], targets=rows[:, 1:])
     logits = model(input_ids=rows[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
