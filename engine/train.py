@@ -5,8 +5,8 @@ events, schedule anchors) plus the weights, the optimizer state and the RNG stat
 optimizer-step boundary. A resume rebuilds the same objects from a checkpoint and enters the same
 `Trainer.run`; nothing is replayed (engine.assemble builds both).
 
-Per step the loop touches the host only to read the next rows; loss and grad norm stay on the
-device until a log step, and control commands are polled between steps (rank 0 reads them, every
+Per step the loop touches the host only to hand over rows, read while the step before ran
+(engine.prefetch); loss and grad norm stay on the device until a log step, and control commands are polled between steps (rank 0 reads them, every
 rank agrees through one tiny all-reduce when distributed). The framework behind the step is a
 Backend (engine.backends); this module imports none.
 """
@@ -33,6 +33,7 @@ from engine.control import EngineLock, poll_commands
 from engine.data import DataOrder, rank_slice, read_sequences, split_ids
 from engine.errors import UserError
 from engine.paths import Layout
+from engine.prefetch import RowPrefetcher
 from engine.run_log import RunLog
 from engine.schedule import Schedule, total_steps
 from engine.state import (
@@ -78,6 +79,7 @@ class Trainer:
         self.dist = backend.dist
         self.cfg, self.t = start.cfg, start.cfg.train
         self.cache, self.ckpt = cache, checkpointer
+        self.reader = RowPrefetcher(cache)
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
         self.n_params = backend.n_params
@@ -279,6 +281,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.reader.close()
             self.log.close()
             if dist.is_main:
                 lock.release()
@@ -293,9 +296,14 @@ class Trainer:
             ids, next_epoch, next_cursor = s.order.take(s.epoch, s.cursor, self.global_batch)
             mine = rank_slice(ids, dist.rank, dist.world_size)
             self.trace(mine)
+            rows = self.reader.rows(mine)
+            if s.step + 1 < s.schedule.total_steps:  # what the next step reads, unless growth changes it
+                ahead, _, _ = s.order.take(next_epoch, next_cursor, self.global_batch)
+                self.reader.start(rank_slice(ahead, dist.rank, dist.world_size))
             log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
-            result = backend.train_step(read_sequences(self.cache, mine), lr, micro_batch=t.micro_batch,
-                                        grad_accum=t.grad_accum, grad_clip=t.grad_clip, want_norm=log_now)
+            result = backend.train_step(rows, lr, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+                                        grad_clip=t.grad_clip, want_norm=log_now)
+            self.reader.settle()
             losses.append(result.loss)
             self.step_loss = result.loss
             s.step += 1

@@ -136,6 +136,21 @@ def without_autocast(fn, *args):  # type: ignore[no-untyped-def]
         return fn(*args)
 
 
+class Linear(nn.Linear):
+    """nn.Linear left uninitialised: LlamaForCausalLM.init_weights draws every weight once. (Building
+    on the meta device instead imports torch._dynamo, seconds of a resume's start.)"""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding left uninitialised, like Linear."""
+
+    def reset_parameters(self) -> None:
+        return None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -159,10 +174,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = c["num_attention_heads"], c["num_key_value_heads"], head_dim
         self.dropout = c["attention_dropout"]
         d, bias = c["hidden_size"], c["attention_bias"]
-        self.q_proj = nn.Linear(d, self.n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * head_dim, d, bias=bias)
+        self.q_proj = Linear(d, self.n_heads * head_dim, bias=bias)
+        self.k_proj = Linear(d, self.n_kv * head_dim, bias=bias)
+        self.v_proj = Linear(d, self.n_kv * head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * head_dim, d, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -180,9 +195,9 @@ class MLP(nn.Module):
     def __init__(self, c: Mapping[str, Any]) -> None:
         super().__init__()
         d, f, bias = c["hidden_size"], c["intermediate_size"], c["mlp_bias"]
-        self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_proj = Linear(d, f, bias=bias)
+        self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
         if c["hidden_act"] not in ACTIVATIONS:
             raise UserError(f"hidden_act {c['hidden_act']!r} is not supported by the fast model; "
                             "train it with PACKTRAIN_MODEL_IMPL=hf")
@@ -211,7 +226,7 @@ class Body(nn.Module):
 
     def __init__(self, c: Mapping[str, Any], head_dim: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"], c["pad_token_id"])
+        self.embed_tokens = Embedding(c["vocab_size"], c["hidden_size"], c["pad_token_id"])
         self.layers = nn.ModuleList(DecoderLayer(c, head_dim) for _ in range(c["num_hidden_layers"]))
         self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
 
@@ -287,10 +302,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.fields = c = complete(fields)
         head_dim = c["head_dim"]
-        with torch.device("meta"):  # no throw-away default init: init_weights fills everything once
-            self.model = Body(c, head_dim)
-            self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
-        self.to_empty(device="cpu")
+        self.model = Body(c, head_dim)
+        self.lm_head = Linear(c["hidden_size"], c["vocab_size"], bias=False)
         tied = c["tie_word_embeddings"]
         self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
         if tied:
