@@ -13,8 +13,9 @@ PYTHON="${PYTHON:-python}"
 
 if [[ "${1:-}" == "--cpu-smoke" ]]; then
     shift
+    small="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/email"
     exec "$PYTHON" bench/train_bench.py --device cpu --preset tiny --vocab 512 --seq-len 64 --micro-batch 2 \
-        --steps 2 --reps 1 --precisions bf16 --force-bf16 --compile --memory-presets "" --no-resume "$@"
+        --steps 2 --reps 1 --precisions bf16 --force-bf16 --compile --memory-presets "" --no-resume --source "$small" "$@"
 fi
 
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then

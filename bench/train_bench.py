@@ -81,6 +81,7 @@ class Bench:
     micro: int
     steps: int
     compile: bool
+    source: str = "stdlib"  # what the engine's cache is built from (bytes tokenizer)
 
     @property
     def half(self) -> int:
@@ -130,7 +131,7 @@ def run_config(b: Bench, name: str, precision: str) -> RunConfig:
     return RunConfig.from_dict({
         "name": name,
         "model": {"model_config": str(b.root / "model.json")},
-        "data": {"source": "stdlib", "tokenizer": "bytes", "seq_len": b.seq, "eval_chunks": 1},
+        "data": {"source": b.source, "tokenizer": "bytes", "seq_len": b.seq, "eval_chunks": 1, "docs_per_chunk": 4},
         "train": {"micro_batch": b.micro, "grad_accum": 1, "max_steps": b.steps, "precision": precision,
                   "device": b.device, "log_interval": b.half, "save_interval": b.steps, "eval_interval": 10 ** 9,
                   "warmup_steps": 2, "seed": 1, "compile": b.compile},
@@ -387,6 +388,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--memory-presets", default="tiny,5M,25M", help="presets whose step peak RSS is measured ('' for none)")
     ap.add_argument("--no-resume", action="store_true", help="skip the resume-to-first-step measurement")
+    ap.add_argument("--source", default="stdlib", help="the engine cache's source (a smaller folder builds faster)")
     args = ap.parse_args()
     if args.steps < 2 or args.steps % 2:
         ap.error("--steps must be an even number >= 2")
@@ -396,7 +398,7 @@ def main() -> None:
         {**FIXED, "vocab_size": args.vocab}
     model["max_position_embeddings"] = args.seq_len
     (root / "model.json").write_text(json.dumps(model))
-    b = Bench(root, args.device, model, args.seq_len, args.micro_batch, args.steps, args.compile)
+    b = Bench(root, args.device, model, args.seq_len, args.micro_batch, args.steps, args.compile, args.source)
     print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads; root {root}")
     auto, why = TorchBackend.choose_precision("auto", args.device, run_config(b, "auto", "auto"), Layout.resolve(root))
     print(f"precision auto: {auto} ({why})")
