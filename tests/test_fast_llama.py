@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import os
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
-
 from typing import Any
 
 import pytest
@@ -28,6 +30,7 @@ CONFIGS = {
                                              "original_max_position_embeddings": 16}),
 }
 VOCAB, SEQ = 101, 24
+REPO = Path(__file__).resolve().parents[1]
 
 
 def config(**overrides: Any) -> dict[str, Any]:
@@ -167,3 +170,25 @@ def test_wrapped_model_still_takes_the_fused_loss() -> None:
     wrapper.forward = fast.forward  # what DDP does, seen from lm_loss
     assert unwrap(wrapper) is fast
     assert lm_loss(wrapper, rows()).item() == pytest.approx(lm_loss(fast, rows()).item())
+
+
+def test_training_and_saving_with_the_fast_model_never_import_transformers(tmp_path: Path) -> None:
+    """Resume spent most of its start importing transformers; the default path must not need it."""
+    script = f"""
+import sys
+import numpy as np
+from engine.backends.torch_backend import TorchBackend
+from engine.config import RunConfig
+from engine.paths import Layout
+
+backend = TorchBackend(RunConfig.from_dict({{"train": {{"precision": "fp32", "device": "cpu"}}}}), Layout.resolve({str(tmp_path)!r}))
+backend.build({config()!r}, RunConfig().train)
+backend.train_step(np.ones((2, 9), dtype=np.int64), 1e-3, micro_batch=2, grad_accum=1, grad_clip=1.0, want_norm=True)
+facts = (backend.model_config(), backend.generation_config(), backend.versions(), backend.facts(Layout.resolve({str(tmp_path)!r})))
+assert "transformers" not in sys.modules, sorted(m for m in sys.modules if m.startswith("transformers"))[:5]
+print(facts[0]["architectures"], facts[2]["transformers"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['LlamaForCausalLM']", version("transformers")]
