@@ -66,6 +66,7 @@ class RunState:
     step: protocol.Step | None = None
     last_checkpoint: protocol.CheckpointSaved | None = None
     expanded: protocol.CacheExpanded | None = None
+    sample: protocol.TrainingSample | None = None  # the latest sample during training, when samples are on
     finished: protocol.Finished | None = None
     error: str = ""
     error_lines: list[str] = field(default_factory=list)
@@ -123,6 +124,8 @@ class RunState:
             self.started, self.model = e, e.model
         elif isinstance(e, protocol.Plan):
             self.plan = e
+        elif isinstance(e, protocol.TrainingSample):
+            self.sample = e
         elif isinstance(e, protocol.CacheExpanded):
             self.expanded = e
         elif isinstance(e, protocol.CheckpointSaved):

@@ -69,6 +69,9 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
             build_cache(d, layout, workers=workers, on_event=log.emit)
         backend.barrier()
     cache = PackedCache(path, cache_bytes=cfg.train.shuffle_buffer_mb << 20)
+    if cache.flagged and not backend.trains_flags:
+        raise UserError(f"cache {path} holds {cache.record_format} instruction data (loss masks, example boundaries), "
+                        f"which the {backend.name} backend does not train; use --backend torch")
     spec = str((cache.meta.get("tokenizer") or {}).get("spec", ""))
     if d.cache:  # an explicit cache decides what the data is; the saved config says so too
         d.seq_len, d.tokenizer = cache.seq_len, spec or d.tokenizer
@@ -110,7 +113,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     log.info(backend_line)
     cache = open_cache(cfg, layout, backend, log, workers=workers)
     order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
-                            rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype))
+                            rows_in_budget(cache.cache_bytes, cache.seq_len, cache.dtype, cache.flagged))
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * dist.world_size
     if global_batch > order.n_train_sequences:
         raise UserError(
@@ -134,7 +137,8 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
 RESUMABLE = {
     "train": {"max_steps", "max_tokens", "epochs", "epoch_fraction", "save_interval", "keep_last", "log_interval",
               "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
-              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend"},
+              "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend",
+              "sample_every", "sample_prompt", "sample_tokens", "sample_temperature", "tracker"},
     "data": {"cache"},
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -28,6 +29,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("auto", "torch", "mlx")  # auto: mlx on Apple Silicon when mlx-lm is installed, else torch
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": None}  # sink -> the package (and extra) it needs
 SECTIONS = ("model", "data", "train")
 MAX_SEQ_LEN = 1 << 20
 MAX_COUNT = 10**15  # steps, tokens, documents, intervals: beyond any real run, and exact as a float
@@ -92,6 +94,11 @@ class TrainConfig:
     eval_batches: int = 4
     growth_check_interval: int = 0  # re-check the cache for new chunks every K steps; 0 = at resume only
     shuffle_buffer_mb: int = 1024  # decoded rows shuffled together (and kept decoded): all of a cache that fits
+    sample_every: int = 0  # generate a short sample every N steps, as a `sample` event; 0 = off
+    sample_prompt: str | None = None  # what samples continue; none starts a new document
+    sample_tokens: int | None = None  # new tokens per sample; none: min(48, seq_len / 2)
+    sample_temperature: float = 0.8  # 0 is greedy; sampled with `seed`, so every sample draws the same numbers
+    tracker: str | None = None  # extra metric sinks, comma-separated: tensorboard, wandb, csv (engine.tracking)
 
 
 SECTION_TYPES: dict[str, type] = dict(zip(SECTIONS, (ModelConfig, DataConfig, TrainConfig)))
@@ -193,6 +200,14 @@ class RunConfig:
         _require(t.device in DEVICES, f"train.device must be one of {', '.join(DEVICES)}, got {shown(t.device)}")
         _require(t.backend in BACKENDS, f"train.backend must be one of {', '.join(BACKENDS)}, got {shown(t.backend)}")
         _require(t.growth_check_interval >= 0, "train.growth_check_interval must be >= 0")
+        _require(t.sample_every >= 0, f"train.sample_every must be >= 0 (0 disables), got {t.sample_every}")
+        _require(t.sample_tokens is None or t.sample_tokens >= 1,
+                 f"train.sample_tokens must be a positive integer, got {t.sample_tokens}")
+        _require(t.sample_every == 0 or t.sample_tokens is None or t.sample_tokens < d.seq_len or d.cache is not None,
+                 f"train.sample_tokens ({t.sample_tokens}) must leave room for a prompt in seq_len {d.seq_len}")
+        _require(t.sample_temperature >= 0, f"train.sample_temperature must be >= 0 (0 is greedy), "
+                                            f"got {t.sample_temperature}")
+        tracker_names(t.tracker)
         _require(t.shuffle_buffer_mb >= 1, f"train.shuffle_buffer_mb must be a positive integer, got {t.shuffle_buffer_mb}")
         low, high = SEED_RANGE
         _require(low <= t.seed <= high, f"train.seed must be between -2**63 and 2**64-1 (what torch accepts), "
@@ -211,6 +226,18 @@ def check_data(d: DataConfig, where: str = "data.") -> None:
         _require(v is None or v >= 1, f"{where}{key} must be positive, got {v}")
     _require(d.max_docs is None or d.max_chunks is None, "give max_docs or max_chunks, not both")
     _require(d.eval_chunks >= 0, f"{where}eval_chunks must be >= 0, got {d.eval_chunks}")
+
+
+def tracker_names(spec: str | None) -> list[str]:
+    """The sinks `train.tracker` names (`tensorboard,csv`), each once. One whose package is missing
+    is refused here, with the extra that installs it, before the run writes anything."""
+    names = [] if spec is None else [part.strip().lower() for part in spec.split(",")]
+    for name in names:
+        _require(name in TRACKERS, f"train.tracker: unknown tracker {shown(name)}; choose from {', '.join(TRACKERS)}")
+        package = TRACKERS[name]
+        _require(package is None or importlib.util.find_spec(package) is not None,
+                 f"--tracker {name} needs the {package} package: pip install 'packtrain[{name}]'")
+    return list(dict.fromkeys(names))
 
 
 def _require(ok: bool, message: str) -> None:

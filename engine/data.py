@@ -42,8 +42,11 @@ class ChunkSource(Protocol):
     """The part of engine.cache.reader.PackedCache that ordering and reading need."""
 
     chunk_sizes: Mapping[int, int]
+    flagged: bool
 
     def read_chunk(self, chunk_id: int) -> np.ndarray: ...
+
+    def read_flags(self, chunk_id: int) -> np.ndarray | None: ...
 
 
 def seq_ids(chunk: int, rows: np.ndarray) -> np.ndarray:
@@ -78,9 +81,10 @@ def check_ranges(value: Any, what: str) -> list[list[int]]:
     return value
 
 
-def rows_in_budget(budget_bytes: int, seq_len: int, dtype: Any) -> int:
-    """Decoded rows of `seq_len + 1` tokens that fit `budget_bytes`: the window of a new run."""
-    return max(1, int(budget_bytes) // ((int(seq_len) + 1) * np.dtype(dtype).itemsize))
+def rows_in_budget(budget_bytes: int, seq_len: int, dtype: Any, flagged: bool = False) -> int:
+    """Decoded rows of `seq_len + 1` tokens (and their flag bytes when `flagged`) that fit
+    `budget_bytes`: the window of a new run."""
+    return max(1, int(budget_bytes) // ((int(seq_len) + 1) * (np.dtype(dtype).itemsize + int(flagged))))
 
 
 def cut_windows(costs: list[int], limit: int) -> list[slice]:
@@ -313,12 +317,21 @@ def rank_slice(ids: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 def read_sequences(source: ChunkSource, ids: np.ndarray) -> np.ndarray:
     """Rows [len(ids), seq_len + 1] as int64, in the order of `ids`; the source's chunk LRU, bounded
     by the same budget as the shuffle window, decodes each chunk about once per window."""
+    return _gather(source.read_chunk, ids, np.int64)
+
+
+def read_flags(source: ChunkSource, ids: np.ndarray) -> np.ndarray | None:
+    """The rows' per-token flags (engine.token_flags) in the order of `ids`; None for a text cache."""
+    return _gather(source.read_flags, ids, np.uint8) if source.flagged else None
+
+
+def _gather(read: Callable[[int], Any], ids: np.ndarray, dtype: Any) -> np.ndarray:
     chunks, rows = split_ids(ids)
     uniq, first = np.unique(chunks, return_index=True)
     # touched in the order the rows come: a batch that spans two windows marks the old window's
     # chunks least recently used, so the LRU evicts those rather than the new window's
-    parts = {int(c): source.read_chunk(int(c)) for c in uniq[np.argsort(first)]}
-    out = np.empty((len(ids), next(iter(parts.values())).shape[1]), dtype=np.int64)
+    parts = {int(c): read(int(c)) for c in uniq[np.argsort(first)]}
+    out = np.empty((len(ids), next(iter(parts.values())).shape[1]), dtype=dtype)
     for c, arr in parts.items():
         sel = chunks == c
         out[sel] = arr[rows[sel]]

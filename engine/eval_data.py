@@ -8,6 +8,9 @@
 - A source is tokenized here with the checkpoint's own tokenizer and packed as a cache build packs it
   (documents joined with EOS, rows of seq_len + 1), in memory: nothing is written. The same text
   gives checkpoints with different tokenizers comparable bits per byte.
+
+Rows of an instruction cache come with their flags (engine.token_flags): the eval then scores the
+response tokens only, with each packed example on its own, as the trainer's eval does.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class EvalData:
     label: str  # what a person reads in a table or an event
     spec: str  # the cache folder or source spec it came from
     tokenizer: Path  # tokenizer.json the ids belong to
+    flags: np.ndarray | None = None  # per-token flags of instruction-cache rows
 
 
 def plan(loaded: LoadedModel, layout: Layout, batches: int | None) -> tuple[int, int]:
@@ -78,7 +82,7 @@ def for_model(data: EvalData, loaded: LoadedModel, layout: Layout) -> EvalData:
 def held_out(loaded: LoadedModel, layout: Layout, count: int) -> EvalData:
     from engine.cache.metadata import METADATA_FILE
     from engine.cache.naming import cache_path_for
-    from engine.data import DataOrder, check_resume_cache, read_sequences
+    from engine.data import DataOrder, check_resume_cache, read_flags, read_sequences
 
     state = loaded.state
     record = state.get("cache") if isinstance(state.get("cache"), dict) else {}
@@ -107,12 +111,13 @@ def held_out(loaded: LoadedModel, layout: Layout, count: int) -> EvalData:
                         "evaluate with --cache PATH or --source SPEC")
     chunks = ", ".join(str(c) for c in order.eval_chunks)
     return EvalData(rows=read_sequences(cache, ids), kind="held-out", spec=str(cache.path), tokenizer=_tok(cache),
-                    label=f"held-out chunk(s) {chunks} of {cache.dataset_name}, {len(ids):,} sequences")
+                    label=f"held-out chunk(s) {chunks} of {cache.dataset_name}, {len(ids):,} sequences",
+                    flags=read_flags(cache, ids))
 
 
 def from_cache(loaded: LoadedModel, layout: Layout, spec: str, count: int) -> EvalData:
     from engine.cache.build import resolve_cache_path
-    from engine.data import DataOrder, read_sequences
+    from engine.data import DataOrder, read_flags, read_sequences
 
     cache = PackedCache(resolve_cache_path(spec, layout))
     _check_tokenizer(loaded, cache)
@@ -124,7 +129,7 @@ def from_cache(loaded: LoadedModel, layout: Layout, spec: str, count: int) -> Ev
     if len(ids) == 0:
         raise UserError(f"cache {cache.path} holds no sequences")
     return EvalData(rows=read_sequences(cache, ids), kind="cache", spec=str(cache.path), tokenizer=_tok(cache),
-                    label=f"cache {cache.dataset_name}, {len(ids):,} sequences")
+                    label=f"cache {cache.dataset_name}, {len(ids):,} sequences", flags=read_flags(cache, ids))
 
 
 def from_source(loaded: LoadedModel, spec: str, count: int) -> EvalData:

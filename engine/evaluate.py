@@ -34,6 +34,7 @@ from engine.catalog import weights_hash
 from engine.eval_data import EvalData
 from engine.inference import LoadedModel
 from engine.paths import Layout
+from engine.token_flags import loss_mask, position_ids
 
 LN2 = math.log(2.0)
 
@@ -93,9 +94,10 @@ def byte_lengths(tokenizer: object) -> np.ndarray | None:
 
 def evaluate(loaded: LoadedModel, rows: np.ndarray, batch_size: int, *,
              on_batch: Callable[[int, int, int], None] | None = None,
-             interrupted: Callable[[], bool] | None = None) -> Metrics:
+             interrupted: Callable[[], bool] | None = None, flags: np.ndarray | None = None) -> Metrics:
     """Metrics over `rows` [n, seq_len + 1] in batches; `on_batch(done, total, tokens)` after each,
-    and a stop between batches when `interrupted()` says so (the metrics then cover what was done)."""
+    and a stop between batches when `interrupted()` says so (the metrics then cover what was done).
+    With `flags` (an instruction cache) only trained targets count, each packed example on its own."""
     device = loaded.device
     table = byte_lengths(loaded.tokenizer)
     lengths = torch.from_numpy(table).to(device) if table is not None else None
@@ -111,9 +113,14 @@ def evaluate(loaded: LoadedModel, rows: np.ndarray, batch_size: int, *,
                 break
             batch = torch.from_numpy(np.ascontiguousarray(rows[start:start + batch_size], dtype=np.int64)).to(device)
             targets = batch[:, 1:].reshape(-1)
+            part = None if flags is None else flags[start:start + batch_size]
+            extra = {} if part is None else {"position_ids": torch.from_numpy(position_ids(part)).to(device)}
             with loaded.autocast():
-                logits = model(input_ids=batch[:, :-1]).logits
+                logits = model(input_ids=batch[:, :-1], **extra).logits
             logits = logits.reshape(-1, logits.size(-1)).float()
+            keep = None if part is None else torch.from_numpy(loss_mask(part).reshape(-1)).to(device)
+            if keep is not None:
+                logits, targets = logits[keep], targets[keep]
             nats += F.cross_entropy(logits, targets, reduction="sum")
             hits = logits.topk(min(5, logits.size(-1)), dim=1).indices == targets[:, None]
             top1 += hits[:, 0].sum()
@@ -121,7 +128,8 @@ def evaluate(loaded: LoadedModel, rows: np.ndarray, batch_size: int, *,
             if lengths is not None:
                 n_bytes += lengths[targets].sum()
             else:
-                texts = loaded.tokenizer.batch_decode(batch[:, 1:].tolist(), skip_special_tokens=True)
+                kept = batch[:, 1:].tolist() if keep is None else [targets.tolist()]
+                texts = loaded.tokenizer.batch_decode(kept, skip_special_tokens=True)
                 decoded_bytes += sum(len(t.encode("utf-8")) for t in texts)
             tokens += targets.numel()
             done += 1
@@ -141,7 +149,7 @@ def run_eval(loaded: LoadedModel, data: EvalData, layout: Layout, batch_size: in
         emit(P.EvalProgress(checkpoint=loaded.display_name, batches_done=done, batches_total=total, tokens=tokens,
                             request=request))
 
-    m = evaluate(loaded, data.rows, batch_size, on_batch=progress, interrupted=interrupted)
+    m = evaluate(loaded, data.rows, batch_size, on_batch=progress, interrupted=interrupted, flags=data.flags)
     if not m.complete:
         return None
     result = P.EvalResult(

@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -213,3 +214,28 @@ def run(loaded: LoadedModel, ids: list[int], params: P.SamplingParams, *, emit: 
         if done.reason == "interrupted":
             break
     return samples
+
+
+def training_sampler(net: Any, tokenizer_dir: Path, eos: int, *, device: torch.device, precision: str,
+                     context: int) -> Callable[[str, P.SamplingParams], tuple[str, int]]:
+    """Samples during training (engine.train_samples) from the model being trained, through the same
+    `sample` as a loaded checkpoint: (text, new tokens). The model is in eval mode only meanwhile."""
+    from engine.backends.torch_model import count_params
+    from engine.inference import load_tokenizer
+
+    loaded = LoadedModel(model=net, tokenizer=load_tokenizer(tokenizer_dir), path=tokenizer_dir, model_name="",
+                         display_name="", state={}, device=device, precision=precision, context=context, eos_id=eos,
+                         n_params=count_params(net), seconds=0.0)
+
+    def generate(prompt: str, params: P.SamplingParams) -> tuple[str, int]:
+        new_tokens = new_token_budget(params, context)
+        ids = fit(encode(loaded, prompt), context, new_tokens).ids
+        training = net.training
+        net.eval()
+        try:
+            done = sample(loaded, ids, params, params.seed or 0, new_tokens, on_text=lambda _: None)
+        finally:
+            net.train(training)
+        return done.text, len(done.ids)
+
+    return generate

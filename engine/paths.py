@@ -15,6 +15,9 @@ Root resolution: explicit --root, else $PACKTRAIN_HOME, else the current directo
     <root>/checkpoints/<model>/evals.jsonl                       kept eval results (never inside a checkpoint)
     <root>/training_logs/<model>_run_<k>.jsonl                    append-only event log of run k
     <root>/training_logs/<model>.console.log                     stdout/stderr of TUI-started engines
+    <root>/training_logs/<model>_run_<k>.csv                      --tracker csv: the run's metrics
+    <root>/training_logs/tensorboard/<model>_run_<k>/             --tracker tensorboard: event files
+    <root>/training_logs/wandb/                                   --tracker wandb: W&B's own run folders
 """
 
 from __future__ import annotations
@@ -136,6 +139,17 @@ class Layout:
 
     def console_log(self, model: str) -> Path:
         return self.logs_root / f"{check_name(model, 'model name')}.console.log"
+
+    def metrics_csv(self, model: str, run: int) -> Path:
+        return self.run_log(model, run).with_suffix(".csv")
+
+    def tensorboard_dir(self, model: str, run: int) -> Path:
+        return self.logs_root / "tensorboard" / self.run_log(model, run).stem
+
+    @property
+    def wandb_parent(self) -> Path:
+        """W&B makes its `wandb/` folder inside the folder it is given."""
+        return self.logs_root
 
     def ensure(self) -> "Layout":
         for d in (self.packed_root, self.checkpoints_root, self.logs_root):

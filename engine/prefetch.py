@@ -1,4 +1,4 @@
-"""The next step's rows, read on a worker thread while the current step runs.
+"""The next step's rows (and their token flags), read on a worker thread while the current step runs.
 
 The loop asks for rows by sequence ids; a prefetch of the ids it expects next is started just before
 a step and awaited just after it, so the cache is never touched by two threads at once (evaluation,
@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.data import read_sequences
+from engine.data import read_flags, read_sequences
+
+Batch = tuple[np.ndarray, np.ndarray | None]  # rows, and their per-token flags (None for a text cache)
 
 
 class RowPrefetcher:
@@ -27,28 +29,31 @@ class RowPrefetcher:
     def __init__(self, cache: Any) -> None:
         self.cache = cache
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packtrain-rows")
-        self.pending: tuple[np.ndarray, Future[np.ndarray]] | None = None
+        self.pending: tuple[np.ndarray, Future[Batch]] | None = None
         self.wait_s = 0.0
         self.read_s = 0.0
 
-    def _read(self, ids: np.ndarray) -> np.ndarray:
-        started = time.perf_counter()
-        rows = read_sequences(self.cache, ids)
-        self.read_s += time.perf_counter() - started
-        return rows
+    def _batch(self, ids: np.ndarray) -> Batch:
+        return read_sequences(self.cache, ids), read_flags(self.cache, ids)
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
-        """The rows of `ids`: the prefetched ones when they are these ids, else read now."""
+    def _read(self, ids: np.ndarray) -> Batch:
+        started = time.perf_counter()
+        batch = self._batch(ids)
+        self.read_s += time.perf_counter() - started
+        return batch
+
+    def rows(self, ids: np.ndarray) -> Batch:
+        """The rows and flags of `ids`: the prefetched ones when they are these ids, else read now."""
         started = time.perf_counter()
         pending, self.pending = self.pending, None
         if pending is not None and np.array_equal(pending[0], ids):
-            rows = pending[1].result()
+            batch = pending[1].result()
         else:
             if pending is not None:
                 wait([pending[1]])  # the worker is idle before this thread reads
-            rows = read_sequences(self.cache, ids)
+            batch = self._batch(ids)
         self.wait_s += time.perf_counter() - started
-        return rows
+        return batch
 
     def start(self, ids: np.ndarray) -> None:
         """Begin reading `ids` on the worker."""

@@ -92,6 +92,19 @@ class Eval(Event):
 
 
 @dataclass(kw_only=True)
+class TrainingSample(Event):
+    """A short generation from the model being trained (`train.sample_every`): what it writes at
+    `step` from the same prompt and the same random draws each time, so samples compare across steps."""
+
+    kind: ClassVar[str] = "sample"
+    step: int
+    prompt: str
+    text: str
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(kw_only=True)
 class CacheExpanded(Event):
     """The cache grew under a run: the rest of the epoch now includes the new sequences."""
 
@@ -179,6 +192,16 @@ class CacheReady(Event):
     sequences: int
     ok: bool = True
     bad: list[dict[str, Any]] = field(default_factory=list)
+    format: str = "text"  # text, or the instruction format found: chat, prompt_response, instruction
+    examples: int = 0  # documents or instruction examples in the committed chunks
+    trained_share: float | None = None  # share of targets that train (instruction caches); None: all
+
+    def data_line(self) -> str:
+        """`chat: 1,200 examples, 38.5% of tokens train` (or `text: 4,000 documents`), as the CLI and
+        the cache screen show it."""
+        if self.trained_share is None:
+            return f"{self.format}: {self.examples:,} documents"
+        return f"{self.format}: {self.examples:,} examples, {100 * self.trained_share:.1f}% of tokens train"
 
 
 # --- using a model: eval, generation, the serve-model child ------------------------------------------
@@ -303,7 +326,7 @@ class Unknown(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
-        RunStarted, Plan, Step, Eval, CacheExpanded, CheckpointSaved, State, Log, Warning, Error,
+        RunStarted, Plan, Step, Eval, TrainingSample, CacheExpanded, CheckpointSaved, State, Log, Warning, Error,
         Finished, CacheProgress, CacheReady, ModelLoaded, GenerationStarted, Token, GenerationDone, EvalProgress,
         EvalResult, Done,
     )
@@ -592,6 +615,11 @@ def growth_line(n_before: int, n_after: int) -> str:
     return f"Dataset expanded: {n_before:,} → {n_after:,} sequences"
 
 
+def one_line(text: str) -> str:
+    """Text with its line breaks shown as ⏎, so a multi-line sample stays one log line."""
+    return "⏎".join(text.splitlines())
+
+
 def describe(event: Event) -> str | None:
     """The one wording of each event for a person: the engine's terminal lines and the TUI's log
     pane both print this. None for events that only feed bars, gauges and curves, and for growth
@@ -612,6 +640,9 @@ def describe(event: Event) -> str | None:
         return f"Saved {e.display_name} ({format_bytes(e.bytes)} in {e.seconds:.1f}s)"
     if isinstance(e, Eval):
         return f"Eval at step {e.step:,}: loss {e.loss:.3f}, perplexity {e.perplexity:,.2f}"
+    if isinstance(e, TrainingSample):
+        prompt = f"{one_line(e.prompt)!r} → " if e.prompt else ""
+        return f"Sample at step {e.step:,}: {prompt}{one_line(e.text)}"
     if isinstance(e, State):
         if e.state == "running" and e.reason == "started":
             return None  # the run header already said so

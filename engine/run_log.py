@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from engine import protocol as P
 
@@ -20,6 +20,14 @@ def human(event: P.Event) -> str | None:
     """The terminal line for an event: the shared wording, except errors, which the CLI prints
     itself, once, on stderr."""
     return None if isinstance(event, P.Error) else P.describe(event)
+
+
+class EventSink(Protocol):
+    """Something else that follows every event the log gets (engine.tracking.Trackers)."""
+
+    def handle(self, event: P.Event, log: "RunLog") -> None: ...
+
+    def close(self) -> None: ...
 
 
 class RunLog:
@@ -34,6 +42,7 @@ class RunLog:
         # Events from before the log exists (setup decisions, resume checks) are shown at once and
         # written after the header, so a refused start writes nothing and a started one loses nothing.
         self._early: list[str] = []
+        self.sinks: list[EventSink] = []
 
     def attach(self, path: Path, header: P.RunStarted) -> None:
         """Start the run log with its header; every later event is appended to it."""
@@ -63,6 +72,8 @@ class RunLog:
             text = human(event)
             if text is not None:
                 self._print(text)
+        for sink in self.sinks:
+            sink.handle(event, self)
 
     def info(self, message: str) -> None:
         self.emit(P.Log(message=message))
@@ -92,6 +103,9 @@ class RunLog:
             pass
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._file is not None:
             self._file.close()
             self._file = None

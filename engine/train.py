@@ -30,15 +30,17 @@ from engine.backends.base import Backend
 from engine.catalog import display_name
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
-from engine.data import DataOrder, rank_slice, read_sequences, split_ids
+from engine.data import DataOrder, rank_slice, read_flags, read_sequences, split_ids
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.prefetch import RowPrefetcher
-from engine.run_log import RunLog
+from engine.run_log import EventSink, RunLog
 from engine.schedule import Schedule, total_steps
 from engine.state import (
     TRAINER_STATE_FORMAT, CacheRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState, TrainerState,
 )
+from engine.token_flags import trained_tokens
+from engine.train_samples import TrainingSamples
 
 
 # --- what a run starts from ----------------------------------------------------------------------
@@ -48,6 +50,7 @@ from engine.state import (
 class Options:
     events: bool = False  # JSON events on stdout instead of human lines
     trace_data: str | None = None  # append the sequence ids each rank trains on (audits and tests)
+    sinks: list[EventSink] = field(default_factory=list)  # more followers of rank 0's events (engine.tracking)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Trainer:
     def __init__(self, start: Start, *, layout: Layout, backend: Backend, cache: Any, checkpointer: Any,
                  log: RunLog, opts: Options) -> None:
         self.s, self.layout, self.backend, self.opts, self.log = start, layout, backend, opts, log
+        log.sinks += opts.sinks
         self.dist = backend.dist
         self.cfg, self.t = start.cfg, start.cfg.train
         self.cache, self.ckpt = cache, checkpointer
@@ -83,6 +87,8 @@ class Trainer:
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
         self.n_params = backend.n_params
+        self.samples = TrainingSamples(self.t, backend, tokenizer_dir=cache.tokenizer_dir, eos_id=cache.eos_id,
+                                       context=self.seq_len, log=log)
         backend.load_scaler_state(start.scaler)
         self.log.emit(self.plan_event())
         self.check_growth()
@@ -205,11 +211,13 @@ class Trainer:
         mine = ids[self.dist.rank::self.dist.world_size]
         total, count = 0.0, 0
         for i in range(0, len(mine), self.t.micro_batch):
-            rows = read_sequences(self.cache, mine[i:i + self.t.micro_batch])
-            total += self.backend.eval_loss(rows) * len(rows)
-            count += len(rows)
+            part = mine[i:i + self.t.micro_batch]
+            rows, flags = read_sequences(self.cache, part), read_flags(self.cache, part)
+            weight = len(rows) if flags is None else trained_tokens(flags)  # a mean over trained targets
+            total += self.backend.eval_loss(rows, flags) * weight
+            count += weight
         total, count = self.backend.all_reduce_sum([total, float(count)])
-        loss = total / count
+        loss = total / max(count, 1.0)
         self.last_eval = (self.s.step, loss)
         if self.s.best_eval_loss is None or loss < self.s.best_eval_loss:
             self.s.best_eval_loss = loss
@@ -296,13 +304,13 @@ class Trainer:
             ids, next_epoch, next_cursor = s.order.take(s.epoch, s.cursor, self.global_batch)
             mine = rank_slice(ids, dist.rank, dist.world_size)
             self.trace(mine)
-            rows = self.reader.rows(mine)
+            rows, flags = self.reader.rows(mine)
             if s.step + 1 < s.schedule.total_steps:  # what the next step reads, unless growth changes it
                 ahead, _, _ = s.order.take(next_epoch, next_cursor, self.global_batch)
                 self.reader.start(rank_slice(ahead, dist.rank, dist.world_size))
             log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
             result = backend.train_step(rows, lr, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
-                                        grad_clip=t.grad_clip, want_norm=log_now)
+                                        grad_clip=t.grad_clip, want_norm=log_now, flags=flags)
             self.reader.settle()
             losses.append(result.loss)
             self.step_loss = result.loss
@@ -323,6 +331,7 @@ class Trainer:
                 losses = []
                 excluded, paused, t_log = 0.0, 0.0, time.perf_counter()
             t_boundary = time.perf_counter()
+            self.samples.after_step(s.step)
             done = s.step >= s.schedule.total_steps
             if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.widgets import Input, Static
 from app_testkit import make_corpus, pretend_engine, run_engine, screen_text, wait_for
 
 from app.app import PacktrainApp
@@ -141,10 +142,15 @@ async def test_new_training_flow_end_to_end(layout: Layout, tmp_path: Path) -> N
         await wait_for(pilot, lambda: "data.seq_len must be at least 2" in screen_text(app))
         await pilot.press("home", "ctrl+k", *"32")
         await pilot.click("#f-train-max_steps")
-        await pilot.press("home", "ctrl+k", *"16", "enter")
+        await pilot.press("home", "ctrl+k", *"16")
+        form.query_one("#f-train-sample_every", Input).focus()  # below the fold: focus scrolls to it
+        await pilot.press("home", "ctrl+k", "8")
+        form.query_one("#f-train-sample_prompt", Input).focus()
+        await pilot.press(*"the", "enter")
         await wait_for(pilot, lambda: isinstance(app.screen, CacheScreen), what="the cache screen")
         saved = RunConfig.load(layout.model_dir("tui_run") / "config.yaml")
         assert saved.name == "tui_run" and saved.train.max_steps == 16 and saved.model.preset == "tiny"
+        assert saved.train.sample_every == 8 and saved.train.sample_prompt == "the"
         assert form.collect().train.max_steps == 16
 
         await wait_for(pilot, lambda: "Building cache: corpus at" in screen_text(app), 10)
@@ -156,6 +162,11 @@ async def test_new_training_flow_end_to_end(layout: Layout, tmp_path: Path) -> N
         assert "Step " in screen_text(app) and "/16 (" in screen_text(app) and " tok/s | ETA " in screen_text(app)
         await wait_for(pilot, lambda: "Finished (completed) at step 16" in screen_text(app), 90, "the end")
         assert "Saved step 16 · " in screen_text(app) and "tui_run_checkpoint_16_run_1" in screen_text(app)
+        samples = [e for e in map(json.loads, layout.run_log("tui_run", 1).read_text().splitlines())
+                   if e["event"] == "sample"]
+        assert [s["step"] for s in samples] == [8, 16] and samples[-1]["prompt"] == "the"
+        shown = str(app.screen.query_one("#sample", Static).render())  # the newest sample, under the plot
+        assert shown == "Sample at step 16\nthe" + samples[-1]["text"]
 
         await pilot.press("escape")
         await wait_for(pilot, lambda: "tui_run_checkpoint_16_run_1" in screen_text(app), 10, "the new checkpoint")

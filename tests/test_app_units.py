@@ -265,6 +265,20 @@ async def test_an_engine_that_cannot_start_leaves_the_cache_screen_usable(tmp_pa
         assert not isinstance(app.screen, CacheScreen)
 
 
+async def test_the_cache_screen_shows_the_format_examples_and_trained_share(tmp_path: Path) -> None:
+    job = CacheJob(model="m", dataset="d", path=tmp_path / "gone", engine_args=["train"])
+    app = OneScreen(Layout(tmp_path), CacheScreen(job))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_for(pilot, lambda: "gone" in screen_text(app), 20, "the cache screen")
+        app.screen._report(P.CacheReady(cache="c", chunks=6, sequences=293, format="chat", examples=300,
+                                        trained_share=0.275), built=True)
+        await pilot.pause()
+        assert "chat: 300 examples, 27.5% of tokens train" in screen_text(app)
+        app.screen._report(P.CacheReady(cache="c", chunks=6, sequences=293, examples=40), built=False)
+        await pilot.pause()
+        assert "text: 40 documents" in screen_text(app)
+
+
 async def test_every_screen_reports_a_failed_worker(tmp_path: Path, no_engine: Path) -> None:
     """The environment checks fail with the reason; a screen without a place of its own (and the
     app) get a notification; the manage screen shows it under the list."""

@@ -39,7 +39,7 @@ BAD_STR = {  # values of string fields that are wrong for that field (plus "" an
                      "{cwd}/m/syntax.json", "{cwd}/m/list.json", "{cwd}/m/kv.json", "{cwd}/m/odd.json",
                      "{cwd}/m/huge.json", "{cwd}/m/gpt2.json", "{cwd}/m/short.json", "{cwd}/m/nonutf8.json",
                      "{cwd}/m/missing.json", "{cwd}/m"],
-    "cache": ["{cwd}/nowhere", "{cwd}/afile"],
+    "cache": ["{cwd}/nowhere", "{cwd}/afile"], "tracker": ["mlflow", "csv,,tensorboard"],
 }
 
 CONFIGS = {  # malformed and wrong-shaped run configs, by file name (bytes are written as they are)

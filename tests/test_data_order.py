@@ -83,6 +83,7 @@ def test_rows_in_budget_counts_decoded_bytes() -> None:
     assert rows_in_budget(1024 << 20, 256, np.uint16) == (1024 << 20) // (257 * 2)
     assert rows_in_budget(1 << 20, 1023, np.uint32) == 256
     assert rows_in_budget(10, 256, np.uint16) == 1  # never an empty window
+    assert rows_in_budget(3 << 20, 1023, np.uint16, flagged=True) == 1024  # instruction rows carry a flag byte a token
 
 
 # A run saved before windows were sized in rows: its state says "window": 8 (chunks). These digests

@@ -65,7 +65,8 @@ def story(layout: Layout, model: str = "story") -> None:
                                           resumed_from=f"{model}_checkpoint_200_run_1")]
     second += [e for e in fake_events(model, run=2, steps=260, total=450, finished=True)[2:] if e.step > 200]
     second.insert(5, {"v": 1, "event": "rollback", "ts": T0 + 330, "step": 230, "reason": "3 non-finite steps"})
-    second.insert(6, {"v": 1, "event": "sample", "ts": T0 + 340, "step": 240, "prompt": "def <tag>", "text": "return 1"})
+    second.insert(6, {"v": 1, "event": "sample", "ts": T0 + 340, "step": 240, "prompt": "def <tag>",
+                      "text": "return 1", "new_tokens": 3, "seconds": 0.5})
     write_events(layout, model, second, run=2)
 
 
@@ -101,7 +102,7 @@ def test_report_curves_span_every_run_with_a_marker_for_each_incident(layout: La
     assert steps == list(range(1, 261)) and history.n_steps == 260
     assert len(history.columns["step"]) == 261, "one gap between the runs, so their curves are not joined"
     assert [s for s, _ in history.evals] == [100, 200]
-    assert history.samples == [{"step": 240, "prompt": "def <tag>", "text": "return 1"}]
+    assert history.samples == [{"step": 240, "prompt": "def <tag>", "text": "return 1", "new_tokens": 3, "seconds": 0.5}]
 
 
 def test_report_shows_the_cache_and_its_document_lengths(layout: Layout, tiny_cache: Path) -> None:

@@ -18,6 +18,7 @@ def test_every_event_round_trips() -> None:
         p.Step(step=1, total_steps=100, loss=5.0, lr=1e-3, grad_norm=0.5, tokens_per_sec=10.0, eta_s=60.0,
                progress_pct=1.0, rss_gb=0.2),
         p.Eval(step=1, loss=4.0, perplexity=math.exp(4.0)),
+        p.TrainingSample(step=4, prompt="def", text=" f(x):\n    return ✓", new_tokens=9, seconds=0.1),
         p.CacheExpanded(step=5, n_before=10, n_after=20, total_steps_before=3, total_steps_after=6),
         p.CheckpointSaved(step=5, path="/x", display_name="m_checkpoint_5_run_1"),
         p.State(state="paused"),

@@ -178,7 +178,8 @@ class CacheScreen(ReportsWorkerFailures, Screen[None]):
             self._set("cache-hint", "R repairs exactly these chunks · Esc goes back")
             return
         verb = "Cache ready" if built else "Cache validated"
-        self._set("cache-result", f"{verb}: {ready.chunks:,} chunks, {format_count(ready.sequences)} sequences")
+        self._set("cache-result", f"{verb}: {ready.chunks:,} chunks, {format_count(ready.sequences)} sequences\n"
+                                  f"{ready.data_line()}")
         self._finish_ok(ready.sequences)
 
     def _finish_ok(self, sequences: int | None) -> None:

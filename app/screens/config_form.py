@@ -63,6 +63,9 @@ TRAIN_FIELDS = (
     FieldSpec("train", "log_interval", "Log every (steps)", "integer"),
     FieldSpec("train", "growth_check_interval", "Growth check every", "integer",
               placeholder="0 = only at resume; N = every N steps"),
+    FieldSpec("train", "sample_every", "Sample every (steps)", "integer", placeholder="0 = off; N = a sample every N steps"),
+    FieldSpec("train", "sample_prompt", "Sample prompt", optional=True, placeholder="blank = a new document"),
+    FieldSpec("train", "tracker", "Trackers", optional=True, placeholder="blank = none; tensorboard, wandb, csv"),
 )
 SELECTS = (("model", "preset"), ("train", "schedule"), ("train", "precision"))
 
@@ -194,20 +197,23 @@ class ConfigFormScreen(Screen[None]):
         else:
             self.app.pop_screen()
 
-    def action_submit(self) -> None:
+    def say(self, text: str, ok: bool) -> None:
+        """The status line under the fields, scrolled into view: the form is taller than a small terminal."""
         status = self.query_one("#form-status", Static)
+        status.update(text)
+        status.set_classes("status ok" if ok else "status bad")
+        self.call_after_refresh(status.scroll_visible, animate=False)
+
+    def action_submit(self) -> None:
         try:
             cfg = self.collect()
         except UserError as e:
-            status.update(f"✗ {e}")
-            status.set_classes("status bad")
+            self.say(f"✗ {e}", ok=False)
             return
         try:
             path = save_config(self.app.layout, cfg)
         except OSError as e:
-            status.update(f"✗ cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}")
-            status.set_classes("status bad")
+            self.say(f"✗ cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}", ok=False)
             return
-        status.update(f"Saved {path}")
-        status.set_classes("status ok")
+        self.say(f"Saved {path}", ok=True)
         self.app.open_cache_for_new(cfg, path)

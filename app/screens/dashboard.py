@@ -7,6 +7,7 @@ thousands of events costs a handful of repaints.
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -76,6 +77,11 @@ def plan_text(state: RunState) -> str:
     return "\n".join(lines)
 
 
+def sample_text(sample: protocol.TrainingSample) -> Text:
+    """The latest sample under the plot: its step, then the prompt (dim) and what the model wrote."""
+    return Text.assemble((f"Sample at step {sample.step:,}\n", "bold"), (sample.prompt, "dim"), sample.text)
+
+
 class DashboardScreen(Screen[None]):
     BINDINGS = [
         Binding("s", "save", "Save"),
@@ -102,6 +108,7 @@ class DashboardScreen(Screen[None]):
                 with Vertical(id="side"):
                     yield MetricSparks(id="sparks")
                     yield Static("", id="plan", markup=False)
+            yield Static("", id="sample", markup=False)
             yield Static("", id="error", markup=False)
             yield Log(id="log", max_lines=LOG_LINES, auto_scroll=True)
             yield Static("", id="status", markup=False)
@@ -121,6 +128,10 @@ class DashboardScreen(Screen[None]):
                                            "lr": s.lr, "grad_norm": s.grad_norm})
         self.query_one("#plan", Static).update(plan_text(s))
         self.query_one("#status", Static).update(status_line(s))
+        sample = self.query_one("#sample", Static)
+        sample.display = s.sample is not None
+        if s.sample is not None:
+            sample.update(sample_text(s.sample))
         error = self.query_one("#error", Static)
         error.display = bool(s.error)
         if s.error:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from engine import protocol as P
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
@@ -97,20 +98,35 @@ class Backend(ABC):
         """generation_config.json text, when the framework has one."""
 
     # --- steps --------------------------------------------------------------------------------
-    @abstractmethod
-    def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool) -> StepResult:
-        """One optimizer step on packed rows [n, seq_len + 1] (x = row[:-1], y = row[1:]) at `lr`,
-        in `grad_accum` micro-batches, clipped to `grad_clip` by global norm (0: no clipping; the
-        norm is then computed only when `want_norm`)."""
+    trains_flags: ClassVar[bool] = False  # whether train_step/eval_loss honour `flags` (instruction caches)
 
     @abstractmethod
-    def eval_loss(self, rows: np.ndarray) -> float:
-        """Mean next-token loss of `rows` without touching gradients or optimizer state."""
+    def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
+                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
+        """One optimizer step on packed rows [n, seq_len + 1] (x = row[:-1], y = row[1:]) at `lr`,
+        in `grad_accum` micro-batches, clipped to `grad_clip` by global norm (0: no clipping; the
+        norm is then computed only when `want_norm`).
+
+        `flags` (engine.token_flags, same shape as rows) marks the targets that train and where
+        packed examples start; the loss is then the sum over trained targets of the whole global
+        batch divided by their count, so micro-batches and ranks with more response tokens weigh
+        exactly as much as those tokens do. None: every target trains, rows are one stream."""
+
+    @abstractmethod
+    def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
+        """Mean next-token loss of `rows` (over the trained targets when `flags` are given) without
+        touching gradients or optimizer state."""
 
     @abstractmethod
     def to_host(self, values: list[Tensor]) -> list[float]:
         """Device scalars as floats, with one synchronisation for the lot."""
+
+    def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Callable[[str, P.SamplingParams], tuple[str, int]]:
+        """A function that continues a prompt with the model being trained, for samples during
+        training: (text, new tokens). It leaves the model in training mode; the caller restores
+        the RNGs. A backend that cannot refuses here, before the run starts."""
+        raise UserError(f"train.sample_every: the {self.name} backend cannot generate samples during training; "
+                        "train with --backend torch, or leave --sample-every out")
 
     # --- named tensors ------------------------------------------------------------------------
     @abstractmethod

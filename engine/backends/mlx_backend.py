@@ -152,7 +152,7 @@ class MLXBackend(Backend):
 
     # --- steps --------------------------------------------------------------------------------
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool) -> StepResult:
+                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
         batch = mx.array(rows.astype(np.int32))
         loss_sum, grads = None, None
         for k in range(grad_accum):
@@ -174,7 +174,7 @@ class MLXBackend(Backend):
         mx.async_eval(self.params, [o.state for o in self.optimizers], loss_sum, *([norm] if norm is not None else []))
         return StepResult(loss=loss_sum, grad_norm=norm)
 
-    def eval_loss(self, rows: np.ndarray) -> float:
+    def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
         return self._loss(self.params, mx.array(rows.astype(np.int32))).item()
 
     def to_host(self, values: list[Any]) -> list[float]:

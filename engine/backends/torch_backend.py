@@ -27,13 +27,14 @@ from engine.backends.base import (
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
 from engine.backends.torch_model import (
-    autocast, build_model, config_json, count_params, generation_json, lm_loss, param_groups,
+    autocast, build_model, config_json, count_params, generation_json, lm_loss, masked_nll, param_groups,
 )
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.state import OptimizerState, RngState, ScalerState
+from engine.token_flags import loss_mask, position_ids, trained_tokens
 
 # --- device, precision and RNG ---------------------------------------------------------------------
 
@@ -112,6 +113,7 @@ def prepare_model(fields: Mapping[str, Any], t: TrainConfig, device: torch.devic
 
 class TorchBackend(Backend):
     name = "torch"
+    trains_flags = True
 
     def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
         self.device = pick_device(cfg.train.device)
@@ -148,16 +150,30 @@ class TorchBackend(Backend):
         return generation_json(self.net)
 
     # --- steps --------------------------------------------------------------------------------
+    def _flag_tensors(self, flags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(position ids, loss mask, trained targets) of flagged rows, on the device."""
+        positions = torch.from_numpy(position_ids(flags)).to(self.torch_device, non_blocking=True)
+        mask = torch.from_numpy(loss_mask(flags)).to(self.torch_device, non_blocking=True)
+        return positions, mask, trained_tokens(flags)
+
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool) -> StepResult:
+                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = torch.from_numpy(rows).to(self.torch_device, non_blocking=True)
+        if flags is not None:
+            positions, mask, trained = self._flag_tensors(flags)
+            # DDP averages gradients over ranks, so each rank's sum is scaled by world / global count
+            scale = self.dist.world_size / max(1.0, self.all_reduce_sum([float(trained)])[0])
         loss_sum = None
         for k in range(grad_accum):
             sync = k == grad_accum - 1 or not self.dist.enabled
+            part = slice(k * micro_batch, (k + 1) * micro_batch)
             with (contextlib.nullcontext() if sync else self.model.no_sync()), autocast(self.torch_device, self.precision):
-                loss = lm_loss(self.forward, batch[k * micro_batch:(k + 1) * micro_batch]) / grad_accum
+                if flags is None:
+                    loss = lm_loss(self.forward, batch[part]) / grad_accum
+                else:
+                    loss = masked_nll(self.forward, batch[part], positions[part], mask[part]) * scale
             self.scaler.scale(loss).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         grad_norm = None
@@ -172,12 +188,22 @@ class TorchBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss_sum, grad_norm=grad_norm)
 
+    def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Any:
+        from engine.generate import training_sampler
+
+        return training_sampler(self.net, tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
+                                context=context)
+
     @torch.no_grad()
-    def eval_loss(self, rows: np.ndarray) -> float:
+    def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
         self.net.eval()
+        batch = torch.from_numpy(rows).to(self.torch_device)
         try:
             with autocast(self.torch_device, self.precision):
-                return lm_loss(self.net, torch.from_numpy(rows).to(self.torch_device)).item()
+                if flags is None:
+                    return lm_loss(self.net, batch).item()
+                positions, mask, trained = self._flag_tensors(flags)
+                return masked_nll(self.net, batch, positions, mask).item() / max(1, trained)
         finally:
             self.net.train()
 

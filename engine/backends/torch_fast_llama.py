@@ -86,7 +86,7 @@ class RopeQKV(torch.autograd.Function):
                 n_rot: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         b, t = qkv.shape[:2]
         x = qkv.view(b, t, -1, head_dim)
-        c, s = cos[:, None, :], sin[:, None, :]
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [seq | batch, seq, 1, head_dim / 2]
         half = head_dim // 2
         x1, x2 = x[:, :, :n_rot, :half], x[:, :, :n_rot, half:]
         qk = torch.cat((torch.addcmul(x1 * c, x2, s, value=-1), torch.addcmul(x2 * c, x1, s)), dim=-1)
@@ -97,7 +97,7 @@ class RopeQKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_qk: torch.Tensor, g_v: torch.Tensor):  # type: ignore[override]
         cos, sin = ctx.saved_tensors
-        c, s = cos[:, None, :], sin[:, None, :]
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [seq | batch, seq, 1, head_dim / 2]
         g1, g2 = g_qk[..., :ctx.half], g_qk[..., ctx.half:]
         g = torch.cat((torch.cat((torch.addcmul(g1 * c, g2, s), torch.addcmul(g2 * c, g1, s, value=-1)), dim=-1),
                        g_v), dim=2)
@@ -179,15 +179,15 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.n_kv * head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * head_dim, d, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv = self.n_heads, self.n_kv
         qkv = fused_linear(x, [self.q_proj, self.k_proj, self.v_proj])
         qk, v = without_autocast(RopeQKV.apply, qkv, cos.to(qkv.dtype), sin.to(qkv.dtype), h + kv, self.head_dim)
         q, k = (part.transpose(1, 2) for part in qk.split([h, kv], dim=2))
         v = v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True, scale=self.head_dim ** -0.5, enable_gqa=kv != h)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=mask is None, scale=self.head_dim ** -0.5, enable_gqa=kv != h)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, h * self.head_dim))
 
 
@@ -216,8 +216,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
         self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -231,26 +231,32 @@ class Body(nn.Module):
         self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
 
 
-def loss_chunk(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, n: int, acc: torch.dtype, want_grad: bool
+IGNORE = -100  # a target that does not count (transformers' ignore_index)
+
+
+def loss_chunk(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float, acc: torch.dtype, want_grad: bool
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Summed cross-entropy of one chunk of rows, with its share of the gradients of the mean over
-    `n` rows (hidden, head weight). Its [rows, vocab] buffer dies on return, before the next."""
+    """Summed cross-entropy of one chunk of rows (IGNORE targets count nothing), with its share of the
+    gradients of `scale` x the sum (hidden, head weight). Its [rows, vocab] buffer dies on return."""
+    valid = (t != IGNORE)[:, None].to(acc)
+    t = t.clamp(min=0)[:, None]
     logits = (h @ w.t()).to(acc)
-    target_logit = logits.gather(1, t[:, None])
+    target_logit = logits.gather(1, t)
     top = logits.amax(dim=-1, keepdim=True)
     exp = logits.sub_(top).exp_()  # in place: one [rows, vocab] buffer for all of it
     total_exp = exp.sum(dim=-1, keepdim=True)
-    loss = (top + total_exp.log() - target_logit).sum()
+    loss = ((top + total_exp.log() - target_logit) * valid).sum()
     if not want_grad:
         return loss, None, None
-    probs = exp.mul_(1.0 / n / total_exp)  # softmax / n, then minus 1 / n at the target
-    probs.scatter_add_(1, t[:, None], torch.full_like(total_exp, -1.0 / n))
+    probs = exp.mul_(valid * scale / total_exp)  # softmax x scale, then minus scale at the target
+    probs.scatter_add_(1, t, valid * -scale)
     probs = probs.to(w.dtype)
     return loss, probs @ w, probs.t() @ h
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T` against targets, one chunk of rows at a time.
+    """`scale` x summed cross-entropy of `hidden @ weight.T` against targets (1 / rows: the mean),
+    one chunk of rows at a time.
 
     Each chunk's logits are turned into its gradients (softmax - onehot) while still in cache, so
     backward is a scale of tensors kept from forward and no [tokens, vocab] tensor outlives its
@@ -259,7 +265,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                dtype: torch.dtype, want_grad: bool) -> torch.Tensor:
+                dtype: torch.dtype, want_grad: bool, scale: float) -> torch.Tensor:
         n = hidden.shape[0]
         rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
         w = weight.to(dtype)
@@ -268,29 +274,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h: list[torch.Tensor] = []
         grad_w: torch.Tensor | None = None
         for start in range(0, n, rows):
-            loss, g_h, g_w = loss_chunk(hidden[start:start + rows].to(dtype), w, targets[start:start + rows], n, acc,
-                                        want_grad)
+            loss, g_h, g_w = loss_chunk(hidden[start:start + rows].to(dtype), w, targets[start:start + rows], scale,
+                                        acc, want_grad)
             total += loss
             if g_h is not None and g_w is not None:
                 grad_h.append(g_h.to(hidden.dtype))
                 grad_w = g_w.to(acc) if grad_w is None else grad_w.add_(g_w)
         if grad_w is not None:
             ctx.save_for_backward(torch.cat(grad_h) if len(grad_h) > 1 else grad_h[0], grad_w.to(weight.dtype))
-        return total / n
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         total: bool = False) -> torch.Tensor:
+    """Mean over every target; `total`: the sum over targets other than IGNORE."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    flat = targets.reshape(-1)
     with torch.autocast(device, enabled=False):
-        return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                        dtype, want_grad)
+        return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, dtype, want_grad,
+                                        1.0 if total else 1.0 / flat.numel())
 
 
 class LlamaForCausalLM(nn.Module):
@@ -342,22 +351,36 @@ class LlamaForCausalLM(nn.Module):
     def is_activation_checkpointing(self) -> bool:
         return self.gradient_checkpointing
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [batch, seq, d_model]."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [batch, seq, d_model]. `position_ids` that restart at 0 mark
+        packed examples: each attends only to itself (engine.token_flags), as transformers does."""
         t = input_ids.shape[1]
         if t > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {t} tokens exceeds max_position_embeddings {self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        if position_ids is None:
+            cos, sin, mask = self.rope_cos[:t], self.rope_sin[:t], None
+        else:
+            cos, sin, mask = self.rope_cos[position_ids], self.rope_sin[position_ids], packed_mask(position_ids)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden_states(input_ids)
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, total: bool = False) -> torch.Tensor:
+        """Logits, or with `targets` the mean loss (`total`: the sum over targets other than IGNORE)."""
+        h = self.hidden_states(input_ids, position_ids)
         if targets is None:
             return self.lm_head(h)
-        return linear_cross_entropy(h, self.lm_head.weight, targets)
+        return linear_cross_entropy(h, self.lm_head.weight, targets, total=total)
+
+
+def packed_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq] bool: causal within each example, an example starting where positions restart."""
+    block = (position_ids == 0).cumsum(-1)
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return ((block[:, :, None] == block[:, None, :]) & causal)[:, None]

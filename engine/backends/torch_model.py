@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 
+from engine.backends.torch_fast_llama import IGNORE
 from engine.backends.torch_fast_llama import LlamaForCausalLM as FastLlama
 from engine.backends.torch_state import unwrap
 from engine.errors import UserError, shown
@@ -132,3 +133,16 @@ def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
         return model(rows[:, :-1], targets=rows[:, 1:])
     logits = model(input_ids=rows[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+
+
+def masked_nll(model: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the targets `mask` keeps ([batch, seq_len] bool), the inputs
+    at `positions`: position ids that restart per packed example, from which transformers builds the
+    block-diagonal causal mask (engine.token_flags). A sum, so the caller divides by the trained
+    targets of the whole step, not of this micro-batch."""
+    targets = rows[:, 1:].masked_fill(~mask, IGNORE)
+    if isinstance(unwrap(model), FastLlama):
+        return model(rows[:, :-1], targets=targets, position_ids=positions, total=True)
+    logits = model(input_ids=rows[:, :-1], position_ids=positions).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")

@@ -29,9 +29,10 @@ from typing import Any
 from engine.atomic import TMP_PREFIX, fsync_dir
 from engine.cache.locks import builder_lock, is_lock_file, metadata_lock
 from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, METADATA_FILE, REPORT_FILE, STATS_FILE,
-                                   TOKENIZER_DIR, chunk_id_of, dtype_name_for_vocab, load_metadata, metadata_path,
-                                   save_metadata)
+                                   TOKENIZER_DIR, chunk_id_of, data_summary, dtype_name_for_vocab, load_metadata,
+                                   metadata_path, record_format, save_metadata)
 from engine.cache.naming import cache_path_for, derive_dataset_name
+from engine.cache.records import chat_template, require_template
 from engine.cache.registry import register_cache
 from engine.cache.sources import Source, open_source
 from engine.cache.stats import write_stats
@@ -215,6 +216,7 @@ def _create(path: Path, data: DataConfig, source: Source, plan: TokenizerPlan, p
     """Start a cache from nothing (or over a force-rebuilt one). Under both locks."""
     _emit(on_event, CacheProgress(stage="tokenizer", cache=str(path)))
     prepared = prepare_tokenizer(plan, source)
+    require_template(source.record_format, getattr(prepared.hf, "chat_template", None), plan.spec)
     if plan.kind == "bpe" and prepared.vocab_size < plan.bpe_vocab:
         _emit(on_event, WarningEvent(message=f"tokenizer {plan.spec}: the source has too little text for "
                                              f"{plan.bpe_vocab:,} tokens; the trained vocabulary has "
@@ -275,6 +277,8 @@ def build_cache(data: DataConfig, layout: Layout, *, workers: int | None = None,
     else:
         check_hub_tokenizer(plan)
     source = open_source(data)
+    if plan.kind != "hf":  # before a BPE is trained for nothing
+        require_template(source.record_format, None, plan.spec)
     if existing is not None:
         _check_source(existing, path, source)
     _check_place(path, layout)
@@ -383,7 +387,7 @@ def _finish(path: Path, layout: Layout, on_event: EventSink | None, *, ready: bo
     register_cache(layout, path, meta)
     if ready:
         _emit(on_event, CacheReady(cache=str(path), chunks=len(meta["chunks"]),
-                                   sequences=sum(c["n_seqs"] for c in meta["chunks"])))
+                                   sequences=sum(c["n_seqs"] for c in meta["chunks"]), **data_summary(meta)))
 
 
 def _emit(on_event: EventSink | None, event: Event) -> None:
@@ -440,7 +444,8 @@ class _Run:
         if self._total is not None:
             n_workers = min(n_workers, max(1, self._total))
         spec = BuildSpec(str(self.path), str(tokenizer_file(self.path, self.meta)), self.meta["seq_len"],
-                         self.meta["dtype"], self.meta["eos_id"])
+                         self.meta["dtype"], self.meta["eos_id"], record_format(self.meta))
+        require_template(record_format(self.meta), chat_template(Path(spec.tokenizer_file).parent), spec.tokenizer_file)
         self._progress(force=True)
         if self._total == 0:
             self._commit(final=True, n_workers=0)

@@ -146,10 +146,13 @@ def _ids(ids: list[int]) -> str:
 
 
 def _print_ready(path: Any) -> None:
-    from engine.cache.metadata import load_metadata, summary
+    from engine.cache.metadata import data_summary, load_metadata, summary
+    from engine.protocol import CacheReady
 
-    s = summary(load_metadata(path))
-    print(f"Cache ready: {s['chunks']:,} chunks, {s['sequences']:,} sequences in {path}")
+    meta = load_metadata(path)
+    ready = CacheReady(cache=str(path), chunks=len(meta["chunks"]), sequences=summary(meta)["sequences"],
+                       **data_summary(meta))
+    print(f"Cache ready: {ready.chunks:,} chunks, {ready.sequences:,} sequences in {path} ({ready.data_line()})")
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -4,13 +4,20 @@ The metadata is the commit record of a cache: a chunk file exists for readers on
 metadata lists it, and the metadata is only ever replaced atomically. Its layout:
 
     format, format_version, dataset_name, created, updated
-    source      {spec, kind, subset, split, text_column, streaming, hash, n_docs}
+    source      {spec, kind, subset, split, text_column, streaming, format, hash, n_docs}
     tokenizer   {spec, kind, sha256, dir}
     seq_len, row_len, dtype, vocab_size, eos_id, docs_per_chunk, planned_chunks
     codec ("lz4-frame"), hash_algo ("xxh3_64"), generation, manifest_hash
     chunks      [{id, file, n_seqs, tokens, dropped, docs: [start, end], raw_bytes,
-                  compressed_bytes, hash, text_bytes, generation, doc_tokens: {min, max, hist}}]
+                  compressed_bytes, hash, text_bytes, generation, doc_tokens: {min, max, hist},
+                  trained, padding, truncated}]   (the last three in instruction caches only)
     builds      [{mode, started, seconds, chunks, tokens, workers, shard}]   (last few runs)
+
+Version 2 added `source.format`: `text` (documents, as in version 1), or an instruction format
+(`chat`, `prompt_response`, `instruction`) whose chunks carry a per-token flags plane after the
+tokens (engine.token_flags), and whose records count the targets that train (`trained`), the
+padding that keeps examples whole (`padding`) and the examples cut at the row length (`truncated`).
+Version 1 caches read as `text`.
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ from engine.config import MAX_SEQ_LEN
 from engine.errors import UserError
 
 FORMAT = "packtrain.packed_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+TEXT_FORMAT = "text"
+RECORD_FORMATS = (TEXT_FORMAT, "chat", "prompt_response", "instruction")
 METADATA_FILE = "cache_metadata.json"
 TOKENIZER_DIR = "tokenizer"
 STATS_FILE = "stats.json"
@@ -66,6 +76,16 @@ def manifest_hash(chunks: Iterable[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def record_format(meta: dict[str, Any]) -> str:
+    """What the cache's documents are: `text`, or the instruction format its records were found in."""
+    return str((meta.get("source") or {}).get("format", TEXT_FORMAT))
+
+
+def has_flags(meta: dict[str, Any]) -> bool:
+    """Whether chunk files carry the flags plane (loss mask and example starts) after the tokens."""
+    return record_format(meta) != TEXT_FORMAT
+
+
 def metadata_path(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / METADATA_FILE
 
@@ -89,9 +109,9 @@ def load_metadata(cache_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is corrupt ({e}); rebuild with `cache build --force-rebuild`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path} is not packtrain cache metadata")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise UserError(f"{path} has format version {meta.get('format_version')}; "
-                        f"this engine reads version {FORMAT_VERSION}")
+                        f"this engine reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     problem = shape_problem(meta)
     if problem:
         raise UserError(f"{path} is incomplete or corrupt ({problem}); rebuild with `cache build --force-rebuild`")
@@ -128,6 +148,8 @@ def shape_problem(meta: dict[str, Any]) -> str | None:
         for name in strings:
             if not isinstance(record.get(name), str):
                 return f"{key} {name} is {record.get(name)!r}"
+    if record_format(meta) not in RECORD_FORMATS or (meta.get("format_version") == 1 and has_flags(meta)):
+        return f"source format is {record_format(meta)!r}"
     for name in ("subset", "split", "text_column"):
         if not isinstance(meta["source"].get(name, ""), (str, type(None))):
             return f"source {name} is {meta['source'][name]!r}"
@@ -163,8 +185,9 @@ def _chunk_problem(c: Any) -> str | None:
     docs = c.get("docs")
     if not (isinstance(docs, list) and len(docs) == 2 and all(_is_int(d) for d in docs) and docs[0] <= docs[1]):
         return f"has docs {docs!r}"
-    if "text_bytes" in c and not _is_int(c["text_bytes"]):
-        return f"has text_bytes {c['text_bytes']!r}"
+    for key in ("text_bytes", "trained", "padding", "truncated"):
+        if key in c and not _is_int(c[key]):
+            return f"has {key} {c[key]!r}"
     summary = c.get("doc_tokens", {})
     hist = summary.get("hist", []) if isinstance(summary, dict) else None
     if not isinstance(hist, list) or not all(isinstance(h, list) and len(h) == 2 and all(_is_int(x) for x in h)
@@ -201,6 +224,7 @@ def summary(meta: dict[str, Any]) -> dict[str, Any]:
         "tokenizer": (meta.get("tokenizer") or {}).get("spec"),
         "vocab_size": meta["vocab_size"],
         "dtype": meta["dtype"],
+        **data_summary(meta),
         "chunks": len(chunks),
         "planned_chunks": meta.get("planned_chunks"),
         "sequences": sum(c["n_seqs"] for c in chunks),
@@ -210,3 +234,13 @@ def summary(meta: dict[str, Any]) -> dict[str, Any]:
         "manifest_hash": meta.get("manifest_hash"),
         "updated": meta.get("updated"),
     }
+
+
+def data_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The record format, the examples (documents) and the share of targets that train: what the
+    cache screen and `cache build/validate` report (None for text: every target trains)."""
+    chunks = meta["chunks"]
+    targets = sum(c["n_seqs"] for c in chunks) * meta["seq_len"]
+    trained = sum(c.get("trained", 0) for c in chunks)
+    return {"format": record_format(meta), "examples": sum(c["docs"][1] - c["docs"][0] for c in chunks),
+            "trained_share": (trained / targets if targets else 0.0) if has_flags(meta) else None}

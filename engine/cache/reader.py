@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.cache.chunks import ChunkDamaged, np_dtype, read_chunk_file
-from engine.cache.metadata import TOKENIZER_DIR, load_metadata, manifest_hash
+from engine.cache.metadata import TOKENIZER_DIR, has_flags, load_metadata, manifest_hash, record_format
 from engine.errors import UserError
 
 
@@ -30,7 +30,7 @@ class PackedCache:
         """`cache_bytes` bounds the decoded chunks kept in memory (the most recent one always stays).
         Training sizes its shuffle window by the same budget, so a window's chunks all stay decoded."""
         self.path = Path(path).expanduser().resolve()
-        self._lru: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lru: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self.cache_bytes = max(0, cache_bytes)
         self._lru_bytes = 0
         self._load(load_metadata(self.path))
@@ -42,6 +42,8 @@ class PackedCache:
         self.eos_id: int = int(meta["eos_id"])
         self.dtype: np.dtype = np_dtype(meta["dtype"])
         self.generation: int = int(meta["generation"])
+        self.record_format: str = record_format(meta)
+        self.flagged: bool = has_flags(meta)  # chunks carry loss-mask and example-start flags
         self._records: dict[int, dict[str, Any]] = {int(c["id"]): c for c in meta["chunks"]}
         self.chunk_ids: list[int] = sorted(self._records)
         self.chunk_sizes: dict[int, int] = {k: int(c["n_seqs"]) for k, c in self._records.items()}
@@ -64,23 +66,31 @@ class PackedCache:
     def read_chunk(self, chunk_id: int) -> np.ndarray:
         """Decoded rows of one chunk (read-only). The hash is checked on every decode (once per chunk
         while it stays in the LRU); xxh3 costs a fraction of the LZ4 decode."""
-        arr = self._lru.get(chunk_id)
-        if arr is not None:
+        return self._decoded(chunk_id)[0]
+
+    def read_flags(self, chunk_id: int) -> np.ndarray | None:
+        """The chunk's per-token flags (engine.token_flags), or None in a text cache."""
+        return self._decoded(chunk_id)[1]
+
+    def _decoded(self, chunk_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+        entry = self._lru.get(chunk_id)
+        if entry is not None:
             self._lru.move_to_end(chunk_id)
-            return arr
+            return entry
         record = self._records.get(chunk_id)
         if record is None:
             raise ChunkError(f"chunk {chunk_id} is not committed in cache {self.path}")
         try:
-            arr = read_chunk_file(self.path, record, seq_len=self.seq_len, dtype=self.dtype, vocab_size=self.vocab_size)
+            entry = read_chunk_file(self.path, record, seq_len=self.seq_len, dtype=self.dtype,
+                                    vocab_size=self.vocab_size, flagged=self.flagged)
         except ChunkDamaged as e:
             raise ChunkError(f"chunk {chunk_id} of cache {self.path} is damaged: {e}; "
                              f"run `packtrain-engine cache validate {self.path} --repair`") from None
-        self._lru[chunk_id] = arr
-        self._lru_bytes += arr.nbytes
+        self._lru[chunk_id] = entry
+        self._lru_bytes += _nbytes(entry)
         while self._lru_bytes > self.cache_bytes and len(self._lru) > 1:
-            self._lru_bytes -= self._lru.popitem(last=False)[1].nbytes
-        return arr
+            self._lru_bytes -= _nbytes(self._lru.popitem(last=False)[1])
+        return entry
 
     def rows(self, chunk_id: int, rows: np.ndarray | list[int]) -> np.ndarray:
         return self.read_chunk(chunk_id)[np.asarray(rows, dtype=np.int64)]
@@ -91,8 +101,8 @@ class PackedCache:
             out = np.empty((len(rows), self.seq_len + 1), dtype=self.dtype)
         lru = self._lru
         for i, (k, r) in enumerate(zip(chunk_ids, rows)):
-            arr = lru.get(k)
-            out[i] = (self.read_chunk(k) if arr is None else arr)[r]
+            entry = lru.get(k)
+            out[i] = (self.read_chunk(k) if entry is None else entry[0])[r]
         return out
 
     def refresh(self) -> tuple[int, int]:
@@ -101,7 +111,7 @@ class PackedCache:
         self._load(load_metadata(self.path))
         for k in list(self._lru):
             if k not in self._records or self._records[k]["hash"] != old[k]["hash"]:
-                self._lru_bytes -= self._lru.pop(k).nbytes
+                self._lru_bytes -= _nbytes(self._lru.pop(k))
         return old_n, self.n_sequences
 
     def manifest_hash(self, chunk_ids: Iterable[int] | None = None) -> str:
@@ -115,3 +125,7 @@ class PackedCache:
                 raise ChunkError(f"chunk {k} is not committed in cache {self.path}")
             records.append(self._records[k])
         return manifest_hash(records)
+
+
+def _nbytes(entry: tuple[np.ndarray, np.ndarray | None]) -> int:
+    return entry[0].nbytes + (0 if entry[1] is None else entry[1].nbytes)

@@ -20,14 +20,16 @@ import re
 import sys
 import sysconfig
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.cache.hub import prepare_hub_access, unreachable
+from engine.cache.metadata import TEXT_FORMAT
 from engine.cache.naming import RECORD_BUILDERS, TEXT_SUFFIXES, is_hub_name
+from engine.cache.records import check_record, detect_format, format_columns, record_text
 from engine.config import DataConfig
 from engine.errors import UserError
 
@@ -56,10 +58,10 @@ class FileList:
         return [read_text_file(p) for p in self.paths]
 
 
-Payload = list[str] | FileList
+Payload = list[str] | list[dict[str, Any]] | FileList  # texts, instruction records, or files
 
 
-def payload_texts(payload: Payload) -> list[str]:
+def payload_texts(payload: Payload) -> list[Any]:
     return payload.texts() if isinstance(payload, FileList) else payload
 
 
@@ -78,6 +80,11 @@ class Source(ABC):
     n_docs: int | None  # None while a streaming source has not been read to its end
     total_bytes: int | None
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def record_format(self) -> str:
+        """`text`, or the instruction format found in the records (engine.cache.records)."""
+        return str(self.options.get("format", TEXT_FORMAT))
 
     def identity(self) -> dict[str, Any]:
         return {"spec": self.spec, "kind": self.kind, **self.options, "hash": self.fingerprint(), "n_docs": self.n_docs}
@@ -153,6 +160,8 @@ class DatasetSource(Source):
     def fingerprint(self) -> str:
         o = self.options
         parts = [self.kind, self.spec, str(o.get("subset")), str(o.get("split")), self.text_column, *self.files_fingerprint]
+        if self.record_format != TEXT_FORMAT:  # text sources keep the hash they had before formats existed
+            parts.append(self.record_format)
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _texts(self, values: list[Any]) -> list[str]:
@@ -162,24 +171,40 @@ class DatasetSource(Source):
                                 "choose another --text-column")
         return [v or "" for v in values]
 
-    def iter_texts(self) -> Iterator[str]:
+    def _docs(self, batch: Mapping[str, list[Any]], start: int) -> list[Any]:
+        """A batch of columns as documents: texts, or checked instruction records (one error line
+        naming the first bad record)."""
+        fmt = self.record_format
+        if fmt == TEXT_FORMAT:
+            return self._texts(batch[self.text_column])
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        return [check_record(r, fmt, f"record {start + i} of {self.spec}") for i, r in enumerate(rows)]
+
+    def _iter_docs(self) -> Iterator[Any]:
+        start = 0
         with dataset_errors(self.spec):
             for batch in self.dataset.iter(batch_size=1024):
-                yield from self._texts(batch[self.text_column])
+                docs = self._docs(batch, start)
+                start += len(docs)
+                yield from docs
+
+    def iter_texts(self) -> Iterator[str]:
+        docs = self._iter_docs()
+        return docs if self.record_format == TEXT_FORMAT else map(record_text, docs)
 
     def chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
         if self.n_docs is not None and not self.options.get("streaming"):
             for k, start, end in _ranges(self.n_docs, docs_per_chunk, wanted, limit):
                 with dataset_errors(self.spec):
-                    texts = self._texts(self.dataset[start:end][self.text_column])
-                yield ChunkDocs(k, start, end, texts)
+                    docs = self._docs(self.dataset[start:end], start)
+                yield ChunkDocs(k, start, end, docs)
             return
         yield from self._stream_chunks(docs_per_chunk, wanted, limit)
 
     def _stream_chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool], limit: int | None) -> Iterator[ChunkDocs]:
         """Read in order; unwanted chunks are skipped without tokenizing. Reaching the end fixes n_docs."""
         k, count, buf = 0, 0, []
-        for text in self.iter_texts():
+        for text in self._iter_docs():
             k = count // docs_per_chunk
             if limit is not None and k >= limit:
                 return
@@ -345,14 +370,20 @@ def _dataset_source(ds: Any, spec: str, kind: str, options: dict[str, Any], colu
         if first is None:
             raise UserError(f"source {spec!r} holds no documents")
         columns = list(first)
-    if column not in columns:
+    fmt = detect_format(columns)
+    if fmt == TEXT_FORMAT and column not in columns:
         raise UserError(f"text column {column!r} not found in {spec!r}; available: {', '.join(columns)} "
-                        "(set --text-column)")
-    ds = ds.select_columns([column])
+                        "(set --text-column, or give instruction records: messages, prompt/response or "
+                        "instruction/input/output)")
+    options = {**options, "format": fmt}
+    ds = ds.select_columns(format_columns(fmt, columns, column))
     n_docs = None if streaming else len(ds)
     total = None if streaming else int(ds.data.nbytes)
     source = DatasetSource(spec=spec, kind=kind, n_docs=n_docs, total_bytes=total, options=options, dataset=ds,
                            text_column=column, files_fingerprint=files)
     if streaming and not source.head(max_docs=1):
         raise UserError(f"source {spec!r} holds no documents")
+    if fmt != TEXT_FORMAT and not streaming:
+        for _ in source._iter_docs():  # every record checked now: a bad one refuses the build before it starts
+            pass
     return source

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.atomic import atomic_write_json, atomic_write_text
-from engine.cache.metadata import REPORT_FILE, STATS_FILE
+from engine.cache.metadata import REPORT_FILE, STATS_FILE, data_summary
 from engine.units import format_bytes
 
 PERCENTILES = (("median", 0.5), ("p90", 0.9), ("p95", 0.95), ("p99", 0.99))
@@ -54,6 +54,7 @@ def compute_stats(meta: dict[str, Any]) -> dict[str, Any]:
     sequences = sum(c["n_seqs"] for c in chunks)
     kept = sequences * (meta["seq_len"] + 1)
     tokens = sum(c["tokens"] for c in chunks)
+    padding = sum(c.get("padding", 0) for c in chunks)  # instruction caches keep examples whole
     compressed = sum(c["compressed_bytes"] for c in chunks)
     builds = [b for b in meta.get("builds", []) if _positive(b.get("tokens")) and _positive(b.get("seconds"))]
     last = builds[-1] if builds else None
@@ -69,8 +70,12 @@ def compute_stats(meta: dict[str, Any]) -> dict[str, Any]:
         "documents": sum(c["docs"][1] - c["docs"][0] for c in chunks),
         "tokens": tokens,
         "sequences": sequences,
-        "tokens_dropped": tokens - kept,
-        "dropped_pct": 100.0 * (tokens - kept) / tokens if tokens else 0.0,
+        "tokens_dropped": tokens - kept + padding,
+        "dropped_pct": 100.0 * (tokens - kept + padding) / tokens if tokens else 0.0,
+        **data_summary(meta),
+        "padding": padding,
+        "padding_pct": 100.0 * padding / kept if kept else 0.0,
+        "truncated": sum(c.get("truncated", 0) for c in chunks),
         "doc_tokens": {"min": min(mins) if mins else None, **_percentiles(hist), "max": max(maxs) if maxs else None},
         "text_bytes": sum(c.get("text_bytes", 0) for c in chunks),
         "raw_bytes": sum(c["raw_bytes"] for c in chunks),
@@ -102,7 +107,11 @@ def format_report(s: dict[str, Any]) -> str:
         f"- source: `{s['source']}`; tokenizer: `{s['tokenizer']}` (vocab {s['vocab_size']:,}, {s['dtype']})",
         f"- chunks: {s['chunks']:,}" + (f" of {s['planned_chunks']:,} planned" if s["planned_chunks"] else ""),
         f"- documents: {s['documents']:,}; tokens: {s['tokens']:,}; sequences: {s['sequences']:,}",
-        f"- tokens dropped (remainder under one row per chunk): {s['tokens_dropped']:,} ({s['dropped_pct']:.2f}%)",
+        f"- tokens dropped (remainder under one row per chunk): {s['tokens_dropped']:,} ({s['dropped_pct']:.2f}%)"
+        if s["trained_share"] is None else
+        f"- {s['format']} examples: {s['examples']:,}; {100 * s['trained_share']:.1f}% of target tokens train; "
+        f"padding {s['padding']:,} tokens ({s['padding_pct']:.1f}% of rows); {s['truncated']:,} examples cut to one row "
+        f"({s['tokens_dropped']:,} tokens dropped)",
         f"- size: {format_bytes(s['compressed_bytes'])} compressed, {format_bytes(s['raw_bytes'])} raw; "
         f"{ratio}x raw uint16",
         "- build: " + ("–" if build is None else

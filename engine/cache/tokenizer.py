@@ -21,6 +21,7 @@ from engine.atomic import TMP_PREFIX, fsync_dir
 from engine.cache.hub import prepare_hub_access, unreachable
 from engine.cache.metadata import TOKENIZER_DIR, dtype_name_for_vocab
 from engine.cache.naming import is_hub_name
+from engine.cache.records import named_special_tokens
 from engine.cache.sources import Source
 from engine.errors import UserError
 
@@ -211,17 +212,9 @@ def special_token_ids(tokenizer_dir: Path, eos_id: int) -> dict[str, int]:
     """bos/eos/pad ids for a model trained on a cache. EOS is the cache's own (the id packed between
     documents); BOS and PAD are the ones the tokenizer's config names when it has them, else EOS too:
     every packed document starts right after an EOS, as GPT-2's do, and padding never trains."""
-    named: dict[str, Any] = {}
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins, as in transformers
-        try:
-            data = json.loads((tokenizer_dir / file).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            named.update({k: data[k] for k in ("bos_token", "pad_token") if k in data})
+    tokens = {k: v for k, v in named_special_tokens(tokenizer_dir).items() if k in ("bos_token", "pad_token")}
     ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
-    tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in named.items()}
-    if any(isinstance(t, str) for t in tokens.values()):
+    if tokens:
         from tokenizers import Tokenizer
 
         try:
@@ -229,7 +222,7 @@ def special_token_ids(tokenizer_dir: Path, eos_id: int) -> dict[str, int]:
         except Exception:  # noqa: BLE001 - tokenizers raises plain Exception; EOS alone is still right
             return ids
         for key, token in tokens.items():
-            found = tok.token_to_id(token) if isinstance(token, str) else None
+            found = tok.token_to_id(token)
             if found is not None:
                 ids[f"{key}_id"] = found
     return ids

@@ -18,7 +18,7 @@ from typing import Any
 from engine.atomic import TMP_PREFIX
 from engine.cache.chunks import ChunkDamaged, np_dtype, read_chunk_file
 from engine.cache.locks import builder_active
-from engine.cache.metadata import chunk_id_of, load_metadata
+from engine.cache.metadata import chunk_id_of, data_summary, has_flags, load_metadata
 from engine.cache.tokenizer import check_cache_tokenizer
 from engine.errors import UserError
 from engine.paths import Layout
@@ -38,6 +38,7 @@ class ValidationReport:
     pending: list[int] = field(default_factory=list)
     repaired: list[int] = field(default_factory=list)
     building: bool = False
+    data: dict[str, Any] = field(default_factory=dict)  # metadata.data_summary: format, examples, trained share
 
     @property
     def ok(self) -> bool:
@@ -50,6 +51,8 @@ class ValidationReport:
         out += [f"stray file {name} (not listed in the metadata)" for name in self.stray]
         if self.ok:
             line = f"Cache validated: {self.n_chunks:,} chunks, {self.n_sequences:,} sequences"
+            if self.data.get("trained_share") is not None:
+                line += f" ({self.ready_event().data_line()})"
             if self.pending:
                 line += f" ({len(self.pending):,} planned chunks not built yet: run `cache fill` or `cache build`)"
             if self.building:
@@ -63,16 +66,20 @@ class ValidationReport:
                        + ("`cache build --force-rebuild` starts over" if self.problems else "run `cache validate --repair`"))
         return out
 
+    def ready_event(self) -> CacheReady:
+        return CacheReady(cache=str(self.path), chunks=self.n_chunks, sequences=self.n_sequences, ok=self.ok,
+                          bad=[{"chunk": k, "reason": r} for k, r in self.bad], **self.data)
+
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "ok": self.ok, "chunks": self.n_chunks, "sequences": self.n_sequences,
                 "bad": [{"chunk": k, "reason": r} for k, r in self.bad], "stray": self.stray,
                 "problems": self.problems, "pending": self.pending, "repaired": self.repaired,
-                "building": self.building}
+                "building": self.building, **self.data}
 
 
 def _check(path: Path, on_event: Callable[[Event], None] | None) -> ValidationReport:
     meta = load_metadata(path)
-    report = ValidationReport(path)
+    report = ValidationReport(path, data=data_summary(meta))
     problem = check_cache_tokenizer(path, meta)
     if problem:
         report.problems.append(problem)
@@ -81,7 +88,7 @@ def _check(path: Path, on_event: Callable[[Event], None] | None) -> ValidationRe
     started = last = time.time()
     for i, c in enumerate(chunks):
         try:
-            read_chunk_file(path, c, seq_len=seq_len, dtype=dtype, vocab_size=vocab)
+            read_chunk_file(path, c, seq_len=seq_len, dtype=dtype, vocab_size=vocab, flagged=has_flags(meta))
         except ChunkDamaged as e:
             report.bad.append((c["id"], str(e)))
         else:
@@ -119,6 +126,5 @@ def validate_cache(path: str | Path, *, repair: bool = False, on_event: Callable
             report.problems.append(f"chunk(s) {', '.join(map(str, mismatched))} cannot be rebuilt identically: the "
                                    "source changed since the cache was built")
     if on_event is not None:
-        on_event(CacheReady(cache=str(path), chunks=report.n_chunks, sequences=report.n_sequences, ok=report.ok,
-                            bad=[{"chunk": k, "reason": r} for k, r in report.bad]))
+        on_event(report.ready_event())
     return report

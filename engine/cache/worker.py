@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.cache.chunks import compress, doc_length_summary, np_dtype, pack, write_chunk_file
-from engine.cache.metadata import chunk_filename
+from engine.cache.chunks import Example, Packed, compress, doc_length_summary, np_dtype, pack, pack_examples, write_chunk_file
+from engine.cache.metadata import TEXT_FORMAT, chunk_filename
+from engine.cache.records import Renderer
 from engine.cache.sources import Payload, payload_texts
 
 BUILDER_CHECK_INTERVAL_S = 0.5
@@ -34,6 +35,7 @@ class BuildSpec:
     seq_len: int
     dtype: str
     eos_id: int
+    record_format: str = TEXT_FORMAT  # instruction records are rendered, masked and packed whole
 
 
 @dataclass
@@ -57,23 +59,42 @@ class ChunkEncoder:
         self.tokenizer = Tokenizer.from_file(spec.tokenizer_file)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not EOS
+        self.renderer = None if spec.record_format == TEXT_FORMAT else \
+            Renderer(spec.record_format, Path(spec.tokenizer_file).parent)
+        # "<|endoftext|>" inside a document is text, not EOS; a chat template's own markers are special
+        self.tokenizer.encode_special_tokens = self.renderer is None or not self.renderer.templated
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
+    def pack_docs(self, docs: list[Any]) -> tuple[Packed, list[str]]:
+        """The chunk's rows (with flags for instruction records) and the texts they were cut from."""
+        spec = self.spec
+        if self.renderer is None:
+            return pack(self.encode(docs), eos_id=spec.eos_id, seq_len=spec.seq_len, dtype=self.dtype), docs
+        rendered = [self.renderer.segments(r) for r in docs]
+        texts = [text for segments in rendered for text, _ in segments]
+        ids = iter(self.encode(texts))
+        examples = []
+        for segments in rendered:
+            ex = Example([], [])
+            for (_, trains), seg_ids in zip(segments, ids):
+                ex.ids += seg_ids
+                ex.trains += [trains] * len(seg_ids)
+            examples.append(ex)
+        return pack_examples(examples, eos_id=spec.eos_id, seq_len=spec.seq_len, dtype=self.dtype), texts
+
     def build(self, task: ChunkTask) -> dict[str, Any]:
         """The chunk's metadata record; with `mismatch` set (and nothing written) when a rebuild
         does not reproduce `expect_hash`."""
-        texts = payload_texts(task.payload)
-        packed = pack(self.encode(texts), eos_id=self.spec.eos_id, seq_len=self.spec.seq_len, dtype=self.dtype)
-        data, digest, raw_bytes = compress(packed.rows)
+        packed, texts = self.pack_docs(payload_texts(task.payload))
+        data, digest, raw_bytes = compress(packed.rows, packed.flags)
         record = {
             "id": task.chunk_id, "file": chunk_filename(task.chunk_id), "n_seqs": int(packed.rows.shape[0]),
             "tokens": packed.tokens, "dropped": packed.dropped, "docs": [task.start, task.end],
             "raw_bytes": raw_bytes, "compressed_bytes": len(data), "hash": digest,
             "text_bytes": sum(len(t.encode("utf-8", "replace")) for t in texts),
-            "doc_tokens": doc_length_summary(packed.doc_lengths),
+            "doc_tokens": doc_length_summary(packed.doc_lengths), **packed.record_fields(),
         }
         if task.expect_hash is not None and digest != task.expect_hash:
             record["mismatch"] = True

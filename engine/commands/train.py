@@ -62,9 +62,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
+    from engine.tracking import Trackers
     from engine.train import Options
 
-    return Options(events=args.events, trace_data=args.trace_data)
+    return Options(events=args.events, trace_data=args.trace_data, sinks=[Trackers(Layout.resolve())])
 
 
 def _check_common(args: argparse.Namespace) -> None:
