@@ -15,7 +15,9 @@ import torch
 from transformers import LlamaForCausalLM as HFLlama
 
 from engine.backends import torch_fast_llama as fast_llama
-from engine.backends.torch_model import build_model, count_params, lm_loss, masked_nll, model_impl, param_groups
+from engine.backends.torch_model import (
+    build_model, count_params, generating_view, lm_loss, masked_nll, model_impl, param_groups,
+)
 from engine.backends.torch_state import unwrap
 from engine.errors import UserError
 from engine.token_flags import START, TRAIN, loss_mask, position_ids
@@ -215,3 +217,14 @@ def test_packed_examples_loss_and_gradients_match_transformers() -> None:
     hf_params = dict(hf.named_parameters())
     for n, p in fast.named_parameters():
         torch.testing.assert_close(p.grad, hf_params[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_training_samples_generate_from_the_fast_models_own_tensors() -> None:
+    """Samples during training go through transformers' generate, on a view sharing the fast model's storage."""
+    fast, _ = pair(config(**CONFIGS["mha-tied"]))
+    view = generating_view(fast)
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(view.state_dict().values(), fast.state_dict().values()))
+    with torch.no_grad():
+        torch.testing.assert_close(view(input_ids=rows()).logits, fast(rows()), rtol=1e-5, atol=1e-5)
+        fast.lm_head.weight.add_(1.0)  # a training step moves the weights: the view sees them
+        torch.testing.assert_close(view(input_ids=rows()).logits, fast(rows()), rtol=1e-5, atol=1e-5)

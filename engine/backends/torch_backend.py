@@ -27,7 +27,8 @@ from engine.backends.base import (
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
 from engine.backends.torch_model import (
-    autocast, build_model, config_json, count_params, generation_json, lm_loss, masked_nll, param_groups,
+    autocast, build_model, config_json, count_params, generating_view, generation_json, lm_loss, masked_nll,
+    param_groups,
 )
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
 from engine.config import RunConfig, TrainConfig
@@ -191,7 +192,7 @@ class TorchBackend(Backend):
     def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Any:
         from engine.generate import training_sampler
 
-        return training_sampler(self.net, tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
+        return training_sampler(generating_view(self.net), tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
                                 context=context)
 
     @torch.no_grad()

@@ -74,6 +74,18 @@ def build_model(fields: Mapping[str, Any], seed: int, *, impl: str | None = None
     return LlamaForCausalLM(config)
 
 
+def generating_view(net: torch.nn.Module) -> torch.nn.Module:
+    """A model with transformers' `generate` over the same parameter tensors (so it always samples the
+    current weights): `net` itself, or for the fast model a transformers Llama sharing its storage."""
+    if not isinstance(net, FastLlama):
+        return net
+    from transformers import LlamaForCausalLM
+
+    view = LlamaForCausalLM(hf_config(net.fields))
+    view.load_state_dict(net.state_dict(), assign=True)
+    return view.to(net.lm_head.weight.device)  # the RoPE buffers; the parameters are already there
+
+
 def config_json(net: torch.nn.Module) -> dict[str, Any]:
     """config.json as save_pretrained writes it; the fast model's fields are already that shape."""
     if isinstance(net, FastLlama):
