@@ -81,7 +81,8 @@ def generating_view(net: torch.nn.Module) -> torch.nn.Module:
         return net
     from transformers import LlamaForCausalLM
 
-    view = LlamaForCausalLM(hf_config(net.fields))
+    with torch.random.fork_rng(devices=[]):  # its throw-away init draws nothing from the run's generator
+        view = LlamaForCausalLM(hf_config(net.fields))
     view.load_state_dict(net.state_dict(), assign=True)
     return view.to(net.lm_head.weight.device)  # the RoPE buffers; the parameters are already there
 
