@@ -22,3 +22,11 @@ def format_loss(loss: float | None) -> str:
 
 def format_count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
+
+
+def format_params(n: int) -> str:
+    """A parameter count in three significant digits: 56.2K, 124M, 7.24B."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)

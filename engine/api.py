@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException
 from engine import catalog
 from engine import protocol as P
 from engine.atomic import atomic_write_text
-from engine.config import RunConfig
+from engine.config import RunConfig, given_fields, with_default_lr
 from engine.control import SPELLINGS, engine_lock_held, live_engine, send_to_live
 from engine.errors import UserError
 from engine.launch import resume_args, spawn_detached
@@ -132,7 +132,8 @@ def create_app(layout: Layout, token: str | None = None) -> FastAPI:
     @app.post("/api/runs", status_code=202)
     def start(config: dict[str, Any] = Body(..., description="a run config: name, model, data, train")) -> dict[str, Any]:
         """Start a training from a config, as `packtrain-engine train --config` would."""
-        cfg = RunConfig.from_dict(config).validate()
+        cfg = RunConfig.from_dict(config)
+        cfg = with_default_lr(cfg, given_fields(config)).validate()
         if not cfg.name:
             raise ApiError(400, "the config needs a name: the model's folder and the run log are named after it")
         refuse_if_busy(layout, cfg.name)

@@ -16,6 +16,7 @@ from engine.backends import choose, load
 from engine.backends.base import Backend
 from engine.catalog import DISPLAY_RE, display_name
 from engine.checkpoint import Checkpointer
+from engine import pretrained
 from engine.config import RunConfig
 from engine.data import DataOrder, check_resume_cache, rows_in_budget
 from engine.errors import UserError
@@ -44,6 +45,13 @@ def open_backend(cfg: RunConfig, layout: Layout) -> tuple[Backend, str]:
     choice = choose(cfg.train.backend)
     backend = load(choice.name)(cfg, layout)
     return backend, f"Backend: {choice.name} on {backend.device}, {backend.precision} ({choice.reason})"
+
+
+def check_finetune(cfg: RunConfig, backend: Backend) -> None:
+    """Fine-tuning this backend cannot do is refused before any cache or model work."""
+    if cfg.model.init_from and not backend.fine_tunes:
+        raise UserError(f"the {backend.name} backend trains from scratch only; fine-tune with --backend torch")
+    pretrained.check_method(cfg.model.method, backend.device)
 
 
 def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *, workers: int | None = None,
@@ -107,7 +115,9 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     cfg.validate()
     if cfg.name:
         validate_new_name(cfg.name, layout)  # now, not after a whole cache was built for it
+    folder = pretrained.prepare(cfg) if cfg.model.init_from else None
     backend, backend_line = open_backend(cfg, layout)
+    check_finetune(cfg, backend)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
     log.info(backend_line)
@@ -120,7 +130,12 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
             f"a step needs {global_batch:,} sequences (micro_batch {cfg.train.micro_batch:,} x grad_accum "
             f"{cfg.train.grad_accum:,} x {dist.world_size} processes) but {cache.path} holds only "
             f"{order.n_train_sequences:,} training sequences; lower --micro-batch or --grad-accum, or grow the cache")
-    backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len, token_ids(cache)), cfg.train)
+    if folder is None:
+        backend.build(llama_config(cfg.model, cache.vocab_size, cache.seq_len, token_ids(cache)), cfg.train)
+    else:
+        pretrained.check_vocab(folder, cache.vocab_size)
+        backend.build_pretrained(folder, cfg.model, cfg.train,
+                                 pretrained.base_record(cfg.model, folder) if cfg.model.adapter else None)
     cfg.name = backend.broadcast(choose_name(cfg, layout, backend.n_params, cache.dataset_name, cache.seq_len,
                                              name_prefix) if dist.is_main else None)
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
@@ -138,7 +153,8 @@ RESUMABLE = {
     "train": {"max_steps", "max_tokens", "epochs", "epoch_fraction", "save_interval", "keep_last", "log_interval",
               "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
               "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend",
-              "sample_every", "sample_prompt", "sample_tokens", "sample_temperature", "tracker"},
+              "sample_every", "sample_prompt", "sample_tokens", "sample_temperature", "tracker",
+              "early_stop_patience"},
     "data": {"cache"},
 }
 
@@ -183,6 +199,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     check_overrides(saved_cfg, cfg)
     cfg.validate()
     backend, backend_line = open_backend(cfg, layout)
+    check_finetune(cfg, backend)
     dist = backend.dist
     log = RunLog(events=opts.events, enabled=dist.is_main)
     log.info(backend_line)
@@ -204,7 +221,11 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
         raise UserError(f"{source}: field 'cursor' ({state.cursor:,} in epoch {state.epoch}) is not a position in "
                         f"this run's data ({order.n_train_sequences:,} training sequences per epoch)")
     check_resume_cache(asdict(state.cache), cache, cache.manifest_hash(order.known_chunks))
-    backend.build({**read_config_json(path), **token_ids(cache)}, cfg.train)
+    if cfg.model.init_from:
+        folder, base = pretrained.base_folder(cfg.model, path)
+        backend.build_pretrained(folder, cfg.model, cfg.train, base)
+    else:
+        backend.build({**read_config_json(path), **token_ids(cache)}, cfg.train)
     checkpointer.load(path, backend, optimizer=not reset_optimizer)
     if state.backend != backend.name:
         log.info(f"Continuing a {state.backend} checkpoint on {backend.name}: the weights"
@@ -215,7 +236,8 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     start = Start(
         cfg=cfg, model_name=name, run=next_run_number(run_file.runs), schedule=state.plan.schedule, order=order,
         step=state.step, epoch=state.epoch, cursor=state.cursor, tokens_seen=state.tokens_seen,
-        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss, cache_sequences=state.cache.total_sequences,
+        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss,
+        evals_since_best=state.evals_since_best, cache_sequences=state.cache.total_sequences,
         resumed_from=display_name(name, state.step, state.run), rng=state.rng, scaler=state.scaler,
         history=run_file.runs,
     )

@@ -146,6 +146,7 @@ class CheckpointEntry:
     is_latest: bool
     running: bool
     kept_eval: dict[str, Any] | None = None  # the newest `packtrain-engine eval` result of these weights
+    is_best: bool = False  # the model's lowest run eval loss: rotation never deletes it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,11 +170,16 @@ def list_checkpoints(layout: Layout, model: str | None = None) -> list[Checkpoin
         running = live_engine(layout, name) is not None
         verdicts = Verdicts(layout.verdicts(name))
         evals = eval_log.read(layout, name)
+        mine = []
         for step, path in checkpoint_dirs(layout.model_dir(name)):
             try:
-                entries.append(_entry(name, step, path, latest, running, verify(path, verdicts), evals))
+                mine.append(_entry(name, step, path, latest, running, verify(path, verdicts), evals))
             except FileNotFoundError:
                 continue  # rotated away while we listed
+        scored = [e for e in mine if e.valid and e.eval_loss is not None and math.isfinite(e.eval_loss)]
+        if scored:
+            min(scored, key=lambda e: (e.eval_loss, e.step)).is_best = True  # Checkpointer._rotate's rule
+        entries += mine
         verdicts.save()
     return sorted(entries, key=lambda e: (e.saved_at or 0.0, e.step), reverse=True)
 
@@ -242,7 +248,7 @@ class RunEntry:
     last_step: int | None
     total_steps: int | None
     last_loss: float | None
-    finished: str | None  # "completed" | "stopped" | "error"; None while live or after a kill
+    finished: str | None  # "completed" | "stopped" | "early_stopped" | "error"; None while live or after a kill
     live: bool
     pid: int | None
     resumed_from: str | None = None

@@ -46,6 +46,7 @@ from engine.manifest import (
 )
 from engine.model_config import read_config_json
 from engine.paths import CHECKPOINT_RE, Layout, checkpoint_dirname
+from engine.pretrained import BASE_FILE
 from engine.state import TRAINER_STATE, TRAINER_STATE_FORMAT, OptimizerState, TrainerState, load_trainer_state
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -53,7 +54,7 @@ CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
 SUPERSEDED_PREFIX = f"{TMP_PREFIX}superseded-"
 # Files of ours a tokenizer folder must never overwrite, and weight files that are not tokenizer files.
-RESERVED = {MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, GENERATION_FILE, TRAINER_STATE, MANIFEST}
+RESERVED = {MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, GENERATION_FILE, TRAINER_STATE, MANIFEST, BASE_FILE}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack", ".gguf")
 # LlamaConfig fields that decide whether weights fit a model.
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -99,9 +100,16 @@ def checked_state(path: Path) -> TrainerState:
     return load_trainer_state(path)
 
 
-def export_hf(checkpoint: Path, out_dir: Path) -> Path:
+def copy_hf_files(checkpoint: Path, out_dir: Path) -> None:
+    for name in read_manifest(checkpoint):
+        if name not in HF_FILES_EXCLUDED:
+            shutil.copyfile(checkpoint / name, out_dir / name)
+
+
+def export_hf(checkpoint: Path, out_dir: Path, fill: Callable[[Path, Path], None] = copy_hf_files) -> Path:
     """A plain HF folder (weights, config, tokenizer; no optimizer or trainer state), committed with
-    one rename so a half-written export never looks complete."""
+    one rename so a half-written export never looks complete. `fill(checkpoint, folder)` writes the
+    files: a copy, or an adapter's peft folder or merged model (engine.backends.torch_finetune)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_export_name(out_dir)
     problem = verify(checkpoint)
@@ -123,11 +131,10 @@ def export_hf(checkpoint: Path, out_dir: Path) -> Path:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         (tmp / EXPORT_MARKER).touch()
-        for name in read_manifest(checkpoint):
-            if name not in HF_FILES_EXCLUDED:
-                shutil.copyfile(checkpoint / name, tmp / name)
-                fsync_file(tmp / name)
+        fill(checkpoint, tmp)
         (tmp / EXPORT_MARKER).unlink()
+        for written in tmp.iterdir():
+            fsync_file(written)
         fsync_dir(tmp)
         os.rename(tmp, out_dir)
         fsync_dir(out_dir.parent)
@@ -240,6 +247,8 @@ class Checkpointer:
             generation = backend.generation_config()
             if generation is not None:
                 (tmp / GENERATION_FILE).write_text(generation, encoding="utf-8")
+            for file, text in backend.extra_files().items():
+                (tmp / file).write_text(text, encoding="utf-8")
             if tokenizer_dir is not None:
                 copy_tokenizer(Path(tokenizer_dir), tmp)
             if optimizer:

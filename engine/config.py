@@ -28,6 +28,12 @@ from engine.user_files import MAX_PATH, read_user_text
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+METHODS = ("full", "lora", "qlora")  # what trains of a pretrained model: all of it, or a LoRA adapter
+QUANT_BITS = (4, 8)  # qlora's base, through bitsandbytes on CUDA
+# The peak LR when train.lr is left unset: a model from scratch takes big steps; a pretrained one is
+# adapted, and a full fine-tune at a scratch LR forgets what it knew; an adapter starts at zero and
+# moves only its low-rank delta, so it takes a LoRA paper's LR.
+DEFAULT_LR = {"scratch": 1e-3, "full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
 BACKENDS = ("auto", "torch", "mlx")  # auto: mlx on Apple Silicon when mlx-lm is installed, else torch
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "csv": None}  # sink -> the package (and extra) it needs
 SECTIONS = ("model", "data", "train")
@@ -43,6 +49,18 @@ MAX_DIGITS = 100  # '1e400' as an integer is refused before it is expanded
 class ModelConfig:
     preset: str = "5M"
     model_config: str | None = None  # path to a LlamaConfig JSON; overrides the preset's shape
+    init_from: str | None = None  # a pretrained HF folder or hub name to fine-tune; presets then do not apply
+    method: str = "full"  # full, lora or qlora (with init_from)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str | None = None  # comma-separated module names; default per architecture
+    quant_bits: int = 4  # qlora's base: 4 or 8 bits
+
+    @property
+    def adapter(self) -> bool:
+        """Only a LoRA adapter trains; checkpoints hold it alone, plus the base's identity."""
+        return self.init_from is not None and self.method != "full"
 
 
 @dataclass
@@ -66,7 +84,7 @@ class DataConfig:
 class TrainConfig:
     micro_batch: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-3  # a new fine-tune that does not set it gets DEFAULT_LR for its method (with_default_lr)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -92,6 +110,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 4
+    early_stop_patience: int = 0  # stop after N evals without a new best eval loss; 0 = never
     growth_check_interval: int = 0  # re-check the cache for new chunks every K steps; 0 = at resume only
     shuffle_buffer_mb: int = 1024  # decoded rows shuffled together (and kept decoded): all of a cache that fits
     sample_every: int = 0  # generate a short sample every N steps, as a `sample` event; 0 = off
@@ -171,6 +190,7 @@ class RunConfig:
         _check_fields(self.model, "model.")
         _check_fields(self.train, "train.")
         m, d, t = self.model, self.data, self.train
+        check_model(m, d)
         if m.model_config is None and m.preset not in PRESETS:
             raise UserError(f"unknown preset {shown(m.preset)}; choose one of {', '.join(PRESETS)}")
         if d.source is None and d.cache is None and d.dataset_name is None:
@@ -183,6 +203,9 @@ class RunConfig:
             _require(v >= 1, f"train.{key} must be a positive integer, got {v}")
         _require(t.keep_last >= 2, f"train.keep_last must be at least 2, got {t.keep_last}")
         _require(t.lr > 0, f"train.lr must be a positive number, got {t.lr}")
+        _require(t.early_stop_patience >= 0, "train.early_stop_patience must be >= 0 (0: never stop early)")
+        _require(t.early_stop_patience == 0 or d.eval_chunks > 0,
+                 "train.early_stop_patience needs eval data: set data.eval_chunks to 1 or more")
         _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
         _require(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
@@ -213,6 +236,39 @@ class RunConfig:
         _require(low <= t.seed <= high, f"train.seed must be between -2**63 and 2**64-1 (what torch accepts), "
                                         f"got {_number(t.seed)}")
         return self
+
+
+def default_lr(m: ModelConfig) -> float:
+    return DEFAULT_LR[m.method if m.init_from else "scratch"]
+
+
+def with_default_lr(cfg: RunConfig, given: set[str]) -> RunConfig:
+    """A new run whose LR nobody gave (`given`: given_fields) trains at its start's default, so a
+    fine-tune never starts at the from-scratch LR that would wreck what the model knows."""
+    if "train.lr" not in given:
+        cfg.train.lr = default_lr(cfg.model)
+    return cfg
+
+
+def check_model(m: ModelConfig, d: DataConfig) -> None:
+    """What fine-tuning settings can be refused from the config alone; a local model folder is read
+    here too (its config.json, for the context length), a hub name only when the run starts."""
+    _require(m.method in METHODS, f"model.method must be one of {', '.join(METHODS)}, got {shown(m.method)}")
+    _require(m.lora_rank >= 1, f"model.lora_rank must be a positive integer, got {m.lora_rank}")
+    _require(m.lora_alpha > 0, f"model.lora_alpha must be positive, got {m.lora_alpha}")
+    _require(0 <= m.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
+    _require(m.quant_bits in QUANT_BITS, f"model.quant_bits must be 4 or 8, got {m.quant_bits}")
+    if m.init_from is None:
+        _require(m.method == "full", f"model.method {m.method} adapts a pretrained model: give --init-from "
+                                     "a model folder or hub name")
+        return
+    _require(m.model_config is None, "model.model_config does not apply with init_from: the pretrained model's "
+                                     "own config.json sets its shape (and model.preset is ignored)")
+    _require(d.tokenizer in (DataConfig.tokenizer, m.init_from), "data.tokenizer does not apply with init_from: the "
+             f"model's own tokenizer builds the cache (got {shown(d.tokenizer)})")
+    from engine.pretrained import check_local_model
+
+    check_local_model(m.init_from, d.seq_len)
 
 
 def check_data(d: DataConfig, where: str = "data.") -> None:
@@ -373,6 +429,15 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 # --- CLI flags mirror the field names -------------------------------------------------------------
 
 
+FLAG_HELP = {
+    "lr": "peak LR; default: " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()),
+    "init_from": "fine-tune this pretrained model (a folder or hub name); its own config and tokenizer apply",
+    "method": f"with --init-from: {', '.join(METHODS)} (qlora: a 4/8-bit base, CUDA only); default: full",
+    "lora_targets": "comma-separated module names; default: every attention and MLP projection",
+    "early_stop_patience": "stop after N evals without a lower eval loss; default: 0 (never)",
+}
+
+
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
@@ -385,7 +450,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             typ = _field_kind(cls, f.name)[0]
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            help_text = f"default: {default}"
+            help_text = FLAG_HELP.get(f.name, f"default: {default}")
             if typ is bool:
                 group.add_argument(flag_name(f.name), dest=f"cfg_{section}_{f.name}", default=None,
                                    action=argparse.BooleanOptionalAction, help=help_text)
@@ -410,7 +475,7 @@ def apply_config_flags(cfg: RunConfig, ns: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def given_fields(raw: dict[str, Any], ns: argparse.Namespace) -> set[str]:
+def given_fields(raw: dict[str, Any], ns: argparse.Namespace | None = None) -> set[str]:
     """'section.key' for every field the user set, in the config file (`raw`, as RunConfig.read
     returns it) or as a flag: the values a command may not silently replace."""
     data = _unwrap(raw) if raw else {}

@@ -139,10 +139,11 @@ def load(layout: Layout, ref: str, *, device: str = "auto", precision: str = "au
     quiet_transformers()
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from engine.backends.torch_finetune import merged_model
     from engine.backends.torch_model import count_params
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()
+    try:  # a LoRA checkpoint holds only its adapter: base plus adapter, merged
+        model = (merged_model(path) or AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)).to(dev).eval()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the model in {path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") \
             from None

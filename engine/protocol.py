@@ -64,6 +64,7 @@ class Plan(Event):
     schedule: str = "cosine"
     previous_total_steps: int | None = None
     n_params: int = 0
+    n_trainable: int | None = None  # what the optimizer updates when less than n_params (a LoRA adapter)
 
 
 @dataclass(kw_only=True)
@@ -160,7 +161,7 @@ class Error(Event):
 class Finished(Event):
     kind: ClassVar[str] = "finished"
     step: int
-    reason: Literal["completed", "stopped", "error"]
+    reason: Literal["completed", "stopped", "early_stopped", "error"]
     final_loss: float | None = None
     checkpoint: str | None = None
 
@@ -633,6 +634,8 @@ def describe(event: Event) -> str | None:
     if isinstance(e, Plan):
         was = f" (was {e.previous_total_steps:,})" if e.previous_total_steps not in (None, e.total_steps) else ""
         params = f", {e.n_params:,} parameters" if e.n_params else ""
+        if e.n_params and e.n_trainable is not None:
+            params = f", {e.n_trainable:,} of {e.n_params:,} parameters trainable"
         return (f"Plan: {e.total_steps:,} steps{was}, warmup {e.warmup_steps:,}, {e.epochs:g} epoch(s) of "
                 f"{e.n_sequences:,} sequences, global batch {e.global_batch} ({e.tokens_per_step:,} tokens/step), "
                 f"{e.schedule}{params}")

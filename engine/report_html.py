@@ -139,6 +139,6 @@ def _cache(cache_dir: Path | None, stats: dict[str, Any] | None, lengths_png: by
 def _samples(samples: list[dict[str, Any]]) -> str:
     out = []
     for s in samples:
-        text = "\n".join(f"{k}: {v}" for k, v in s.items() if k != "step")
+        text = "\n".join(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}" for k, v in s.items() if k != "step")
         out.append(f"<p>step {escape(str(s['step']))}</p><pre>{escape(text)}</pre>")
     return "\n".join(out)

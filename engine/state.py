@@ -179,6 +179,7 @@ class TrainerState:
     versions: dict[str, str]
     optimizer: OptimizerState | None = None  # filled in by the Checkpointer, which owns the tensors
     backend: str = "torch"  # the framework that saved it (engine.backends); absent before there were two
+    evals_since_best: Count = 0  # evals without a new best eval loss, for train.early_stop_patience
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -68,6 +68,7 @@ class Start:
     tokens_seen: int = 0
     elapsed_s: float = 0.0
     best_eval_loss: float | None = None
+    evals_since_best: int = 0
     cache_sequences: int = 0  # cache size the run last knew, for "Dataset expanded: A → B"
     resumed_from: str | None = None
     rng: RngState | None = None
@@ -86,7 +87,7 @@ class Trainer:
         self.reader = RowPrefetcher(cache)
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
-        self.n_params = backend.n_params
+        self.n_params, self.n_trainable = backend.n_params, backend.n_trainable
         self.samples = TrainingSamples(self.t, backend, tokenizer_dir=cache.tokenizer_dir, eos_id=cache.eos_id,
                                        context=self.seq_len, log=log)
         backend.load_scaler_state(start.scaler)
@@ -135,6 +136,7 @@ class Trainer:
             tokens_per_step=self.global_batch * self.seq_len, epochs=self.t.epochs,
             epoch_fraction=self.t.epoch_fraction, schedule=sched.kind,
             previous_total_steps=previous, n_params=self.n_params,
+            n_trainable=self.n_trainable if self.n_trainable != self.n_params else None,
         )
 
     def check_growth(self) -> None:
@@ -170,7 +172,7 @@ class Trainer:
         return TrainerState(
             format=TRAINER_STATE_FORMAT, model_name=s.model_name, display_name=display_name(s.model_name, s.step, s.run),
             step=s.step, run=s.run, tokens_seen=s.tokens_seen, loss=loss, eval_loss=self.eval_at(s.step),
-            best_eval_loss=s.best_eval_loss, saved_at=time.time(), elapsed_s=s.elapsed_s, epoch=s.epoch,
+            best_eval_loss=s.best_eval_loss, evals_since_best=s.evals_since_best, saved_at=time.time(), elapsed_s=s.elapsed_s, epoch=s.epoch,
             cursor=s.cursor, growth_events=[e.to_dict() for e in s.order.events], data=s.order.state(),
             plan=PlanRecord(schedule=s.schedule, global_batch=self.global_batch, n_sequences=s.order.n_train_sequences),
             total_steps=s.schedule.total_steps, scaler=backend.scaler_state(), rng=backend.rng_state(),
@@ -220,7 +222,9 @@ class Trainer:
         loss = total / max(count, 1.0)
         self.last_eval = (self.s.step, loss)
         if self.s.best_eval_loss is None or loss < self.s.best_eval_loss:
-            self.s.best_eval_loss = loss
+            self.s.best_eval_loss, self.s.evals_since_best = loss, 0
+        else:
+            self.s.evals_since_best += 1
         self.log.emit(P.Eval(step=self.s.step, loss=loss, perplexity=math.exp(min(loss, 700.0))))
         return loss
 
@@ -335,6 +339,12 @@ class Trainer:
             done = s.step >= s.schedule.total_steps
             if s.order.eval_chunks and (s.step % t.eval_interval == 0 or done):
                 self.evaluate()
+                if t.early_stop_patience and s.evals_since_best == 0:
+                    self.save()  # a new best: its weights are kept (rotation spares the best) whatever follows
+                if t.early_stop_patience and s.evals_since_best >= t.early_stop_patience and not done:
+                    self.log.info(f"Early stop: no better eval loss in {s.evals_since_best} evals "
+                                  f"(best {s.best_eval_loss:.4f})")
+                    return self.finish("early_stopped")
             if s.step % t.save_interval == 0 or done:
                 self.save()
                 if self.stop_at_checkpoint:
@@ -386,7 +396,8 @@ class Trainer:
             model=s.model_name, run=s.run, start_step=s.step, total_steps=s.schedule.total_steps,
             target_tokens=s.schedule.total_steps * self.global_batch * self.seq_len, resumed_from=s.resumed_from,
             pid=psutil.Process().pid, world_size=self.dist.world_size, config=self.cfg.to_dict(),
-            hardware={**self.hardware(), "precision": self.backend.precision, "n_params": self.n_params},
+            hardware={**self.hardware(), "precision": self.backend.precision, "n_params": self.n_params,
+                      "n_trainable": self.n_trainable},
         )
 
     def write_run_json(self, log_path: Path) -> None:

@@ -97,7 +97,7 @@ def checkpoint_entry(model: str, step: int, **kw: Any) -> SimpleNamespace:
         model=model, step=step, run=1, display_name=f"{model}_checkpoint_{step}_run_1",
         path=f"/data/checkpoints/{model}/checkpoint_{step:06d}", loss=8 * math.exp(-step / 100) + 2.0,
         eval_loss=None, kept_eval=None, saved_at=T0 + step * 60, dataset="Stdlib", sequences=8000, size_bytes=21_000_000 + step,
-        valid=True, reason=None, is_latest=False, running=False,
+        valid=True, reason=None, is_latest=False, running=False, is_best=False,
     )
     values.update(kw)
     return SimpleNamespace(**values)

@@ -364,3 +364,41 @@ async def test_bad_cache_chunk_is_named_and_repaired(layout: Layout, tmp_path: P
         assert isinstance(app.screen, CacheScreen)  # a bad cache does not start training
         await pilot.press("r")
         await wait_for(pilot, lambda: "Cache validated: 10 chunks" in screen_text(app), 60, "the repair")
+
+
+async def test_fine_tune_a_pretrained_folder_with_lora_from_the_form(layout: Layout, tmp_path: Path) -> None:
+    from textual.widgets import Input, Select
+
+    from app.formatting import format_params
+    from app.screens.dashboard import plan_text
+    from pretrained_support import save_tiny_pretrained
+
+    model = save_tiny_pretrained(tmp_path / "pretrained", "llama")
+    corpus = make_corpus(tmp_path / "corpus", 200)
+    app = PacktrainApp(layout, base_config=tiny(corpus, max_steps=6))
+    async with app.run_test(size=SIZE) as pilot:
+        await enter_home(pilot)
+        await pilot.press("n", "home", "ctrl+k", *"ft_run", "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfigFormScreen), what="the config form")
+        form = app.screen
+        assert form.query_one("#f-model-init_from", Input).disabled  # from scratch until chosen
+        form.query_one("#start-kind", Select).value = "pretrained"
+        await wait_for(pilot, lambda: not form.query_one("#f-model-init_from", Input).disabled)
+        assert form.query_one("#f-model-preset", Select).disabled and form.query_one("#f-model-lora_rank", Input).disabled
+        assert form.query_one("#f-train-lr", Input).value == "2e-05"  # the full fine-tune default
+        form.query_one("#f-model-method", Select).value = "lora"
+        await wait_for(pilot, lambda: not form.query_one("#f-model-lora_rank", Input).disabled)
+        assert form.query_one("#f-train-lr", Input).value == "0.0002"
+        await pilot.click("#f-model-init_from")
+        await pilot.press(*str(model), "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, CacheScreen), what="the cache screen")
+        saved = RunConfig.load(layout.model_dir("ft_run") / "config.yaml")
+        assert (saved.model.init_from, saved.model.method, saved.data.tokenizer) == (str(model), "lora", str(model))
+        await wait_for(pilot, lambda: "Cache ready" in screen_text(app), 60, "the cache build")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: "Finished (completed) at step 6" in screen_text(app), 120, "the end")
+        plan = app.screen.state.plan
+        assert plan is not None and 0 < plan.n_trainable < plan.n_params
+        assert (f"Train {format_params(plan.n_trainable)} of {format_params(plan.n_params)} params"
+                in plan_text(app.screen.state))
+    assert (layout.model_dir("ft_run") / "checkpoint_000006" / "base_model.json").is_file()

@@ -220,8 +220,9 @@ async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_pa
         app.screen.action_submit()
         await pilot.pause()
         assert isinstance(app.screen, ConfigFormScreen)
-        assert f"✗ cannot save the config in {tmp_path / 'a_file' / 'root' / 'checkpoints' / 'm'}: Not a directory" \
-            in " ".join(screen_text(app).split())
+        status = app.screen.query_one("#form-status")
+        assert str(status.content) == f"✗ cannot save the config in {tmp_path / 'a_file' / 'root' / 'checkpoints' / 'm'}: Not a directory"
+        await wait_for(pilot, lambda: "✗ cannot save the config in" in screen_text(app), 10, "the status in view")
         app.handle = EngineHandle(model="m")
         app.send_engine_command("save")  # the control folder cannot be made either: a notice, not a crash
         await pilot.pause()

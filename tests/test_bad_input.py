@@ -209,6 +209,11 @@ CASES: list[tuple[str, list[str]]] = [
     ("train --name taken --dataset-name new", TRAIN + ["--name", "taken", "--dataset-name", "brand_new"]),
     ("train: max_docs and max_chunks", TRAIN + ["--max-docs", "3", "--max-chunks", "3"]),
     ("train --unknown", TRAIN + ["--lerning-rate", "1"]),
+    *[(f"train fine-tune {' '.join(a)[:40]}", TRAIN + a) for a in [
+        ["--init-from", "{cwd}/missing"], ["--init-from", "{cwd}/corpus"], ["--init-from", "../../x"],
+        ["--method", "lora"], ["--method", "bogus"], ["--init-from", "{cwd}/corpus", "--model-config", "{cwd}/m/div.json"],
+        ["--lora-rank", "0"], ["--lora-alpha", "-1"], ["--lora-dropout", "1"], ["--quant-bits", "3"],
+        ["--early-stop-patience", "-1"], ["--early-stop-patience", "2", "--eval-chunks", "0"]]],
     *[(f"resume ref {r[:20]!r}", ["--root", "{root}", "resume", r]) for r in ("", "../x", "nobody", LONG, "-rf",
                                                                               "{cwd}/afile", "{cwd}/corpus")],
     ("resume --workers 0", RESUME + ["--workers", "0"]),
@@ -242,6 +247,7 @@ CASES: list[tuple[str, list[str]]] = [
         ("nobody", "{cwd}/../outside"), ("", "{cwd}/../outside"), (LONG, "{cwd}/../outside"),
         (CKPT, "{root}/checkpoints/out"), (CKPT, "{root}/cache/out"), (CKPT, "{cwd}/../outside"),
         (CKPT, "{cwd}/afile"), (CKPT, "")]],
+    ("checkpoints export --merge=x", ["--root", "{root}", "checkpoints", "export", CKPT, "{cwd}/../outside", "--merge=x"]),
     *[(f"--root {r[-10:]} {c[0]}", ["--root", r, *c]) for r in ("{cwd}/afile", "{cwd}/afile/sub")
       for c in (["info"], ["cache", "list"], ["checkpoints", "list"])],
 ]

@@ -413,6 +413,7 @@ def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout:
             def save_tensors(self, tensors, path, metadata=None): save_file(tensors, str(path), metadata=metadata)
             def model_config(self): return {{}}
             def generation_config(self): return None
+            def extra_files(self): return {{}}
 
         real = c.atomic_write_bytes
         def die_after_manifest(path, data, **kw):

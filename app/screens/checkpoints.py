@@ -49,7 +49,8 @@ def status_of(entry: Any, live: set[str]) -> str:
         return RUNNING
     if not entry.valid:
         return "invalid"
-    return "latest" if entry.is_latest else "valid"
+    tags = [tag for tag, on in (("latest", entry.is_latest), ("best", entry.is_best)) if on]
+    return ", ".join(tags) or "valid"
 
 
 def kept_eval_cells(entry: Any) -> tuple[str, str]:

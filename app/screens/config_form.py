@@ -18,7 +18,7 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
 from app.draft import UNKNOWN_VOCAB, save_config, vocab_guess
-from engine.config import PRECISIONS, SCHEDULES, RunConfig
+from engine.config import DEFAULT_LR, PRECISIONS, SCHEDULES, RunConfig
 from engine.errors import UserError
 from engine.presets import PRESETS
 
@@ -67,7 +67,19 @@ TRAIN_FIELDS = (
     FieldSpec("train", "sample_prompt", "Sample prompt", optional=True, placeholder="blank = a new document"),
     FieldSpec("train", "tracker", "Trackers", optional=True, placeholder="blank = none; tensorboard, wandb, csv"),
 )
-SELECTS = (("model", "preset"), ("train", "schedule"), ("train", "precision"))
+MODEL_FIELDS = (
+    FieldSpec("model", "init_from", "Pretrained model", optional=True, placeholder="a model folder or org/name"),
+)
+LORA_FIELDS = (
+    FieldSpec("model", "lora_rank", "LoRA rank", "integer"),
+    FieldSpec("model", "lora_alpha", "LoRA alpha", "number"),
+    FieldSpec("model", "lora_dropout", "LoRA dropout", "number"),
+    FieldSpec("model", "lora_targets", "LoRA targets", optional=True, placeholder="blank = every projection"),
+    FieldSpec("model", "quant_bits", "QLoRA bits", "integer", placeholder="4 or 8 (CUDA only)"),
+)
+SELECTS = (("model", "preset"), ("model", "method"), ("train", "schedule"), ("train", "precision"))
+START_KINDS = [("a preset, from scratch", "scratch"), ("a pretrained model", "pretrained")]
+METHOD_OPTIONS = [("full fine-tune", "full"), ("LoRA adapter", "lora"), ("QLoRA (4/8-bit base, CUDA)", "qlora")]
 
 
 def source_kind(source: str | None) -> str:
@@ -107,6 +119,14 @@ class ConfigFormScreen(Screen[None]):
             ))
             for spec in DATA_FIELDS:
                 yield form_row(spec.label, self._input(spec))
+            yield form_row("Start from", Select(START_KINDS, value="pretrained" if self.draft.model.init_from else "scratch",
+                                                allow_blank=False, compact=True, id="start-kind"))
+            for spec in MODEL_FIELDS:
+                yield form_row(spec.label, self._input(spec))
+            yield form_row("Method", Select(METHOD_OPTIONS, value=self.draft.model.method, allow_blank=False,
+                                            compact=True, id="f-model-method"))
+            for spec in LORA_FIELDS:
+                yield form_row(spec.label, self._input(spec))
             yield form_row("Model preset", Select(
                 preset_options(vocab_guess(d.tokenizer) or UNKNOWN_VOCAB), value=self.draft.model.preset, allow_blank=False,
                 compact=True, id="f-model-preset",
@@ -137,6 +157,7 @@ class ConfigFormScreen(Screen[None]):
         )
 
     def on_mount(self) -> None:
+        self._sync_model_fields()
         self._show_params()
         self._sync_source_fields()
         next(i for i in self.query(Input) if not i.disabled).focus()
@@ -145,7 +166,34 @@ class ConfigFormScreen(Screen[None]):
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "source-kind":
             self._sync_source_fields()
+        self._sync_model_fields()
         self._show_params()
+
+    def _pretrained(self) -> bool:
+        return self.query_one("#start-kind", Select).value == "pretrained"
+
+    def _sync_model_fields(self) -> None:
+        """A pretrained model brings its shape and tokenizer; a method other than full needs LoRA's fields."""
+        pretrained = self._pretrained()
+        adapter = pretrained and self.query_one("#f-model-method", Select).value != "full"
+        self.query_one("#f-model-init_from", Input).disabled = not pretrained
+        self.query_one("#f-model-method", Select).disabled = not pretrained
+        self.query_one("#f-model-preset", Select).disabled = pretrained
+        self.query_one("#f-data-tokenizer", Input).disabled = pretrained
+        for spec in LORA_FIELDS:
+            self.query_one(f"#{spec.id}", Input).disabled = not adapter
+        self._follow_default_lr(str(self.query_one("#f-model-method", Select).value) if pretrained else "scratch")
+
+    def _follow_default_lr(self, start: str) -> None:
+        """An LR still at some start's default moves to this start's (a full fine-tune at the
+        from-scratch LR would wreck the model); one the user typed stays."""
+        lr = self.query_one("#f-train-lr", Input)
+        try:
+            current = float(lr.value)
+        except ValueError:
+            return
+        if current in DEFAULT_LR.values() and current != DEFAULT_LR[start]:
+            lr.value = f"{DEFAULT_LR[start]:g}"
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "f-data-tokenizer":
@@ -159,6 +207,9 @@ class ConfigFormScreen(Screen[None]):
 
     def _show_params(self) -> None:
         preset = PRESETS.get(str(self.query_one("#f-model-preset", Select).value))
+        if self._pretrained():
+            self.query_one("#params", Static).update("Shape, size and tokenizer: the pretrained model's own")
+            return
         if preset is None:
             return
         vocab = vocab_guess(self.query_one("#f-data-tokenizer", Input).value)
@@ -178,11 +229,20 @@ class ConfigFormScreen(Screen[None]):
             raise UserError(f"local source {source!r} does not exist")
         else:
             data["data"]["source"] = str(Path(source).expanduser().resolve()) if kind == "local" else source
-        for spec in (*DATA_FIELDS, *TRAIN_FIELDS):
+        for spec in (*DATA_FIELDS, *MODEL_FIELDS, *LORA_FIELDS, *TRAIN_FIELDS):
             raw = self.query_one(f"#{spec.id}", Input).value.strip()
             data[spec.section][spec.name] = None if (raw == "" and spec.optional) else raw
         for section, name in SELECTS:
             data[section][name] = self.query_one(f"#f-{section}-{name}", Select).value
+        if self._pretrained():
+            if not data["model"]["init_from"]:
+                raise UserError("give a pretrained model folder or hub name to start from")
+            local = Path(data["model"]["init_from"]).expanduser()
+            if local.is_dir():
+                data["model"]["init_from"] = str(local.resolve())
+            data["data"]["tokenizer"] = data["model"]["init_from"]  # the cache is built with the model's tokenizer
+        else:
+            data["model"].update(init_from=None, method="full")
         if kind != "hub":
             data["data"]["subset"] = None
         return RunConfig.from_dict(data).validate()

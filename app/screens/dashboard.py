@@ -14,7 +14,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Log, Static
 
-from app.formatting import format_clock
+from app.formatting import format_clock, format_params
 from app.run_state import LOG_LINES, RunState
 from app.screens.modals import ConfirmScreen, HelpScreen
 from app.widgets.loss_plot import LossPlot
@@ -66,6 +66,9 @@ def plan_text(state: RunState) -> str:
         lines += [f"Plan  {p.total_steps:,} steps · warmup {p.warmup_steps:,}",
                   f"      {p.epochs:g} epoch(s) · {p.schedule}",
                   f"Data  {p.n_sequences:,} seqs · batch {p.global_batch}"]
+        if p.n_params:
+            lines.append(f"Train {format_params(p.n_trainable)} of {format_params(p.n_params)} params"
+                         if p.n_trainable is not None else f"Model {format_params(p.n_params)} params, all train")
     if state.expanded is not None:
         x = state.expanded
         lines.append(protocol.growth_line(x.n_before, x.n_after))

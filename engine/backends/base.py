@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine import protocol as P
-from engine.config import RunConfig, TrainConfig
+from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
 from engine.state import OptimizerState, RngState, ScalerState
@@ -70,6 +70,7 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    fine_tunes: ClassVar[bool] = False  # loads pretrained models and LoRA adapters (build_pretrained)
     device: str  # what it trains on, as `info` reports it (cpu, cuda, mps, gpu)
     precision: str  # fp32, bf16 or fp16
     dist: Dist
@@ -85,9 +86,25 @@ class Backend(ABC):
         """A fresh model from HF LlamaConfig fields (random init from train.seed) and its AdamW:
         decay on projection matrices only, as engine.backends.torch_model.param_groups explains."""
 
+    def build_pretrained(self, folder: Path, model: ModelConfig, train: TrainConfig,
+                         base: dict[str, Any] | None = None) -> None:
+        """The pretrained model in `folder` (any causal LM), trained whole (model.method full) or
+        through a fresh LoRA adapter; `base` is the base record an adapter checkpoint carries. Only
+        backends with `fine_tunes` implement it (engine.assemble refuses the others first)."""
+        raise NotImplementedError
+
     @property
     @abstractmethod
     def n_params(self) -> int: ...
+
+    @property
+    def n_trainable(self) -> int:
+        """Parameters the optimizer updates: all of them, or an adapter's."""
+        return self.n_params
+
+    def extra_files(self) -> dict[str, str]:
+        """Text files a checkpoint holds besides the model's own (an adapter's config and base record)."""
+        return {}
 
     @abstractmethod
     def model_config(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the device until the loop asks for them on a log step (to_host), so a step never
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -26,14 +27,19 @@ from engine.backends.base import (
 )
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
+from engine.backends.torch_finetune import (
+    adapter_config, base_model, enable_checkpointing, load_finetune_model,
+    n_trainable, trainable_tensors,
+)
 from engine.backends.torch_model import (
     autocast, build_model, config_json, count_params, generating_view, generation_json, lm_loss, masked_nll,
     param_groups,
 )
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
-from engine.config import RunConfig, TrainConfig
+from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.paths import Layout
+from engine.pretrained import BASE_FILE
 from engine.state import OptimizerState, RngState, ScalerState
 from engine.token_flags import loss_mask, position_ids, trained_tokens
 
@@ -104,17 +110,14 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch
 def prepare_model(fields: Mapping[str, Any], t: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = build_model(fields, t.seed).to(device)
     if t.grad_checkpointing:
-        # transformers 5.24 deprecates the old name (a FutureWarning; gone in v6); older ones have only it
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
 
 
 class TorchBackend(Backend):
     name = "torch"
     trains_flags = True
+    fine_tunes = True
 
     def __init__(self, cfg: RunConfig, layout: Layout | None = None) -> None:
         self.device = pick_device(cfg.train.device)
@@ -124,10 +127,20 @@ class TorchBackend(Backend):
                                      if self.dist.is_main else None)
         self.torch_device = D.device(self.dist, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.adapter_files: dict[str, str] = {}  # written beside an adapter run's weights
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
         model = prepare_model(config, train, self.torch_device)
         self.adopt(model, make_optimizer(model, train, self.device), compile=train.compile)
+
+    def build_pretrained(self, folder: Path, model: ModelConfig, train: TrainConfig,
+                         base: dict[str, Any] | None = None) -> None:
+        net = load_finetune_model(folder, model, train, self.precision, self.torch_device)
+        if model.adapter:
+            assert base is not None, "an adapter run records its base"
+            record = {**base, "adapter_config": adapter_config(net, model.init_from or str(folder))}
+            self.adapter_files = {BASE_FILE: json.dumps(record, indent=2, sort_keys=True) + "\n"}
+        self.adopt(net, make_optimizer(net, train, self.device), compile=train.compile)
 
     def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *, compile: bool = False) -> None:
         """Train `model` with `optimizer` (DDP-wrapped under torchrun, compiled on request); without
@@ -144,11 +157,18 @@ class TorchBackend(Backend):
     def n_params(self) -> int:
         return count_params(self.net)
 
+    @property
+    def n_trainable(self) -> int:
+        return n_trainable(self.net)
+
+    def extra_files(self) -> dict[str, str]:
+        return self.adapter_files
+
     def model_config(self) -> dict[str, Any]:
-        return config_json(self.net)
+        return config_json(base_model(self.net))
 
     def generation_config(self) -> str | None:
-        return generation_json(self.net)
+        return generation_json(base_model(self.net))
 
     # --- steps --------------------------------------------------------------------------------
     def _flag_tensors(self, flags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -213,9 +233,13 @@ class TorchBackend(Backend):
 
     # --- named tensors ------------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
+        if self.adapter_files:  # the adapter alone: the base is the pretrained folder's
+            return {n: p.detach().cpu().contiguous() for n, p in trainable_tensors(self.net).items()}
         return hf_state_dict(self.net)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.adapter_files:
+            return {n: tuple(p.shape) for n, p in trainable_tensors(self.net).items()}
         return weight_shapes(self.net)
 
     def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -25,27 +25,29 @@ from engine.errors import UserError, shown
 from engine.llama_json import META_KEYS
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig
+    from transformers import PretrainedConfig
 
 ENV_IMPL = "PACKTRAIN_MODEL_IMPL"
 IMPLS = ("fast", "hf")
 Impl = Literal["fast", "hf"]
 
 
-def hf_config(fields: Mapping[str, Any]) -> "LlamaConfig":
+def hf_config(fields: Mapping[str, Any]) -> "PretrainedConfig":
     """A LlamaConfig from config.json fields (engine.model_config.llama_config's, or a checkpoint's)."""
-    from transformers import LlamaConfig
+    from transformers import AutoConfig, LlamaConfig
 
     kwargs = {k: v for k, v in fields.items() if k not in META_KEYS}
+    model_type = fields.get("model_type", "llama")
     try:
-        config = LlamaConfig(**kwargs)
+        # another architecture: a fine-tuned pretrained model's checkpoint (engine.backends.torch_finetune)
+        config = LlamaConfig(**kwargs) if model_type == "llama" else AutoConfig.for_model(model_type, **kwargs)
     except Exception as e:  # noqa: BLE001 - strict-dataclass, Key and Attribute errors for the keys we do not check
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
         raise UserError(f"invalid model config: {shown(first, 200)}") from None
     return finish_config(config)
 
 
-def finish_config(config: "LlamaConfig") -> "LlamaConfig":
+def finish_config(config: "PretrainedConfig") -> "PretrainedConfig":
     """Training settings that are not part of the shape: SDPA attention, no KV cache. (The
     tokenizer's special ids arrive in the fields: engine.model_config.llama_config.)"""
     config._attn_implementation = "sdpa"
@@ -63,15 +65,16 @@ def model_impl(impl: str | None = None) -> Impl:
 
 def build_model(fields: Mapping[str, Any], seed: int, *, impl: str | None = None) -> torch.nn.Module:
     """A model from config.json fields; random init that depends only on the seed (the global torch
-    RNG is reseeded here)."""
-    chosen = model_impl(impl)
-    config = hf_config(fields) if chosen == "hf" else None  # refuse bad fields before reseeding
+    RNG is reseeded here). Llamas train on the fast model unless `impl` (or $PACKTRAIN_MODEL_IMPL)
+    says hf; other architectures (a fine-tuned pretrained model's checkpoint) are transformers'."""
+    fast = model_impl(impl) == "fast" and fields.get("model_type", "llama") == "llama"
+    config = None if fast else hf_config(fields)  # refuse bad fields before reseeding
     torch.manual_seed(seed)
     if config is None:
         return FastLlama(fields)
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config) if isinstance(config, LlamaConfig) else AutoModelForCausalLM.from_config(config)
 
 
 def generating_view(net: torch.nn.Module) -> torch.nn.Module:

@@ -14,6 +14,7 @@ from engine import catalog
 from engine.commands.tables import format_loss, format_when, printed_json_or_empty, print_table
 from engine.errors import UserError
 from engine.paths import Layout
+from engine.pretrained import BASE_FILE
 from engine.units import format_bytes
 
 
@@ -38,9 +39,14 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
 
     ex = cmds.add_parser("export", help="copy a checkpoint as a plain Hugging Face model folder",
                          description="Write weights, config and tokenizer (no optimizer or trainer state) "
-                                     "to a new folder loadable by AutoModelForCausalLM.from_pretrained.")
+                                     "to a new folder loadable by AutoModelForCausalLM.from_pretrained. A LoRA "
+                                     "run's checkpoint exports as a peft adapter folder, or with --merge as "
+                                     "the base model with the adapter merged into its weights.")
     ex.add_argument("id", metavar="ID", help="display name or checkpoint folder")
     ex.add_argument("out", type=Path, metavar="OUT_DIR", help="new folder to create")
+    ex.add_argument("--merge", action="store_true",
+                    help="LoRA runs: merge the adapter into the base (needs the base model) instead of "
+                         "writing a peft adapter folder")
     ex.set_defaults(handler=run_export)
 
 
@@ -95,8 +101,14 @@ def run_export(args: argparse.Namespace) -> int:
     for managed in (layout.checkpoints_root, layout.cache_root):
         if target == managed or managed in target.parents or managed.resolve() in target.resolve().parents:
             raise UserError(f"refusing to export into {managed}: the engine manages that folder; choose one outside it")
+    if (checkpoint / BASE_FILE).is_file():
+        from engine.backends.torch_finetune import export_adapter, export_merged
+
+        out = export_hf(checkpoint, target, export_merged if args.merge else export_adapter)
+        print(f"Exported {'the merged model' if args.merge else 'the LoRA adapter'} to {out}")
+        return 0
     out = export_hf(checkpoint, target)
-    print(f"Exported to {out}")
+    print(f"Exported to {out}" + (" (a full model: nothing to merge)" if args.merge else ""))
     return 0
 
 
@@ -104,6 +116,8 @@ def _status(e: catalog.CheckpointEntry) -> str:
     if not e.valid:
         return f"invalid: {e.reason}"
     tags = ["latest"] if e.is_latest else []
+    if e.is_best:
+        tags.append("best")
     if e.running:
         tags.append("running")
     return ", ".join(tags) or "valid"

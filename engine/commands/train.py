@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.cache.commands import check_workers
-from engine.config import DataConfig, RunConfig, add_config_flags, apply_config_flags, given_fields
+from engine.config import (
+    DataConfig, RunConfig, add_config_flags, apply_config_flags, given_fields, with_default_lr,
+)
 from engine.errors import UserError
 from engine.paths import Layout
 
@@ -113,8 +115,10 @@ def check_cache_agrees(data: DataConfig, given: set[str]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     raw = RunConfig.read(args.config) if args.config else {}
     # Every refusal that needs no cache comes before the framework import and before anything is written.
-    cfg = apply_config_flags(RunConfig.from_dict(raw), args).validate()
-    check_cache_agrees(cfg.data, given_fields(raw, args))
+    cfg = apply_config_flags(RunConfig.from_dict(raw), args)  # refuses a malformed file before it is read further
+    given = given_fields(raw, args)
+    cfg = with_default_lr(cfg, given).validate()
+    check_cache_agrees(cfg.data, given)
     _check_common(args)
     from engine.assemble import new_run, run_to_end
 
