@@ -62,7 +62,6 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
                recorded: str | None = None) -> Any:
     """The run's cache: an explicit path, else the one its data config names; a missing cache is
     built first when the config names a source (rank 0 builds, the others wait)."""
-    from engine.cache.build import build_cache
     from engine.cache.naming import cache_path_for
     from engine.cache.metadata import METADATA_FILE
     from engine.cache.reader import PackedCache
@@ -76,6 +75,8 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
         if d.cache or not d.source or recorded:
             raise UserError(f"no packed cache at {path}; build it with `packtrain-engine cache build`")
         if backend.dist.is_main:
+            from engine.cache.build import build_cache  # its sources and workers only when building
+
             log.info(f"Building cache {path} from {d.source} ...")
             build_cache(d, layout, workers=workers, on_event=log.emit)
         backend.barrier()

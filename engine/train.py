@@ -5,8 +5,8 @@ events, schedule anchors) plus the weights, the optimizer state and the RNG stat
 optimizer-step boundary. A resume rebuilds the same objects from a checkpoint and enters the same
 `Trainer.run`; nothing is replayed (engine.assemble builds both).
 
-Per step the loop touches the host only to read the next rows; loss and grad norm stay on the
-device until a log step, and control commands are polled between steps (rank 0 reads them, every
+Per step the loop touches the host only to hand over rows, read while the step before ran
+(engine.prefetch); loss and grad norm stay on the device until a log step, and control commands are polled between steps (rank 0 reads them, every
 rank agrees through one tiny all-reduce when distributed). The framework behind the step is a
 Backend (engine.backends); this module imports none.
 """
@@ -37,6 +37,7 @@ from engine.errors import UserError
 from engine.faults import Faults
 from engine.guard import DivergenceGuard
 from engine.paths import Layout
+from engine.prefetch import RowPrefetcher
 from engine.run_log import EventSink, RunLog
 from engine.schedule import Schedule, total_steps
 from engine.state import (
@@ -98,6 +99,7 @@ class Trainer:
         self.dist = backend.dist
         self.cfg, self.t = start.cfg, start.cfg.train
         self.cache, self.ckpt = cache, checkpointer
+        self.reader = RowPrefetcher(cache)
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
         self.n_params, self.n_trainable = backend.n_params, backend.n_trainable
@@ -319,6 +321,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.reader.close()
             self.log.close()
             if dist.is_main:
                 lock.release()
@@ -332,9 +335,14 @@ class Trainer:
             lr = s.schedule.lr(s.step) * s.guard.lr_scale
             ids, next_epoch, next_cursor = s.order.take(s.epoch, s.cursor, self.global_batch)
             mine = rank_slice(ids, dist.rank, dist.world_size)
-            log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
-            result = self.train_step(read_sequences(self.cache, mine), read_flags(self.cache, mine), lr, log_now)
             self.trace(mine)
+            rows, flags = self.reader.rows(mine)
+            if s.step + 1 < s.schedule.total_steps:  # what the next step reads, unless growth changes it
+                ahead, _, _ = s.order.take(next_epoch, next_cursor, self.global_batch)
+                self.reader.start(rank_slice(ahead, dist.rank, dist.world_size))
+            log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
+            result = self.train_step(rows, flags, lr, log_now)
+            self.reader.settle()
             if not result.skipped:
                 losses.append(result.loss)
             self.step_loss = result.loss

@@ -1,4 +1,5 @@
-"""The torch backend: transformers' LlamaForCausalLM, torch AdamW, autocast, DDP under torchrun.
+"""The torch backend: a Llama with transformers' tensors (engine.backends.torch_model), torch AdamW,
+autocast, DDP under torchrun.
 
 Per step the host hands over numpy rows and gets back device scalars: loss and grad norm stay on
 the device until the loop asks for them on a log step (to_host), so a step never waits for the GPU.
@@ -11,6 +12,7 @@ import json
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,10 @@ from engine.backends.torch_finetune import (
     adapter_config, base_model, enable_checkpointing, load_finetune_model,
     n_trainable, trainable_tensors,
 )
-from engine.backends.torch_model import (autocast, build_model, count_params, hf_config, lm_loss, masked_nll,
-                                         param_groups)
+from engine.backends.torch_model import (
+    autocast, build_model, config_json, count_params, generating_view, generation_json, lm_loss, masked_nll,
+    param_groups,
+)
 from engine.backends.torch_state import flatten_optimizer, hf_state_dict, load_optimizer, param_names, unwrap, weight_shapes
 from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
@@ -92,9 +96,7 @@ def check_rng_state(state: RngState, source: Path) -> None:
 
 
 def versions() -> dict[str, str]:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
+    return {"torch": torch.__version__, "transformers": version("transformers"), "numpy": np.__version__,
             "python": platform.python_version()}
 
 
@@ -106,8 +108,8 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch
                              fused=device == "cuda" or None)
 
 
-def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn.Module:
-    model = build_model(config, t.seed).to(device)
+def prepare_model(fields: Mapping[str, Any], t: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model = build_model(fields, t.seed).to(device)
     if t.grad_checkpointing:
         enable_checkpointing(model)
     return model
@@ -136,7 +138,7 @@ class TorchBackend(Backend):
         self.faults = Faults.from_env()
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
-        model = prepare_model(hf_config(config), train, self.torch_device)
+        model = prepare_model(config, train, self.torch_device)
         self.adopt(model, make_optimizer(model, train, self.device), compile=train.compile)
 
     def build_pretrained(self, folder: Path, model: ModelConfig, train: TrainConfig,
@@ -171,14 +173,10 @@ class TorchBackend(Backend):
         return self.adapter_files
 
     def model_config(self) -> dict[str, Any]:
-        hf = base_model(self.net)
-        config = json.loads(hf.config.to_json_string())
-        config["architectures"] = [type(hf).__name__]  # as save_pretrained records it
-        return config
+        return config_json(base_model(self.net))
 
     def generation_config(self) -> str | None:
-        generation = getattr(base_model(self.net), "generation_config", None)
-        return None if generation is None else generation.to_json_string()
+        return generation_json(base_model(self.net))
 
     # --- steps --------------------------------------------------------------------------------
     def _flag_tensors(self, flags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -266,7 +264,7 @@ class TorchBackend(Backend):
     def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Any:
         from engine.generate import training_sampler
 
-        return training_sampler(self.net, tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
+        return training_sampler(generating_view(self.net), tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
                                 context=context)
 
     @torch.no_grad()
