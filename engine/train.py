@@ -291,7 +291,7 @@ class Trainer:
                                 "ids": [[int(c), int(r)] for c, r in zip(chunks, rows)]}) + "\n")
 
     def run(self) -> int:
-        s, t, dist = self.s, self.t, self.dist
+        s, dist = self.s, self.dist
         lock = EngineLock(self.layout, s.model_name)
         log_path = self.layout.run_log(s.model_name, s.run)
         if dist.is_main:
