@@ -67,6 +67,8 @@ class RunState:
     last_checkpoint: protocol.CheckpointSaved | None = None
     expanded: protocol.CacheExpanded | None = None
     sample: protocol.TrainingSample | None = None  # the latest sample during training, when samples are on
+    fallback: protocol.OomFallback | None = None  # the OOM ladder's latest rung
+    rollback: protocol.DivergenceRollback | None = None
     finished: protocol.Finished | None = None
     error: str = ""
     error_lines: list[str] = field(default_factory=list)
@@ -128,6 +130,10 @@ class RunState:
             self.sample = e
         elif isinstance(e, protocol.CacheExpanded):
             self.expanded = e
+        elif isinstance(e, protocol.OomFallback):
+            self.fallback = e
+        elif isinstance(e, protocol.DivergenceRollback):
+            self.rollback = e
         elif isinstance(e, protocol.CheckpointSaved):
             self.last_checkpoint = e
         elif isinstance(e, protocol.State):

@@ -26,7 +26,7 @@ from engine.paths import Layout, check_name
 from engine.run_log import RunLog
 from engine.schedule import plan_schedule
 from engine.state import TRAINER_STATE, RunFile, RunRecord, read_file
-from engine.train import Options, Start, Trainer
+from engine.train import Options, Start, Trainer, counters
 
 
 def read_run_json(layout: Layout, model: str) -> RunFile:
@@ -38,6 +38,10 @@ def read_run_json(layout: Layout, model: str) -> RunFile:
 
 def next_run_number(history: list[RunRecord]) -> int:
     return max((r.run for r in history), default=0) + 1
+
+
+def run_log(opts: Options, is_main: bool) -> RunLog:
+    return RunLog(events=opts.events, enabled=is_main, quiet=opts.quiet)
 
 
 def open_backend(cfg: RunConfig, layout: Layout) -> tuple[Backend, str]:
@@ -67,7 +71,6 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
                recorded: str | None = None) -> Any:
     """The run's cache: an explicit path, else the one its data config names; a missing cache is
     built first when the config names a source (rank 0 builds, the others wait)."""
-    from engine.cache.build import build_cache
     from engine.cache.naming import cache_path_for
     from engine.cache.metadata import METADATA_FILE
     from engine.cache.reader import PackedCache
@@ -81,6 +84,8 @@ def open_cache(cfg: RunConfig, layout: Layout, backend: Backend, log: RunLog, *,
         if d.cache or not d.source or recorded:
             raise UserError(f"no packed cache at {path}; build it with `packtrain-engine cache build`")
         if backend.dist.is_main:
+            from engine.cache.build import build_cache  # its sources and workers only when building
+
             log.info(f"Building cache {path} from {d.source} ...")
             build_cache(d, layout, workers=workers, on_event=log.emit)
         backend.barrier()
@@ -118,7 +123,7 @@ def choose_name(cfg: RunConfig, layout: Layout, n_params: int, dataset: str, seq
 
 
 def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | None = None,
-            name_prefix: str = "") -> Trainer:
+            name_prefix: str = "", auto_plan: dict[str, Any] | None = None) -> Trainer:
     """Everything a fresh run needs, checked before anything about the run is written."""
     cfg.validate()
     if cfg.name:
@@ -127,7 +132,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     backend, backend_line = open_backend(cfg, layout)
     check_finetune(cfg, backend)
     dist = backend.dist
-    log = RunLog(events=opts.events, enabled=dist.is_main)
+    log = run_log(opts, dist.is_main)
     log.info(backend_line)
     cache = open_cache(cfg, layout, backend, log, workers=workers)
     order = DataOrder.start(cfg.train.seed, cache.chunk_sizes, cfg.data.eval_chunks,
@@ -151,7 +156,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
         log.warn(w)
     history = read_run_json(layout, cfg.name).runs if layout.run_json(cfg.name).exists() else []
     start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(history), schedule=schedule, order=order,
-                  cache_sequences=cache.n_sequences, history=history)
+                  cache_sequences=cache.n_sequences, history=history, auto_plan=auto_plan)
     checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
 
@@ -162,7 +167,7 @@ RESUMABLE = {
               "eval_interval", "eval_batches", "growth_check_interval", "precision", "device", "compile",
               "grad_checkpointing", "micro_batch", "grad_accum", "estimated_total_sequences", "backend", "parallel",
               "sample_every", "sample_prompt", "sample_tokens", "sample_temperature", "tracker",
-              "early_stop_patience"},
+              "early_stop_patience", "divergence_patience", "divergence_lr_factor"},
     "data": {"cache"},
 }
 
@@ -209,7 +214,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     backend, backend_line = open_backend(cfg, layout)
     check_finetune(cfg, backend)
     dist = backend.dist
-    log = RunLog(events=opts.events, enabled=dist.is_main)
+    log = run_log(opts, dist.is_main)
     log.info(backend_line)
     checkpointer = Checkpointer(layout, name, keep_last=cfg.train.keep_last, log=log.info)
     path = Path(backend.broadcast(str(checkpointer.resolve(ref)) if dist.is_main else None))
@@ -241,14 +246,8 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
                  + f"; losses follow a {state.backend} resume only to float tolerance")
     elif reset_optimizer:
         log.info("Optimizer state reset (--reset-optimizer): the weights carry, AdamW moments start at zero")
-    start = Start(
-        cfg=cfg, model_name=name, run=next_run_number(run_file.runs), schedule=state.plan.schedule, order=order,
-        step=state.step, epoch=state.epoch, cursor=state.cursor, tokens_seen=state.tokens_seen,
-        elapsed_s=state.elapsed_s, best_eval_loss=state.best_eval_loss,
-        evals_since_best=state.evals_since_best, cache_sequences=state.cache.total_sequences,
-        resumed_from=display_name(name, state.step, state.run), rng=state.rng, scaler=state.scaler,
-        history=run_file.runs,
-    )
+    start = Start(cfg=cfg, model_name=name, run=next_run_number(run_file.runs), order=order, elapsed_s=state.elapsed_s,
+                  resumed_from=display_name(name, state.step, state.run), history=run_file.runs, **counters(state))
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
 
 

@@ -173,6 +173,10 @@ def stale_exports(out_dir: Path) -> list[Path]:
             and ((p / EXPORT_MARKER).is_file() or not any(p.iterdir()))]
 
 
+class NonFiniteWeights(UserError):
+    """A save refused because a parameter is NaN or infinite: a checkpoint is always one to go back to."""
+
+
 class Checkpointer:
     """Saves, validates, rotates and loads the checkpoints of one model.
 
@@ -228,6 +232,8 @@ class Checkpointer:
         Only rank 0 calls this."""
         if not is_main_process():
             raise RuntimeError("only rank 0 saves checkpoints")
+        if not backend.weights_finite():
+            raise NonFiniteWeights(f"not saving step {step:,}: the weights hold NaN or inf values")
         started = time.perf_counter()
         state = self._complete_state(step, trainer_state, eval_loss)
         opt_tensors: dict[str, Any] = {}
@@ -315,10 +321,13 @@ class Checkpointer:
             self.log(f"rotation: deleted {path.name}")
 
     # --- find and load -----------------------------------------------------------------------------
-    def newest_valid(self) -> Path | None:
+    def newest_valid(self, at_most: int | None = None) -> Path | None:
         """The highest-step checkpoint that passes the full check (files and state shape), the rule
-        the catalog lists by; each skipped one is logged."""
-        for _, path in checkpoint_dirs(self.dir):
+        the catalog lists by; each skipped one is logged. `at_most`: no later than this step (a
+        rollback goes back, never to a save of the timeline it abandoned)."""
+        for step, path in checkpoint_dirs(self.dir):
+            if at_most is not None and step > at_most:
+                continue
             problem = usable_problem(path)
             if problem is None:
                 return path

@@ -120,6 +120,8 @@ class TrainConfig:
     sample_tokens: int | None = None  # new tokens per sample; none: min(48, seq_len / 2)
     sample_temperature: float = 0.8  # 0 is greedy; sampled with `seed`, so every sample draws the same numbers
     tracker: str | None = None  # extra metric sinks, comma-separated: tensorboard, wandb, csv (engine.tracking)
+    divergence_patience: int = 3  # non-finite steps in a row before a rollback (engine.guard); 0: no guard
+    divergence_lr_factor: float = 0.5  # the LR multiplier each rollback applies
 
 
 SECTION_TYPES: dict[str, type] = dict(zip(SECTIONS, (ModelConfig, DataConfig, TrainConfig)))
@@ -234,6 +236,9 @@ class RunConfig:
         _require(t.sample_temperature >= 0, f"train.sample_temperature must be >= 0 (0 is greedy), "
                                             f"got {t.sample_temperature}")
         tracker_names(t.tracker)
+        _require(t.divergence_patience >= 0, "train.divergence_patience must be >= 0 (0 turns the guard off)")
+        _require(0 < t.divergence_lr_factor <= 1,
+                 f"train.divergence_lr_factor must be in (0, 1], got {t.divergence_lr_factor}")
         _require(t.shuffle_buffer_mb >= 1, f"train.shuffle_buffer_mb must be a positive integer, got {t.shuffle_buffer_mb}")
         low, high = SEED_RANGE
         _require(low <= t.seed <= high, f"train.seed must be between -2**63 and 2**64-1 (what torch accepts), "

@@ -42,14 +42,15 @@ def llama_config(model: ModelConfig, vocab_size: int, seq_len: int, token_ids: M
     return {**kwargs, **token_ids}
 
 
-def read_config_json(path: Path) -> dict[str, Any]:
-    """A checkpoint's config.json; one error line when it is missing or not a JSON object."""
+def read_config_json(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint's (or a pretrained model folder's) config.json; one error line when it is
+    missing or not a JSON object."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} has no usable config.json: {e}") from None
+        raise UserError(f"{what} {path} has no usable config.json: {e}") from None
     if not isinstance(config, dict):
-        raise UserError(f"checkpoint {path} has no usable config.json: not a JSON object")
+        raise UserError(f"{what} {path} has no usable config.json: not a JSON object")
     return config
 
 

@@ -21,6 +21,7 @@ from engine.cache.naming import is_hub_name
 from engine.config import ModelConfig, RunConfig
 from engine.errors import UserError, shown
 from engine.manifest import hash_file
+from engine.model_config import read_config_json
 
 BASE_FILE = "base_model.json"  # in an adapter checkpoint: which base it adapts, and that base's weights hash
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
@@ -40,16 +41,6 @@ def local_folder(source: str) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
-def read_model_json(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder} is not a model folder: no usable config.json ({type(e).__name__})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{folder}/config.json is not a JSON object")
-    return config
-
-
 def context_length(config: dict[str, Any]) -> int | None:
     """The longest sequence the model's positions cover (rotary models may extrapolate, but untrained)."""
     value = next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
@@ -64,7 +55,7 @@ def check_local_model(source: str, seq_len: int) -> None:
         if not is_hub_name(source):
             raise UserError(f"model.init_from {shown(source)} is neither a model folder nor a hub name")
     else:
-        check_context(read_model_json(folder), seq_len, source)
+        check_context(read_config_json(folder, "model folder"), seq_len, source)
 
 
 def check_context(config: dict[str, Any], seq_len: int, source: str) -> None:
@@ -121,7 +112,7 @@ def base_record(model: ModelConfig, folder: Path) -> dict[str, Any]:
     """What an adapter checkpoint records of its base (BASE_FILE; the backend adds the adapter's
     peft config): enough to rebuild base plus adapter without the run's config."""
     return {"init_from": model.init_from, "folder": str(folder), "weights_hash": weights_hash(folder),
-            "model_type": read_model_json(folder).get("model_type"), "model": asdict(model)}
+            "model_type": read_config_json(folder, "model folder").get("model_type"), "model": asdict(model)}
 
 
 def prepare(cfg: RunConfig) -> Path:
@@ -129,14 +120,14 @@ def prepare(cfg: RunConfig) -> Path:
     m, d = cfg.model, cfg.data
     assert m.init_from is not None
     folder = resolve(m.init_from)
-    check_context(read_model_json(folder), d.seq_len, m.init_from)
+    check_context(read_config_json(folder, "model folder"), d.seq_len, m.init_from)
     d.tokenizer = m.init_from
     return folder
 
 
 def check_vocab(folder: Path, vocab_size: int) -> None:
     """The cache's token ids must index the model's embedding."""
-    model_vocab = read_model_json(folder).get("vocab_size")
+    model_vocab = read_config_json(folder, "model folder").get("vocab_size")
     if isinstance(model_vocab, int) and vocab_size > model_vocab:
         raise UserError(f"the cache's tokenizer has {vocab_size:,} tokens but {folder} embeds only {model_vocab:,}")
 

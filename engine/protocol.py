@@ -82,6 +82,7 @@ class Step(Event):
     device_mem_gb: float = 0.0
     epoch: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0  # updates the divergence guard skipped so far (a non-finite loss or grad norm)
 
 
 @dataclass(kw_only=True)
@@ -115,6 +116,32 @@ class CacheExpanded(Event):
     n_after: int
     total_steps_before: int
     total_steps_after: int
+
+
+@dataclass(kw_only=True)
+class OomFallback(Event):
+    """The OOM ladder (engine.oom) changed how steps are computed after running out of device
+    memory at `step` + 1; the global batch and so the math stay the same."""
+
+    kind: ClassVar[str] = "oom_fallback"
+    step: int
+    micro_batch: int
+    grad_accum: int
+    grad_checkpointing: bool
+    message: str
+
+
+@dataclass(kw_only=True)
+class DivergenceRollback(Event):
+    """`skipped` non-finite steps in a row up to `step`: the run went back to the checkpoint at
+    `to_step` and trains on with the LR times `lr_scale` (engine.guard)."""
+
+    kind: ClassVar[str] = "divergence_rollback"
+    step: int
+    to_step: int
+    skipped: int
+    lr_scale: float
+    message: str
 
 
 @dataclass(kw_only=True)
@@ -327,9 +354,9 @@ class Unknown(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
-        RunStarted, Plan, Step, Eval, TrainingSample, CacheExpanded, CheckpointSaved, State, Log, Warning, Error,
-        Finished, CacheProgress, CacheReady, ModelLoaded, GenerationStarted, Token, GenerationDone, EvalProgress,
-        EvalResult, Done,
+        RunStarted, Plan, Step, Eval, TrainingSample, CacheExpanded, OomFallback, DivergenceRollback, CheckpointSaved,
+        State, Log, Warning, Error, Finished, CacheProgress, CacheReady, ModelLoaded, GenerationStarted, Token,
+        GenerationDone, EvalProgress, EvalResult, Done,
     )
 }
 
@@ -605,9 +632,10 @@ def format_eta(seconds: float | None) -> str:
 def format_step(e: Step, *, colons: bool = True) -> str:
     """`Step 770/26,235 (2.9%) | Loss: 5.583 | 106,212 tok/s | ETA: 04:23h`."""
     c = ":" if colons else ""
+    skipped = f" | {e.skipped_steps:,} skipped (non-finite)" if e.skipped_steps else ""
     return (
         f"Step {e.step:,}/{e.total_steps:,} ({e.progress_pct:.1f}%) | Loss{c} {e.loss:.3f} | "
-        f"{e.tokens_per_sec:,.0f} tok/s | ETA{c} {format_eta(e.eta_s)}"
+        f"{e.tokens_per_sec:,.0f} tok/s | ETA{c} {format_eta(e.eta_s)}{skipped}"
     )
 
 
@@ -654,6 +682,8 @@ def describe(event: Event) -> str | None:
         return ("warning: " if e.level == "warning" else "") + e.message
     if isinstance(e, Warning):
         return f"warning: {e.message}"
+    if isinstance(e, (OomFallback, DivergenceRollback)):
+        return e.message
     if isinstance(e, Error):
         return f"error: {e.message}"
     if isinstance(e, Finished):

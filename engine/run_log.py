@@ -33,10 +33,11 @@ class EventSink(Protocol):
 class RunLog:
     """Event sink for one engine process. `enabled=False` (ranks other than 0) drops everything."""
 
-    def __init__(self, *, events: bool, enabled: bool = True, stream: IO[str] | None = None) -> None:
+    def __init__(self, *, events: bool, enabled: bool = True, stream: IO[str] | None = None,
+                 quiet: bool = False) -> None:
         self.events = events
         self.enabled = enabled
-        self.stream: IO[str] | None = stream if stream is not None else sys.stdout
+        self.stream: IO[str] | None = None if quiet else stream if stream is not None else sys.stdout
         self.path: Path | None = None
         self._file: IO[str] | None = None
         # Events from before the log exists (setup decisions, resume checks) are shown at once and

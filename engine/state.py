@@ -126,6 +126,16 @@ class ScalerState:
 
 
 @dataclass
+class GuardRecord:
+    """What the divergence guard (engine.guard) did so far; a resume carries on with its LR scale.
+    (The OOM ladder's changes are config: run.json holds the micro-batch the run trains with.)"""
+
+    lr_scale: Annotated[float, Min(0)] = 1.0  # product of the rollbacks' LR factors
+    skipped_steps: Count = 0  # updates skipped for a non-finite loss or grad norm
+    rollbacks: Count = 0
+
+
+@dataclass
 class OptimizerState:
     """Param groups (hyperparameters and parameter names) and non-tensor per-parameter state; the
     tensors are in optimizer.safetensors. Values are compared with the live optimizer on load."""
@@ -180,6 +190,7 @@ class TrainerState:
     optimizer: OptimizerState | None = None  # filled in by the Checkpointer, which owns the tensors
     backend: str = "torch"  # the framework that saved it (engine.backends); absent before there were two
     evals_since_best: Count = 0  # evals without a new best eval loss, for train.early_stop_patience
+    guard: GuardRecord = field(default_factory=GuardRecord)  # absent before there was a guard
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,6 +212,7 @@ class RunRecord:
     world_size: Positive
     precision: str
     hardware: dict[str, Any]
+    auto_plan: dict[str, Any] | None = None  # engine.planner's result when `train --auto-plan` chose the settings
 
 
 @dataclass

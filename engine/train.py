@@ -5,8 +5,8 @@ events, schedule anchors) plus the weights, the optimizer state and the RNG stat
 optimizer-step boundary. A resume rebuilds the same objects from a checkpoint and enters the same
 `Trainer.run`; nothing is replayed (engine.assemble builds both).
 
-Per step the loop touches the host only to read the next rows; loss and grad norm stay on the
-device until a log step, and control commands are polled between steps (rank 0 reads them, every
+Per step the loop touches the host only to hand over rows, read while the step before ran
+(engine.prefetch); loss and grad norm stay on the device until a log step, and control commands are polled between steps (rank 0 reads them, every
 rank agrees through one tiny all-reduce when distributed). The framework behind the step is a
 Backend (engine.backends); this module imports none.
 """
@@ -24,19 +24,25 @@ from typing import Any
 import numpy as np
 import psutil
 
+from engine import oom
 from engine import protocol as P
 from engine.atomic import atomic_write_json
-from engine.backends.base import Backend
+from engine.backends.base import Backend, DeviceOutOfMemory, StepResult
 from engine.catalog import display_name
+from engine.checkpoint import NonFiniteWeights
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
 from engine.data import DataOrder, rank_slice, read_flags, read_sequences, split_ids
 from engine.errors import UserError
+from engine.faults import Faults
+from engine.guard import DivergenceGuard
 from engine.paths import Layout
+from engine.prefetch import RowPrefetcher
 from engine.run_log import EventSink, RunLog
 from engine.schedule import Schedule, total_steps
 from engine.state import (
-    TRAINER_STATE_FORMAT, CacheRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState, TrainerState,
+    TRAINER_STATE_FORMAT, CacheRecord, GuardRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState,
+    TrainerState,
 )
 from engine.token_flags import trained_tokens
 from engine.train_samples import TrainingSamples
@@ -49,6 +55,7 @@ from engine.train_samples import TrainingSamples
 class Options:
     events: bool = False  # JSON events on stdout instead of human lines
     trace_data: str | None = None  # append the sequence ids each rank trains on (audits and tests)
+    quiet: bool = False  # nothing on stdout (the run log is written all the same)
     sinks: list[EventSink] = field(default_factory=list)  # more followers of rank 0's events (engine.tracking)
 
 
@@ -73,6 +80,15 @@ class Start:
     rng: RngState | None = None
     scaler: ScalerState | None = None
     history: list[RunRecord] = field(default_factory=list)  # run.json "runs" so far
+    guard: GuardRecord = field(default_factory=GuardRecord)
+    auto_plan: dict[str, Any] | None = None  # the planner's table when `train --auto-plan` chose the settings
+
+
+def counters(state: TrainerState) -> dict[str, Any]:
+    """The Start fields a checkpoint restores (a resume, and a rollback of the divergence guard)."""
+    return dict(schedule=state.plan.schedule, step=state.step, epoch=state.epoch, cursor=state.cursor,
+                tokens_seen=state.tokens_seen, best_eval_loss=state.best_eval_loss,
+                evals_since_best=state.evals_since_best, cache_sequences=state.cache.total_sequences, rng=state.rng, scaler=state.scaler, guard=state.guard)
 
 
 class Trainer:
@@ -83,6 +99,7 @@ class Trainer:
         self.dist = backend.dist
         self.cfg, self.t = start.cfg, start.cfg.train
         self.cache, self.ckpt = cache, checkpointer
+        self.reader = RowPrefetcher(cache)
         self.global_batch = self.t.micro_batch * self.t.grad_accum * self.dist.world_size
         self.seq_len = cache.seq_len
         self.n_params, self.n_trainable = backend.n_params, backend.n_trainable
@@ -101,9 +118,12 @@ class Trainer:
         self.stop_at_checkpoint = False
         self.last_eval: tuple[int, float] | None = None
         self.saved_at_step = -1
-        self.last_checkpoint: str | None = None
+        self.last_checkpoint: str | None = start.resumed_from  # the state so far, until a save
         self.known_loss: tuple[int, float] | None = None  # (step, loss): logged, or read for a save
         self.step_loss: Any = None  # the last step's loss, still on the device
+        self.guard = DivergenceGuard(self.t, start.guard)
+        self.faults = Faults.from_env()
+        self.run_entry: RunRecord | None = None
 
     # --- plan --------------------------------------------------------------------------------
     def plan_total(self) -> int:
@@ -176,7 +196,7 @@ class Trainer:
             total_steps=s.schedule.total_steps, scaler=backend.scaler_state(), rng=backend.rng_state(),
             cache=self.cache_record(), config_hash=self.cfg.hash(), world_size=self.dist.world_size,
             global_batch=self.global_batch, precision=backend.precision, versions=backend.versions(),
-            backend=backend.name,
+            backend=backend.name, guard=s.guard,
         )
 
     def eval_at(self, step: int) -> float | None:
@@ -195,10 +215,15 @@ class Trainer:
             return
         self.saved_at_step = self.s.step
         loss = self.loss_now()
+        saved = None
         with self.backend.full_state():  # every rank: a sharded model gathers onto rank 0, which alone writes
-            saved = self.ckpt.save(step=self.s.step, backend=self.backend, trainer_state=self.trainer_state(loss).to_dict(),
-                                   tokenizer_dir=self.cache.tokenizer_dir,
-                                   eval_loss=self.eval_at(self.s.step)) if self.dist.is_main else None
+            if self.dist.is_main:
+                try:
+                    saved = self.ckpt.save(step=self.s.step, backend=self.backend,
+                                           trainer_state=self.trainer_state(loss).to_dict(),
+                                           tokenizer_dir=self.cache.tokenizer_dir, eval_loss=self.eval_at(self.s.step))
+                except NonFiniteWeights as e:
+                    self.log.emit(P.Warning(message=f"{e}; the last checkpoint is still {self.last_checkpoint or 'none'}"))
         self.backend.barrier()
         if saved is None:
             return
@@ -274,7 +299,7 @@ class Trainer:
                                 "ids": [[int(c), int(r)] for c, r in zip(chunks, rows)]}) + "\n")
 
     def run(self) -> int:
-        s, t, dist = self.s, self.t, self.dist
+        s, dist = self.s, self.dist
         lock = EngineLock(self.layout, s.model_name)
         log_path = self.layout.run_log(s.model_name, s.run)
         if dist.is_main:
@@ -286,7 +311,12 @@ class Trainer:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, self._on_signal)
             if dist.is_main:
-                self.write_run_json(log_path)
+                self.run_entry = RunRecord(
+                    run=s.run, started=time.time(), start_step=s.step, resumed_from=s.resumed_from,
+                    log=str(log_path.relative_to(self.layout.root)), world_size=dist.world_size,
+                    precision=self.backend.precision, hardware=self.hardware(), auto_plan=s.auto_plan,
+                )
+                self.write_run_json()
                 self.log.attach(log_path, self.header())
             if s.rng is not None:
                 self.backend.set_rng_state(s.rng)
@@ -299,6 +329,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self.reader.close()
             self.log.close()
             if dist.is_main:
                 lock.release()
@@ -309,23 +340,31 @@ class Trainer:
         excluded, paused = 0.0, 0.0  # excluded: eval, saves, control, pauses
         t_log = time.perf_counter()
         while s.step < s.schedule.total_steps:
-            lr = s.schedule.lr(s.step)
+            lr = s.schedule.lr(s.step) * s.guard.lr_scale
             ids, next_epoch, next_cursor = s.order.take(s.epoch, s.cursor, self.global_batch)
             mine = rank_slice(ids, dist.rank, dist.world_size)
             self.trace(mine)
+            rows, flags = self.reader.rows(mine)
+            if s.step + 1 < s.schedule.total_steps:  # what the next step reads, unless growth changes it
+                ahead, _, _ = s.order.take(next_epoch, next_cursor, self.global_batch)
+                self.reader.start(rank_slice(ahead, dist.rank, dist.world_size))
             log_now = (s.step + 1) % t.log_interval == 0 or s.step + 1 == s.schedule.total_steps
-            result = backend.train_step(read_sequences(self.cache, mine), lr, micro_batch=t.micro_batch,
-                                        grad_accum=t.grad_accum, grad_clip=t.grad_clip, want_norm=log_now,
-                                        flags=read_flags(self.cache, mine))
-            losses.append(result.loss)
+            result = self.train_step(rows, flags, lr, log_now)
+            self.reader.settle()
+            if not result.skipped:
+                losses.append(result.loss)
             self.step_loss = result.loss
             s.step += 1
             s.epoch, s.cursor = next_epoch, next_cursor
             s.tokens_seen += self.global_batch * self.seq_len
+            if self.guard.observe(result.skipped):
+                self.rollback()
+                losses = []
+                continue
 
-            if log_now:  # the one host sync per log interval
+            if log_now:  # the one host sync per log interval (a guarded step also reads one flag)
                 has_norm = result.grad_norm is not None
-                host = backend.to_host(losses + [result.grad_norm] if has_norm else losses)
+                host = backend.to_host((losses or [result.loss]) + ([result.grad_norm] if has_norm else []))
                 grad_norm = host.pop() if has_norm else 0.0
                 (mean_loss,) = backend.all_reduce_sum([sum(host) / len(host)])
                 self.known_loss = (s.step, mean_loss / dist.world_size)
@@ -369,6 +408,65 @@ class Trainer:
             excluded += time.perf_counter() - t_boundary
         return self.finish("completed")
 
+    # --- surviving: the OOM ladder and the divergence guard ----------------------------------------
+    def train_step(self, rows: np.ndarray, flags: np.ndarray | None, lr: float, want_norm: bool) -> StepResult:
+        """One optimizer step, down the OOM ladder (engine.oom) as far as it takes to fit."""
+        t = self.t
+        poison = self.faults.nan(self.s.step + 1)
+        while True:
+            try:
+                return self.backend.train_step(rows, lr, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
+                                               grad_clip=t.grad_clip, want_norm=want_norm, flags=flags,
+                                               guard=self.guard.on, poison=poison)
+            except DeviceOutOfMemory as e:
+                self.fall_back(e)
+
+    def fall_back(self, error: DeviceOutOfMemory) -> None:
+        """Take the next rung of the ladder, or save and stop at its top. Under torchrun the other
+        ranks are already waiting in a collective for this one, so there is no rung to take."""
+        failed, at = oom.settings(self.t), self.s.step + 1
+        rung = None if self.dist.enabled else oom.climb(self.t, self.backend)
+        if rung is None:
+            if not self.dist.enabled and self.step_loss is not None:  # else the run's start holds its state
+                self.save()
+            raise UserError(f"out of device memory at step {at:,} with {failed}, and no fallback keeps the "
+                            f"same computation ({error}); use a smaller model or seq_len, or a device with "
+                            "more memory", exit_code=1)
+        self.log.emit(P.OomFallback(step=self.s.step, micro_batch=rung.micro_batch, grad_accum=rung.grad_accum,
+                                    grad_checkpointing=rung.grad_checkpointing,
+                                    message=f"Out of memory at step {at:,} with {failed}: {rung.change} "
+                                            "(same global batch)"))
+        if self.dist.is_main:
+            self.write_run_json()  # a resume trains with what fits
+
+    def rollback(self) -> None:
+        """Back to the newest checkpoint from before the non-finite steps began, at a lower LR
+        (engine.guard); one saved during them holds the same weights but has skipped their data."""
+        s, streak = self.s, self.guard.streak
+        path = self.ckpt.newest_valid(at_most=s.step - streak) if self.dist.is_main else None
+        path = self.backend.broadcast(None if path is None else str(path))
+        if path is None or self.guard.hopeless:
+            why = ("no checkpoint to go back to" if path is None
+                   else f"{self.guard.futile} rollbacks in a row changed nothing")
+            raise UserError(f"training diverged: {streak} steps in a row up to step {s.step:,} had a non-finite "
+                            f"loss or gradient norm and {why}; lower --lr or check the data", exit_code=1)
+        diverged_at = s.step
+        state = self.ckpt.load(Path(path), self.backend)
+        for key, value in counters(state).items():
+            if key != "guard":  # the run's own counts carry on; the checkpoint's are older
+                setattr(s, key, value)
+        s.order = DataOrder.restore(state.data, state.growth_events, self.cache.chunk_sizes)
+        self.backend.set_rng_state(state.rng)
+        self.backend.load_scaler_state(state.scaler)
+        self.guard.rolled_back()
+        self.known_loss, self.last_eval = None, None
+        self.saved_at_step = -1  # the replayed steps save again, over the abandoned timeline's saves
+        self.log.emit(P.DivergenceRollback(
+            step=diverged_at, to_step=s.step, skipped=streak, lr_scale=s.guard.lr_scale,
+            message=f"Diverged: {streak} non-finite steps in a row up to step {diverged_at:,}; rolled back to "
+                    f"step {s.step:,}, LR x{s.guard.lr_scale:g} from now on"))
+        self.check_growth()
+
     def step_event(self, loss: float, lr: float, grad_norm: float, steps: int, train_time: float) -> P.Step:
         s = self.s
         total = s.schedule.total_steps
@@ -378,7 +476,7 @@ class Trainer:
             tokens_per_sec=steps * self.global_batch * self.seq_len / train_time,
             eta_s=(total - s.step) * train_time / steps, progress_pct=100.0 * s.step / total,
             rss_gb=memory.rss_gb, device_mem_gb=memory.device_gb, epoch=s.epoch,
-            tokens_seen=s.tokens_seen,
+            tokens_seen=s.tokens_seen, skipped_steps=s.guard.skipped_steps,
         )
 
     def finish(self, reason: str) -> int:
@@ -401,12 +499,8 @@ class Trainer:
                       "n_trainable": self.n_trainable},
         )
 
-    def write_run_json(self, log_path: Path) -> None:
-        s = self.s
-        entry = RunRecord(
-            run=s.run, started=time.time(), start_step=s.step, resumed_from=s.resumed_from,
-            log=str(log_path.relative_to(self.layout.root)), world_size=self.dist.world_size,
-            precision=self.backend.precision, hardware=self.hardware(),
-        )
-        run_file = RunFile(config=self.cfg.to_dict(), runs=s.history + [entry])
-        atomic_write_json(self.layout.run_json(s.model_name), run_file.to_dict())
+    def write_run_json(self) -> None:
+        """run.json: the config as the run trains now (after any OOM fallback) and its history."""
+        assert self.run_entry is not None
+        run_file = RunFile(config=self.cfg.to_dict(), runs=self.s.history + [self.run_entry])
+        atomic_write_json(self.layout.run_json(self.s.model_name), run_file.to_dict())

@@ -115,7 +115,7 @@ async def test_environment_checks_complete_from_the_engine(layout: Layout, monke
                     "[COMPLETE] bf16", "[COMPLETE] Precision: auto picks fp32: bf16 autocast ran 0.60x fp32",
                     "[COMPLETE] Libraries: torch 2.", "transformers", f"[COMPLETE] Data root: {str(layout.root)[:30]}"]
         # the answer re-lays the screen out (the reason line wraps): wait until one paint shows it all
-        await wait_for(pilot, lambda: all(line in screen_text(app) for line in expected), 60, "engine info")
+        await wait_for(pilot, lambda: all(line in screen_text(app) for line in expected), 120, "engine info")
         await enter_home(pilot)
         assert "Press N to start a new training." in screen_text(app)
 

@@ -333,3 +333,19 @@ def test_environment_names_the_backend_and_its_libraries() -> None:
                             "device": "gpu", "device_name": "Apple arm64 (Metal)", "mlx": "0.32.4", "mlx_lm": "0.32.2"})
     assert checks["backend"] == "mlx (auto: Apple Silicon with mlx-lm installed)"
     assert checks["libs"] == "mlx 0.32.4, mlx-lm 0.32.2" and checks["device"] == "GPU (Apple arm64 (Metal))"
+
+
+def test_the_dashboard_shows_oom_fallbacks_and_rollbacks_in_its_panel_and_log() -> None:
+    from app.screens.dashboard import plan_text
+
+    state = RunState(model="m")
+    fallback = P.OomFallback(step=3, micro_batch=2, grad_accum=4, grad_checkpointing=False,
+                             message="Out of memory at step 4 with micro_batch 4 x grad_accum 2, gradient checkpointing "
+                                     "off: micro-batch 4 -> 2, gradient accumulation 2 -> 4 (same global batch)")
+    rollback = P.DivergenceRollback(step=9, to_step=6, skipped=3, lr_scale=0.5,
+                                    message="Diverged: 3 non-finite steps in a row up to step 9; rolled back to step "
+                                            "6, LR x0.5 from now on")
+    state.apply([fallback, rollback])
+    panel = plan_text(state).splitlines()
+    assert "OOM   micro 2 x accum 4" in panel and "NaN   back to 6 · LR x0.5" in panel
+    assert list(state.logs) == [fallback.message, rollback.message]

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from engine.backends.torch_backend import TorchBackend
+from engine.backends.torch_model import build_model
 from engine.backends.torch_state import unwrap
 from engine.catalog import MANIFEST, TRAINER_STATE
 from engine.checkpoint import MODEL_FILE, OPTIMIZER_FILE, SUPERSEDED_PREFIX, Checkpointer, export_hf, verify
@@ -157,6 +158,28 @@ def test_round_trip_restores_weights_and_optimizer_exactly(ck: Checkpointer) -> 
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
 
+
+
+def test_fast_model_checkpoints_are_transformers_checkpoints_both_ways(ck: Checkpointer) -> None:
+    """The default fast model saves what transformers loads (same logits), and a checkpoint of
+    transformers' class, optimizer state included, loads into the fast model exactly."""
+    fields = PRESETS["tiny"].llama_kwargs(vocab_size=VOCAB, seq_len=SEQ) | {"bos_token_id": 1, "eos_token_id": 2}
+    fast = build_model(fields, 3)
+    saved = ck.save(step=1, backend=of(fast, adamw(fast)), trainer_state=trainer_state(1))
+    config = json.loads((saved.path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["eos_token_id"] == 2
+    assert json.loads((saved.path / "generation_config.json").read_text())["eos_token_id"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(saved.path)(input_ids=batch(1)).logits,
+                                   fast(batch(1)), rtol=1e-5, atol=1e-5)
+    model, opt = trained(steps=2)
+    saved = ck.save(step=2, backend=of(model, opt), trainer_state=trainer_state(2))
+    again = build_model(fields, 9)
+    opt2 = adamw(again, lr=5.0)
+    ck.load(saved.path, of(again, opt2))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    for index, entry in opt.state_dict()["state"].items():
+        assert all(torch.equal(v, opt2.state_dict()["state"][index][k]) for k, v in entry.items())
 
 def test_trainer_state_is_completed_and_holds_param_groups(ck: Checkpointer) -> None:
     model, opt = trained()
@@ -391,6 +414,7 @@ def test_kill_9_during_save_leaves_previous_checkpoint(ck: Checkpointer, layout:
             def model_config(self): return {{}}
             def generation_config(self): return None
             def extra_files(self): return {{}}
+            def weights_finite(self): return True
 
         real = c.atomic_write_bytes
         def die_after_manifest(path, data, **kw):

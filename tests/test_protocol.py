@@ -21,6 +21,8 @@ def test_every_event_round_trips() -> None:
         p.TrainingSample(step=4, prompt="def", text=" f(x):\n    return ✓", new_tokens=9, seconds=0.1),
         p.CacheExpanded(step=5, n_before=10, n_after=20, total_steps_before=3, total_steps_after=6),
         p.CheckpointSaved(step=5, path="/x", display_name="m_checkpoint_5_run_1"),
+        p.OomFallback(step=3, micro_batch=2, grad_accum=4, grad_checkpointing=False, message="Out of memory"),
+        p.DivergenceRollback(step=9, to_step=6, skipped=3, lr_scale=0.5, message="Diverged"),
         p.State(state="paused"),
         p.Log(message="hello"),
         p.Warning(message="careful"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.backends.torch_backend import pick_precision, prepare_model, rng_state, set_rng_state
-from engine.backends.torch_model import build_model, count_params, hf_config, lm_loss, param_groups
+from engine.backends.torch_model import build_model, count_params, lm_loss, param_groups
 from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
 from engine.model_config import llama_config
@@ -23,15 +23,18 @@ from engine.state import RngState, decode
 from tests.train_support import BACKENDS, build_tiny_cache, data_flags, read_log, start_engine, train_flags, wait_event, write_corpus
 
 
+TINY = llama_config(ModelConfig(preset="tiny"), 300, 32, {})
+
+
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {})), seed=3)
+    return build_model(TINY, seed=3)
 
 
-def test_model_matches_the_preset_and_uses_sdpa(model: torch.nn.Module) -> None:
+def test_model_matches_the_preset_and_the_hf_one_uses_sdpa(model: torch.nn.Module) -> None:
     assert count_params(model) == PRESETS["tiny"].n_params(300)
-    assert model.config._attn_implementation == "sdpa"
-    again = build_model(hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {})), seed=3)
+    assert build_model(TINY, seed=3, impl="hf").config._attn_implementation == "sdpa"
+    again = build_model(TINY, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
@@ -47,9 +50,11 @@ def test_no_weight_decay_on_norms_biases_or_embeddings(model: torch.nn.Module) -
 
 def test_loss_is_next_token_cross_entropy_over_packed_rows(model: torch.nn.Module) -> None:
     rows = torch.randint(0, 300, (3, 33))
+    reference = build_model(TINY, 0, impl="hf")
+    reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         ours = lm_loss(model, rows)
-        hf = model(input_ids=rows, labels=rows).loss  # HF shifts inside: same targets, same mean
+        hf = reference(input_ids=rows, labels=rows).loss  # HF shifts inside: same targets, same mean
     assert ours.item() == pytest.approx(hf.item(), rel=1e-5)
 
 
@@ -125,15 +130,16 @@ def test_human_progress_line_format() -> None:
     assert line == "Step 770/26,235 (2.9%) | Loss: 5.583 | 106,212 tok/s | ETA: 04:23h"
 
 
-def test_gradient_checkpointing_recomputes_the_same_gradients() -> None:
+@pytest.mark.parametrize("impl", ["fast", "hf"])
+def test_gradient_checkpointing_recomputes_the_same_gradients(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """--grad-checkpointing trades compute for memory; it must not change what the step computes."""
-    config = hf_config(llama_config(ModelConfig(preset="tiny"), 300, 32, {}))
+    monkeypatch.setenv("PACKTRAIN_MODEL_IMPL", impl)
     rows = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(0))
     grads = []
     for enabled in (False, True):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # the deprecated transformers API warns
-            m = prepare_model(config, TrainConfig(grad_checkpointing=enabled), torch.device("cpu"))
+            m = prepare_model(TINY, TrainConfig(grad_checkpointing=enabled), torch.device("cpu"))
             assert m.is_activation_checkpointing is enabled
         m.train()
         lm_loss(m, rows).backward()

@@ -115,3 +115,15 @@ def build_tiny_cache(root: Path, corpus: Path, *extra: str) -> Path:
     done = run_engine(root, "cache", "build", *data_flags(corpus), *extra)
     assert done.returncode == 0, done.stderr
     return root / "cache" / "packed_sequences" / "32" / "docs"
+
+
+def build_cache_in_process(root: Path) -> Path:
+    """The tiny cache of `build_tiny_cache` (same corpus and flags) without spawning an engine."""
+    from engine.cache.build import build_cache
+    from engine.config import DataConfig
+    from engine.paths import Layout
+
+    corpus = write_corpus(root)
+    build_cache(DataConfig(source=str(corpus), dataset_name="docs", tokenizer="bytes", seq_len=32, docs_per_chunk=40),
+                Layout.resolve(root), workers=1)
+    return root / "cache" / "packed_sequences" / "32" / "docs"

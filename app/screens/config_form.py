@@ -1,7 +1,9 @@
 """New-training form. Every field is a RunConfig field; the defaults are valid, so Enter goes on.
 
 Values are collected as a dict and passed through RunConfig.from_dict + validate(), so the form
-accepts exactly what a YAML file or the CLI would, with the same one-line messages.
+accepts exactly what a YAML file or the CLI would, with the same one-line messages. Plan runs
+`packtrain-engine plan --json` on the form's config (saved first, as Continue saves it) and fills in
+the winner: micro-batch and accumulation in their fields, checkpointing and compile in the config.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
 from app.draft import UNKNOWN_VOCAB, save_config, vocab_guess
+from app.engine_client import EngineCommandError, run_json
+from app.workers import ReportsWorkerFailures
 from engine.config import DEFAULT_LR, PRECISIONS, SCHEDULES, RunConfig
 from engine.errors import UserError
 from engine.presets import PRESETS
@@ -96,7 +100,17 @@ def form_row(label: str, *widgets: Any) -> Horizontal:
     return Horizontal(Label(label, classes="form-label"), *widgets, classes="form-row")
 
 
-class ConfigFormScreen(Screen[None]):
+def plan_line(result: dict[str, Any]) -> str:
+    """What the form says about a plan: the winner and how it compared."""
+    winner, trials = result["winner"], result["trials"]
+    best = trials[0]
+    ok = sum(t["verdict"] == "ok" for t in trials)
+    return (f"Plan: micro-batch {winner['micro_batch']} x {winner['grad_accum']}, gradient checkpointing "
+            f"{'on' if winner['grad_checkpointing'] else 'off'}, compile {'on' if winner['compile'] else 'off'}: "
+            f"{best['tokens_per_sec']:,.0f} tok/s, the fastest of {ok} that fit (of {len(trials)} measured)")
+
+
+class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("ctrl+s", "submit", "Continue"),
@@ -145,6 +159,7 @@ class ConfigFormScreen(Screen[None]):
             yield Static("", id="form-status", classes="status")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Continue (Enter)", variant="primary", id="submit")
+                yield Button("Plan", id="plan")
                 yield Button("Back (Esc)", id="back")
         yield Footer()
 
@@ -254,26 +269,60 @@ class ConfigFormScreen(Screen[None]):
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "submit":
             self.action_submit()
+        elif event.button.id == "plan":
+            self.action_plan()
         else:
             self.app.pop_screen()
 
-    def say(self, text: str, ok: bool) -> None:
-        """The status line under the fields, scrolled into view: the form is taller than a small terminal."""
+    def say(self, text: str, ok: bool | None) -> None:
+        """The status line under the fields, scrolled into view: the form is taller than a small terminal.
+        `ok` None: neither good nor bad news yet (a plan in progress)."""
         status = self.query_one("#form-status", Static)
         status.update(text)
-        status.set_classes("status ok" if ok else "status bad")
+        status.set_classes("status" if ok is None else "status ok" if ok else "status bad")
         self.call_after_refresh(status.scroll_visible, animate=False)
 
-    def action_submit(self) -> None:
+    def saved(self) -> tuple[RunConfig, Path] | None:
+        """The form's config, checked and saved as checkpoints/<name>/config.yaml; None after saying why not."""
         try:
             cfg = self.collect()
         except UserError as e:
             self.say(f"✗ {e}", ok=False)
-            return
+            return None
         try:
-            path = save_config(self.app.layout, cfg)
+            return cfg, save_config(self.app.layout, cfg)
         except OSError as e:
             self.say(f"✗ cannot save the config in {self.app.layout.model_dir(cfg.name)}: {e.strerror or e}", ok=False)
+            return None
+
+    def action_submit(self) -> None:
+        saved = self.saved()
+        if saved is None:
             return
+        cfg, path = saved
         self.say(f"Saved {path}", ok=True)
         self.app.open_cache_for_new(cfg, path)
+
+    def action_plan(self) -> None:
+        saved = self.saved()
+        if saved is None:
+            return
+        self.say("Planning: measuring each candidate setting for a few steps (the cache is built first if it is "
+                 "missing)...", ok=None)
+        self.query_one("#plan", Button).disabled = True
+        self.run_worker(self._plan(saved[1]), exclusive=True, group="plan")
+
+    async def _plan(self, path: Path) -> None:
+        try:
+            result = await run_json(self.app.layout, "plan", "--config", str(path), "--json")
+        except EngineCommandError as e:
+            self.say(f"✗ plan: {e}", ok=False)
+            return
+        finally:
+            self.query_one("#plan", Button).disabled = False
+        winner = result["winner"]
+        for name in ("micro_batch", "grad_accum"):
+            self.query_one(f"#f-train-{name}", Input).value = str(winner[name])
+        self.draft.train.grad_checkpointing = winner["grad_checkpointing"]  # collect() builds on the draft
+        self.draft.train.compile = winner["compile"]
+        self.say(plan_line(result), ok=True)

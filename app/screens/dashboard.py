@@ -72,6 +72,12 @@ def plan_text(state: RunState) -> str:
     if state.expanded is not None:
         x = state.expanded
         lines.append(protocol.growth_line(x.n_before, x.n_after))
+    if state.fallback is not None:
+        f = state.fallback
+        lines.append(f"OOM   micro {f.micro_batch} x accum {f.grad_accum}" + (" · ckpt" if f.grad_checkpointing else ""))
+    if state.rollback is not None:
+        r = state.rollback
+        lines.append(f"NaN   back to {r.to_step:,} · LR x{r.lr_scale:g}")
     c = state.last_checkpoint
     if c is None:
         lines.append("Saved none yet")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import psutil
 
 from engine import protocol as P
 from engine.config import ModelConfig, RunConfig, TrainConfig
@@ -49,10 +50,19 @@ class Dist:
 @dataclass
 class StepResult:
     """One optimizer step's mean loss and pre-clip gradient norm, still on the device: the loop
-    turns them into floats only on log steps (Backend.to_host), so steps never wait for the host."""
+    turns them into floats only on log steps (Backend.to_host), so steps never wait for the host.
+    `skipped`: the divergence guard found the loss or the norm non-finite and left the weights and
+    the optimizer as they were (the one per-step host read a guarded step makes)."""
 
     loss: Tensor
     grad_norm: Tensor | None
+    skipped: bool = False
+
+
+class DeviceOutOfMemory(Exception):
+    """The framework ran out of device memory during a step (CUDA, MPS or Metal), translated by the
+    backend so the loop's OOM ladder (engine.oom) needs no framework. The step left no trace: its
+    partial gradients are dropped and the optimizer did not move, so the same step can run again."""
 
 
 @dataclass(frozen=True)
@@ -118,17 +128,32 @@ class Backend(ABC):
     # --- steps --------------------------------------------------------------------------------
     trains_flags: ClassVar[bool] = False  # whether train_step/eval_loss honour `flags` (instruction caches)
 
+    def enable_grad_checkpointing(self) -> bool:
+        """Recompute activations in the backward pass from now on (the OOM ladder's second rung);
+        False where the backend cannot."""
+        return False
+
+    @abstractmethod
+    def weights_finite(self) -> bool:
+        """No NaN or inf in any parameter: a checkpoint is never written otherwise."""
+
     @abstractmethod
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
+                   want_norm: bool, flags: np.ndarray | None = None, guard: bool = False,
+                   poison: bool = False) -> StepResult:
         """One optimizer step on packed rows [n, seq_len + 1] (x = row[:-1], y = row[1:]) at `lr`,
         in `grad_accum` micro-batches, clipped to `grad_clip` by global norm (0: no clipping; the
-        norm is then computed only when `want_norm`).
+        norm is then computed only when `want_norm` or `guard`).
 
         `flags` (engine.token_flags, same shape as rows) marks the targets that train and where
         packed examples start; the loss is then the sum over trained targets of the whole global
         batch divided by their count, so micro-batches and ranks with more response tokens weigh
-        exactly as much as those tokens do. None: every target trains, rows are one stream."""
+        exactly as much as those tokens do. None: every target trains, rows are one stream.
+
+        `guard`: skip the update when the loss or the norm is not finite (StepResult.skipped; fp16
+        leaves an overflowed norm to its loss scaler, which skips such steps itself). `poison`: the
+        NaN fault hook (engine.faults), this step's loss is NaN. Out of memory raises
+        DeviceOutOfMemory, after faults.oom(micro_batch) too."""
 
     @abstractmethod
     def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
@@ -212,6 +237,18 @@ class Backend(ABC):
 
     @abstractmethod
     def memory(self) -> Memory: ...
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak for memory().device_gb (the planner measures each candidate's own)."""
+        return None
+
+    def memory_limit_gb(self) -> float:
+        """What a run may use: the device's memory where there is one, else the RAM free now."""
+        return psutil.virtual_memory().available / 1e9
+
+    def release_memory(self) -> None:
+        """Hand cached device memory back (after an OOM, between planner candidates)."""
+        return None
 
     @classmethod
     @abstractmethod

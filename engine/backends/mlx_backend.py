@@ -31,9 +31,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.models.llama import Model, ModelArgs
 
 from engine import host
-from engine.backends.base import Backend, Dist, Memory, StepResult, host_rng_state, set_host_rng_state
+from engine.backends.base import (
+    Backend, DeviceOutOfMemory, Dist, Memory, StepResult, host_rng_state, set_host_rng_state,
+)
 from engine.config import RunConfig, TrainConfig
 from engine.errors import UserError
+from engine.faults import Faults
 from engine.model_config import complete
 from engine.paths import Layout
 from engine.state import OptimizerState, RngState
@@ -42,6 +45,7 @@ from engine.units import GIB
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
 EMBEDDING = "model.embed_tokens.weight"
 ADAMW_KEYS = {"exp_avg": "m", "exp_avg_sq": "v"}  # torch's names for mlx's moments; "step" is shared
+OOM_WORDS = ("out of memory", "insufficient memory", "resource limit", "[metal::malloc]")  # what Metal's failures say
 
 
 def pick_device(choice: str) -> str:
@@ -89,6 +93,12 @@ def init_params(model: Model, std: float, seed: int) -> dict[str, Any]:
     return tree_unflatten(fresh)
 
 
+def is_out_of_memory(e: RuntimeError) -> bool:
+    """mlx raises a plain RuntimeError when Metal cannot allocate; its message is all there is to go by."""
+    text = str(e).lower()
+    return any(word in text for word in OOM_WORDS)
+
+
 def decays(name: str, p: mx.array) -> bool:
     """The torch backend's rule (torch_model.param_groups): matrices decay, the embedding does not."""
     return p.ndim >= 2 and name != EMBEDDING
@@ -116,6 +126,7 @@ class MLXBackend(Backend):
         self.dist = Dist()
         mx.set_default_device(mx.gpu if self.device == "gpu" else mx.cpu)
         self.dtype = DTYPES[self.precision]
+        self.faults = Faults.from_env()
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
         self.config = complete(config)
@@ -152,18 +163,36 @@ class MLXBackend(Backend):
 
     # --- steps --------------------------------------------------------------------------------
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
+                   want_norm: bool, flags: np.ndarray | None = None, guard: bool = False,
+                   poison: bool = False) -> StepResult:
+        try:  # `flags` never arrive: instruction caches are refused before a run starts (trains_flags)
+            return self._step(rows, lr, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
+                              want_norm=want_norm, guard=guard, poison=poison)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            self.release_memory()  # the step's arrays are garbage already: params and optimizer were not touched
+            raise DeviceOutOfMemory(" ".join(str(e).split())[:200]) from None
+
+    def _step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
+              want_norm: bool, guard: bool, poison: bool) -> StepResult:
         batch = mx.array(rows.astype(np.int32))
+        scale = float("nan") if poison else 1.0 / grad_accum
         loss_sum, grads = None, None
         for k in range(grad_accum):
-            loss, g = self.value_and_grad(self.params, batch[k * micro_batch:(k + 1) * micro_batch], 1.0 / grad_accum)
+            if self.faults.oom(micro_batch):
+                raise RuntimeError(f"[metal::malloc] fault hook: a micro-batch of {micro_batch} rows "
+                                   f"(above {self.faults.oom_above}) ran out of memory")
+            loss, g = self.value_and_grad(self.params, batch[k * micro_batch:(k + 1) * micro_batch], scale)
             loss_sum = loss if loss_sum is None else loss_sum + loss
             grads = g if grads is None else tree_map(mx.add, grads, g)
         norm = None
         if grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, grad_clip)
-        elif want_norm:
+        elif want_norm or guard:
             norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+        if guard and not (mx.isfinite(loss_sum) & mx.isfinite(norm)).item():
+            return StepResult(loss=loss_sum, grad_norm=norm, skipped=True)
         flat_grads = dict(tree_flatten(grads))
         updated: list[tuple[str, mx.array]] = []
         for opt, names in zip(self.optimizers, self.groups):
@@ -173,6 +202,9 @@ class MLXBackend(Backend):
         self.params = tree_unflatten(updated)
         mx.async_eval(self.params, [o.state for o in self.optimizers], loss_sum, *([norm] if norm is not None else []))
         return StepResult(loss=loss_sum, grad_norm=norm)
+
+    def weights_finite(self) -> bool:
+        return all(mx.all(mx.isfinite(p)).item() for _, p in tree_flatten(self.params))
 
     def eval_loss(self, rows: np.ndarray, flags: np.ndarray | None = None) -> float:
         return self._loss(self.params, mx.array(rows.astype(np.int32))).item()
@@ -250,6 +282,18 @@ class MLXBackend(Backend):
 
     def precision_context(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the cast happens on the parameters (_loss), not in a context
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def memory_limit_gb(self) -> float:
+        if self.device == "gpu":
+            info = mx.device_info()
+            return float(info.get("max_recommended_working_set_size") or info["memory_size"]) / 1e9
+        return super().memory_limit_gb()
+
+    def release_memory(self) -> None:
+        mx.clear_cache()
 
     def memory(self) -> Memory:
         device = mx.get_peak_memory() / 1e9 if self.device == "gpu" else 0.0

@@ -1,4 +1,5 @@
-"""The torch backend: transformers' LlamaForCausalLM, torch AdamW, autocast, DDP or FSDP2 under torchrun.
+"""The torch backend: a Llama with transformers' tensors (engine.backends.torch_model), torch AdamW,
+autocast, DDP or FSDP2 (engine.backends.torch_fsdp) under torchrun.
 
 Per step the host hands over numpy rows and gets back device scalars: loss and grad norm stay on
 the device until the loop asks for them on a log step (to_host), so a step never waits for the GPU.
@@ -12,6 +13,7 @@ import json
 import platform
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.backends import torch_distributed as D
 from engine.backends.base import (
-    Backend, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
+    Backend, DeviceOutOfMemory, Memory, StepResult, check_host_rng_state, host_rng_state, set_host_rng_state,
 )
 from engine.backends.torch_hardware import snapshot
 from engine.backends import torch_precision
@@ -31,14 +33,17 @@ from engine.backends.torch_finetune import (
     adapter_config, base_model, enable_checkpointing, load_finetune_model,
     n_trainable, trainable_tensors,
 )
-from engine.backends.torch_model import (autocast, build_model, count_params, hf_config, lm_loss, masked_nll,
-                                         param_groups)
+from engine.backends.torch_model import (
+    autocast, build_model, config_json, count_params, generating_view, generation_json, lm_loss, masked_nll,
+    param_groups,
+)
 from engine.backends.torch_state import (
     flatten_optimizer, hf_state_dict, load_optimizer, named_optimizer_state, param_names, restored_optimizer_state, unwrap,
     weight_shapes,
 )
 from engine.config import ModelConfig, RunConfig, TrainConfig
 from engine.errors import UserError
+from engine.faults import Faults
 from engine.paths import Layout
 from engine.pretrained import BASE_FILE
 from engine.state import OptimizerState, RngState, ScalerState
@@ -96,9 +101,7 @@ def check_rng_state(state: RngState, source: Path) -> None:
 
 
 def versions() -> dict[str, str]:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
+    return {"torch": torch.__version__, "transformers": version("transformers"), "numpy": np.__version__,
             "python": platform.python_version()}
 
 
@@ -110,11 +113,17 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch
                              fused=device == "cuda" or None)
 
 
-def prepare_model(config: Any, t: TrainConfig, device: torch.device) -> torch.nn.Module:
-    model = build_model(config, t.seed).to(device)
+def prepare_model(fields: Mapping[str, Any], t: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model = build_model(fields, t.seed).to(device)
     if t.grad_checkpointing:
         enable_checkpointing(model)
     return model
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; MPS a plain RuntimeError that says so."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 class TorchBackend(Backend):
@@ -132,6 +141,7 @@ class TorchBackend(Backend):
         self.torch_device = D.device(self.dist, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.adapter_files: dict[str, str] = {}  # written beside an adapter run's weights
+        self.faults = Faults.from_env()
         # train.parallel fsdp: engine.backends.torch_fsdp, imported only then (torch.distributed.checkpoint is slow to import)
         self.fsdp: ModuleType | None = None
         if cfg.train.parallel == "fsdp" and self.dist.enabled:
@@ -143,7 +153,7 @@ class TorchBackend(Backend):
         self.gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # inside full_state()
 
     def build(self, config: Mapping[str, Any], train: TrainConfig) -> None:
-        model = self.shard(prepare_model(hf_config(config), train, self.torch_device))
+        model = self.shard(prepare_model(config, train, self.torch_device))
         self.adopt(model, make_optimizer(model, train, self.device), compile=train.compile)
 
     def build_pretrained(self, folder: Path, model: ModelConfig, train: TrainConfig,
@@ -186,14 +196,10 @@ class TorchBackend(Backend):
         return self.adapter_files
 
     def model_config(self) -> dict[str, Any]:
-        hf = base_model(self.net)
-        config = json.loads(hf.config.to_json_string())
-        config["architectures"] = [type(hf).__name__]  # as save_pretrained records it
-        return config
+        return config_json(base_model(self.net))
 
     def generation_config(self) -> str | None:
-        generation = getattr(base_model(self.net), "generation_config", None)
-        return None if generation is None else generation.to_json_string()
+        return generation_json(base_model(self.net))
 
     # --- steps --------------------------------------------------------------------------------
     def _flag_tensors(self, flags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -203,7 +209,20 @@ class TorchBackend(Backend):
         return positions, mask, trained_tokens(flags)
 
     def train_step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
-                   want_norm: bool, flags: np.ndarray | None = None) -> StepResult:
+                   want_norm: bool, flags: np.ndarray | None = None, guard: bool = False,
+                   poison: bool = False) -> StepResult:
+        try:
+            return self._step(rows, lr, micro_batch=micro_batch, grad_accum=grad_accum, grad_clip=grad_clip,
+                              want_norm=want_norm, flags=flags, guard=guard, poison=poison)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            self.release_memory()
+            raise DeviceOutOfMemory(" ".join(str(e).split())[:200]) from None
+
+    def _step(self, rows: np.ndarray, lr: float, *, micro_batch: int, grad_accum: int, grad_clip: float,
+              want_norm: bool, flags: np.ndarray | None, guard: bool, poison: bool) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = torch.from_numpy(rows).to(self.torch_device, non_blocking=True)
@@ -213,6 +232,9 @@ class TorchBackend(Backend):
             scale = self.dist.world_size / max(1.0, self.all_reduce_sum([float(trained)])[0])
         loss_sum = None
         for k in range(grad_accum):
+            if self.faults.oom(micro_batch):
+                raise torch.OutOfMemoryError(f"fault hook: a micro-batch of {micro_batch} rows "
+                                             f"(above {self.faults.oom_above}) ran out of memory")
             sync = k == grad_accum - 1 or not self.dist.enabled
             part = slice(k * micro_batch, (k + 1) * micro_batch)
             if self.fsdp is not None:
@@ -223,26 +245,55 @@ class TorchBackend(Backend):
                     loss = lm_loss(self.forward, batch[part]) / grad_accum
                 else:
                     loss = masked_nll(self.forward, batch[part], positions[part], mask[part]) * scale
+                if poison:
+                    loss = loss * float("nan")
             self.scaler.scale(loss).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         grad_norm = None
         if grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-        elif want_norm:
+        elif want_norm or guard:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if grad_norm is not None and self.fsdp is not None:
             grad_norm = self.fsdp.local(grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        skipped = guard and not self.finite(loss_sum, grad_norm)
+        if skipped:
+            self.scaler.update()  # the scaler saw the same inf/NaN gradients and backs off its scale
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_sum, grad_norm=grad_norm)
+        return StepResult(loss=loss_sum, grad_norm=grad_norm, skipped=skipped)
+
+    def finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """The guard's one host read per step. Under fp16 an overflowed norm is the loss scaler's to
+        skip (it does, and lowers its scale); only the loss counts."""
+        ok = torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            ok = ok & torch.isfinite(grad_norm)
+        return bool(ok.item())
+
+    def enable_grad_checkpointing(self) -> bool:
+        enable_checkpointing(self.net)
+        return True
+
+    def weights_finite(self) -> bool:
+        with torch.no_grad():  # a sharded model's gathered weights: a check of the shards would be a collective
+            tensors = self.gathered[0].values() if self.gathered is not None else self.net.parameters()
+            return all(bool(torch.isfinite(p).all()) for p in tensors)
+
+    def release_memory(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.torch_device.type == "mps":
+            torch.mps.empty_cache()
 
     def sampler(self, tokenizer_dir: Path, eos_id: int, context: int) -> Any:
         from engine.generate import training_sampler
 
-        return training_sampler(self.net, tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
+        return training_sampler(generating_view(self.net), tokenizer_dir, eos_id, device=self.torch_device, precision=self.precision,
                                 context=context)
 
     @torch.no_grad()
@@ -337,6 +388,17 @@ class TorchBackend(Backend):
 
     def precision_context(self) -> contextlib.AbstractContextManager:
         return autocast(self.torch_device, self.precision)
+
+    def reset_peak_memory(self) -> None:
+        if self.torch_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
+
+    def memory_limit_gb(self) -> float:
+        if self.torch_device.type == "cuda":
+            return torch.cuda.get_device_properties(self.torch_device).total_memory / 1e9
+        if self.torch_device.type == "mps":
+            return torch.mps.recommended_max_memory() / 1e9
+        return super().memory_limit_gb()
 
     def memory(self) -> Memory:
         dev_mem = 0.0

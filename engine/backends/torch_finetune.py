@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from engine.catalog import MODEL_FILE
 from engine.config import ModelConfig, TrainConfig
 from engine.errors import UserError, shown
-from engine.pretrained import lora_targets, read_model_json
+from engine.pretrained import lora_targets
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

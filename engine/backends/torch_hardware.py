@@ -9,6 +9,7 @@ TUI's environment screen. Sizes are GiB (2**30 bytes).
 from __future__ import annotations
 
 import platform
+from importlib.metadata import version
 from typing import Any
 
 import torch
@@ -25,8 +26,6 @@ _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 def snapshot(layout: Layout) -> dict[str, Any]:
     """Keys per CONTRACTS.md (device, device_name, bf16, ram_*, vram_gb, cpu_count, versions, root,
     disk_free_gb) plus device_count and cpu_capability; values are JSON-safe."""
-    import transformers
-
     facts = host.host_snapshot(layout)
     device, device_name, bf16, vram, count = _accelerator()
     return {
@@ -40,7 +39,7 @@ def snapshot(layout: Layout) -> dict[str, Any]:
         "vram_gb": None if vram is None else round(vram / GIB, 2),
         "cpu_count": facts["cpu_count"],
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "python": facts["python"],
         "root": facts["root"],
         "disk_free_gb": facts["disk_free_gb"],

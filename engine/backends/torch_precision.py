@@ -24,7 +24,7 @@ import torch
 
 from engine import host
 from engine.atomic import atomic_write_json, read_json
-from engine.backends.torch_model import autocast, finish_config
+from engine.backends.torch_model import autocast, build_model
 from engine.errors import UserError
 from engine.model_config import complete, llama_config
 
@@ -168,22 +168,19 @@ def run_probe(device: str, shape: ProbeShape) -> Measurement:
     one warm-up each; the fastest repetition of each counts (other load only slows a run down).
     Repetitions stop once the answer is clear or PROBE_SECONDS have passed: where bf16 is emulated
     one bf16 step costs ten fp32 ones, and the probe must stay cheap."""
-    from transformers import LlamaConfig, LlamaModel
-
-    config = finish_config(LlamaConfig(
-        vocab_size=PROBE_VOCAB, hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=1,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.seq_len))
+    fields = {"vocab_size": PROBE_VOCAB, "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+              "num_hidden_layers": 1, "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+              "max_position_embeddings": shape.seq_len}
     dev = torch.device(device)
     with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay untouched
-        torch.manual_seed(0)
-        model = LlamaModel(config).to(dev)
+        model = build_model(fields, 0, impl="fast").to(dev)  # the layer that trains by default
         tokens = torch.randint(0, PROBE_VOCAB, (shape.rows, shape.seq_len), device=dev)
 
     def step(precision: str) -> float:
         _sync(dev)
         started = time.perf_counter()
         with autocast(dev, precision):
-            loss = model(input_ids=tokens).last_hidden_state.float().square().mean()
+            loss = model.hidden_states(tokens).float().square().mean()
         loss.backward()
         _sync(dev)
         took = time.perf_counter() - started

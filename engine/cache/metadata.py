@@ -40,6 +40,7 @@ TEXT_FORMAT = "text"
 RECORD_FORMATS = (TEXT_FORMAT, "chat", "prompt_response", "instruction")
 METADATA_FILE = "cache_metadata.json"
 TOKENIZER_DIR = "tokenizer"
+IDS_FILE = "ids.json"  # the tokenizer folder of a cache of token-id rows (engine.cache.rows): no tokenizer
 STATS_FILE = "stats.json"
 REPORT_FILE = "report.md"
 LOCK_FILE = "build.lock"

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from engine.atomic import TMP_PREFIX, fsync_dir
 from engine.cache.hub import prepare_hub_access, unreachable
-from engine.cache.metadata import TOKENIZER_DIR, dtype_name_for_vocab
+from engine.cache.metadata import IDS_FILE, TOKENIZER_DIR, dtype_name_for_vocab
 from engine.cache.naming import is_hub_name
 from engine.cache.records import named_special_tokens
 from engine.cache.sources import Source
@@ -205,7 +205,9 @@ def write_tokenizer(cache_dir: Path, prepared: PreparedTokenizer) -> str:
 
 
 def tokenizer_file(cache_dir: Path, meta: dict[str, Any]) -> Path:
-    return cache_dir / (meta.get("tokenizer") or {}).get("dir", TOKENIZER_DIR) / TOKENIZER_FILE
+    """The file the cache's tokenizer hash covers: tokenizer.json, or ids.json for rows of ids."""
+    record = meta.get("tokenizer") or {}
+    return cache_dir / record.get("dir", TOKENIZER_DIR) / (IDS_FILE if record.get("kind") == "ids" else TOKENIZER_FILE)
 
 
 def special_token_ids(tokenizer_dir: Path, eos_id: int) -> dict[str, int]:

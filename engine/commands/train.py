@@ -7,6 +7,7 @@ and a shell line all say the same thing. Training imports its framework lazily: 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,23 @@ def add_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> N
     p = sub.add_parser("train", help="train a model from a packed cache (building the cache first if needed)",
                        description="Train a new model. Flags mirror the config fields and override --config.")
     p.add_argument("--config", default=None, help="YAML or JSON run config (checkpoints/<name>/run.json works)")
+    p.add_argument("--auto-plan", action="store_true",
+                   help="run the planner first (see `plan`) and train with its winner, recorded in run.json")
     _common(p)
+    _plan_flags(p)
     add_config_flags(p)
     p.set_defaults(handler=cmd_train)
+
+    pl = sub.add_parser("plan", help="dry-run candidate settings a few steps each and rank them by tok/s",
+                        description="Measure micro_batch x grad_accum splits of the global batch, gradient "
+                                    "checkpointing and compile (where supported) for a run config; candidates over "
+                                    "the memory margin are rejected. Builds the cache first if it is missing.")
+    pl.add_argument("--config", default=None, help="YAML or JSON run config, as for train")
+    pl.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    pl.add_argument("--workers", type=int, default=None, help="processes for building a missing cache")
+    _plan_flags(pl)
+    add_config_flags(pl)
+    pl.set_defaults(handler=cmd_plan)
 
     r = sub.add_parser("resume", help="continue a run from its newest valid checkpoint (or a given one)",
                        description="Resume NAME (newest valid checkpoint), a display name "
@@ -61,6 +76,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-data", default=None, metavar="FILE",
                    help="append the sequence ids each step trains on to FILE (one JSON line per step; "
                         "'.rank<r>' is added under torchrun)")
+
+
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--margin", type=float, default=0.8, metavar="F",
+                   help="planner: reject candidates above this fraction of the memory limit (default 0.8)")
+    p.add_argument("--plan-steps", type=int, default=3, metavar="N", help="planner: timed steps per candidate (default 3)")
+
+
+def check_plan_flags(args: argparse.Namespace) -> None:
+    if not 0 < args.margin <= 1:
+        raise UserError(f"--margin must be in (0, 1], got {args.margin}")
+    if args.plan_steps < 1:
+        raise UserError(f"--plan-steps must be a positive integer, got {args.plan_steps}")
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -120,9 +148,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = with_default_lr(cfg, given).validate()
     check_cache_agrees(cfg.data, given)
     _check_common(args)
+    check_plan_flags(args)
     from engine.assemble import new_run, run_to_end
 
-    return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers))
+    auto_plan = None
+    if args.auto_plan:
+        from engine.planner import choose, plan
+
+        if cfg.name:  # refused now, not after the planner measured for it
+            from engine.names import validate_new_name
+
+            validate_new_name(cfg.name, Layout.resolve())
+        result = plan(cfg, Layout.resolve(), steps=args.plan_steps, margin=args.margin, workers=args.workers,
+                      opts=_options(args))
+        cfg, auto_plan = choose(cfg, result), result.to_dict()
+    return run_to_end(lambda: new_run(cfg, Layout.resolve(), _options(args), workers=args.workers,
+                                      auto_plan=auto_plan))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    raw = RunConfig.read(args.config) if args.config else {}
+    cfg = apply_config_flags(RunConfig.from_dict(raw), args).validate()
+    check_cache_agrees(cfg.data, given_fields(raw, args))
+    check_workers(args.workers)
+    check_plan_flags(args)
+    from engine.planner import choose, plan, table
+    from engine.train import Options
+
+    result = plan(cfg, Layout.resolve(), steps=args.plan_steps, margin=args.margin, workers=args.workers,
+                  opts=Options(quiet=args.json))
+    print(json.dumps(result.to_dict()) if args.json else table(result))
+    choose(cfg, result)  # nothing fits: the table, then one error line and a failing exit
+    return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
