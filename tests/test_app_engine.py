@@ -277,7 +277,7 @@ async def test_extend_a_finished_run_from_the_list(layout: Layout, tmp_path: Pat
         state = dashboard(app).state
         assert state.started.start_step == 6 and state.started.resumed_from == "extender_checkpoint_6_run_1"
         assert state.finished.reason == "completed" and state.finished.step == 10
-        assert "Finished (completed) at step 10" in screen_text(app)
+        await wait_for(pilot, lambda: "Finished (completed) at step 10" in screen_text(app), 10, "the finish painted")
     assert layout.checkpoint_dir("extender", 10).is_dir()
 
 

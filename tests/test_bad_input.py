@@ -215,6 +215,9 @@ CASES: list[tuple[str, list[str]]] = [
         ["--method", "lora"], ["--method", "bogus"], ["--init-from", "{cwd}/corpus", "--model-config", "{cwd}/m/div.json"],
         ["--lora-rank", "0"], ["--lora-alpha", "-1"], ["--lora-dropout", "1"], ["--quant-bits", "3"],
         ["--early-stop-patience", "-1"], ["--early-stop-patience", "2", "--eval-chunks", "0"]]],
+    *[(f"train planner {' '.join(a)[:40]}", TRAIN + a) for a in [
+        ["--auto-plan=x"], ["--auto-plan", "--margin", "0"], ["--auto-plan", "--margin", "1.5"],
+        ["--auto-plan", "--margin", "abc"], ["--auto-plan", "--plan-steps", "0"], ["--auto-plan", "--plan-steps", "abc"]]],
     *[(f"resume ref {r[:20]!r}", ["--root", "{root}", "resume", r]) for r in ("", "../x", "nobody", LONG, "-rf",
                                                                               "{cwd}/afile", "{cwd}/corpus")],
     ("resume --workers 0", RESUME + ["--workers", "0"]),

@@ -81,18 +81,27 @@ def test_masked_targets_contribute_exactly_zero(backend: TorchBackend) -> None:
     assert (changed != rows).any()
 
 
-def test_packed_examples_do_not_see_each_other(backend: TorchBackend) -> None:
+@pytest.mark.parametrize("impl", ["fast", "hf"])
+def test_packed_examples_do_not_see_each_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    """Both model classes: the lean Llama that trains, and transformers' that runs generation."""
+    monkeypatch.setenv("PACKTRAIN_MODEL_IMPL", impl)
+    backend = _backend(tmp_path)
     rows, flags = _batch(1)
     positions, _, _ = backend._flag_tensors(flags)
+
+    def logits(ids: np.ndarray, **kw: object) -> torch.Tensor:
+        out = backend.net(input_ids=torch.from_numpy(ids), **kw)
+        return out if isinstance(out, torch.Tensor) else out.logits  # the lean model returns logits alone
+
     with torch.no_grad():
-        logits = backend.net(input_ids=torch.from_numpy(rows[:, :-1]), position_ids=positions).logits
+        first = logits(rows[:, :-1], position_ids=positions)
         other = rows.copy()
         other[:, :7] = (other[:, :7] + 5) % VOCAB  # a different first example
-        logits2 = backend.net(input_ids=torch.from_numpy(other[:, :-1]), position_ids=positions).logits
-        second_alone = backend.net(input_ids=torch.from_numpy(rows[:, 7:-1])).logits
-    assert torch.equal(logits[:, 7:], logits2[:, 7:])
-    assert not torch.equal(logits[:, :7], logits2[:, :7])
-    torch.testing.assert_close(logits[:, 7:], second_alone, rtol=1e-5, atol=1e-5)
+        changed = logits(other[:, :-1], position_ids=positions)
+        second_alone = logits(rows[:, 7:-1])
+    assert torch.equal(first[:, 7:], changed[:, 7:])
+    assert not torch.equal(first[:, :7], changed[:, :7])
+    torch.testing.assert_close(first[:, 7:], second_alone, rtol=1e-5, atol=1e-5)
 
 
 def test_accumulation_weighs_every_trained_token_alike(tmp_path: Path) -> None:
