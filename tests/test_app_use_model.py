@@ -45,7 +45,15 @@ def layout(root: Path, monkeypatch: pytest.MonkeyPatch) -> Layout:
 
 
 def serve_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "serve-model" in p.cmdline()]
+    return [p for p in psutil.Process().children(recursive=True) if "serve-model" in cmdline(p)]
+
+
+def cmdline(proc: psutil.Process) -> list[str]:
+    """A child that ended (a zombie not reaped yet, or gone) has no command line to read."""
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
 
 
 def ended(proc: psutil.Process) -> bool:
