@@ -49,6 +49,22 @@ async def wait_for(pilot: Any, predicate: Callable[[], Any], timeout: float = 60
         await asyncio.sleep(0.1)
 
 
+def form_app(layout: Layout, draft: Any) -> Any:
+    """The app with the config form for `draft` (a RunConfig) straight away: no environment screen,
+    no engine probe. Imported here, not at the top, so engine-only tests do not load the TUI."""
+    from app.app import PacktrainApp
+    from app.screens.config_form import ConfigFormScreen
+
+    class FormOnly(PacktrainApp):
+        CSS_PATH = REPO / "app" / "app.tcss"  # a relative path would resolve beside this file
+
+        def on_mount(self, event: Any) -> None:
+            event.prevent_default()
+            self.push_screen(ConfigFormScreen(draft))
+
+    return FormOnly(layout)
+
+
 def fake_step(step: int, total: int = 1000) -> P.Step:
     return P.Step(
         ts=T0 + step, step=step, total_steps=total, loss=8 * math.exp(-step / 100) + 2.0, lr=1e-3 * min(1, step / 50),

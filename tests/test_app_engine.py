@@ -381,13 +381,13 @@ async def test_fine_tune_a_pretrained_folder_with_lora_from_the_form(layout: Lay
         await pilot.press("n", "home", "ctrl+k", *"ft_run", "enter")
         await wait_for(pilot, lambda: isinstance(app.screen, ConfigFormScreen), what="the config form")
         form = app.screen
-        assert form.query_one("#f-model-init_from", Input).disabled  # from scratch until chosen
+        assert not form.query_one("#row-f-model-init_from").display  # from scratch until chosen
         form.query_one("#start-kind", Select).value = "pretrained"
-        await wait_for(pilot, lambda: not form.query_one("#f-model-init_from", Input).disabled)
-        assert form.query_one("#f-model-preset", Select).disabled and form.query_one("#f-model-lora_rank", Input).disabled
+        await wait_for(pilot, lambda: form.query_one("#row-f-model-init_from").display)
+        assert not form.query_one("#row-f-model-preset").display and not form.query_one("#row-f-model-lora_rank").display
         assert form.query_one("#f-train-lr", Input).value == "2e-05"  # the full fine-tune default
         form.query_one("#f-model-method", Select).value = "lora"
-        await wait_for(pilot, lambda: not form.query_one("#f-model-lora_rank", Input).disabled)
+        await wait_for(pilot, lambda: form.query_one("#row-f-model-lora_rank").display)
         assert form.query_one("#f-train-lr", Input).value == "0.0002"
         await pilot.click("#f-model-init_from")
         await pilot.press(*str(model), "enter")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from app_testkit import REPO, fake_events, fake_step, screen_text, wait_for, write_log
+from app_testkit import REPO, fake_events, fake_step, form_app, screen_text, wait_for, write_log
 from textual.app import App
 
 from app import engine_client
@@ -206,15 +206,8 @@ async def test_a_config_that_cannot_be_saved_is_a_status_line_not_a_crash(tmp_pa
     from app.screens.config_form import ConfigFormScreen
     from engine.config import RunConfig
 
-    class FormOnly(PacktrainApp):
-        CSS_PATH = REPO / "app" / "app.tcss"
-
-        def on_mount(self, event: Any) -> None:  # straight to the form: no environment screen, no engine probe
-            event.prevent_default()
-            self.push_screen(ConfigFormScreen(RunConfig(name="m")))
-
     (tmp_path / "a_file").write_text("x")
-    app = FormOnly(Layout(tmp_path / "a_file" / "root"))
+    app = form_app(Layout(tmp_path / "a_file" / "root"), RunConfig(name="m"))
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
         app.screen.action_submit()

@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from app_testkit import screen_text, wait_for
-from app.app import PacktrainApp
-from app.screens.config_form import ConfigFormScreen
+from app_testkit import form_app, screen_text, wait_for
 from engine.cli import main
 from engine.config import RunConfig
 from engine.errors import UserError
 from engine.faults import ENV
 from engine.paths import Layout
 from engine.planner import Candidate, PlanResult, Trial, choose, table
-from train_support import REPO, build_cache_in_process
+from train_support import build_cache_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -74,24 +71,12 @@ def test_nothing_that_fits_is_one_line() -> None:
     assert "No candidate fits" in table(result)
 
 
-class FormOnly(PacktrainApp):
-    CSS_PATH = REPO / "app" / "app.tcss"
-
-    def __init__(self, layout: Layout, draft: RunConfig) -> None:
-        super().__init__(layout)
-        self.draft = draft
-
-    def on_mount(self, event: Any) -> None:  # straight to the form: no environment screen, no engine probe
-        event.prevent_default()
-        self.push_screen(ConfigFormScreen(self.draft))
-
-
 async def test_the_form_plans_through_the_engine_and_fills_in_the_winner(cache: Path, engine_env: Path) -> None:
     draft = RunConfig.from_dict({"name": "form", "model": {"preset": "tiny"},
                                  "data": {"source": str(engine_env / "docs.jsonl"), "dataset_name": "docs",
                                           "tokenizer": "bytes", "seq_len": 32},
                                  "train": {"micro_batch": 8, "grad_accum": 1, "precision": "fp32", "device": "cpu"}})
-    app = FormOnly(Layout(engine_env), draft)
+    app = form_app(Layout(engine_env), draft)
     async with app.run_test(size=(100, 50)) as pilot:
         await pilot.pause()
         form = app.screen

@@ -4,10 +4,14 @@ Values are collected as a dict and passed through RunConfig.from_dict + validate
 accepts exactly what a YAML file or the CLI would, with the same one-line messages. Plan runs
 `packtrain-engine plan --json` on the form's config (saved first, as Continue saves it) and fills in
 the winner: micro-batch and accumulation in their fields, checkpointing and compile in the config.
+Each field says when it applies (FieldSpec.shown_when, on the form's choices); one that does not is
+hidden, keeps what was typed in it, and goes to the engine at its default, as a YAML file that left it
+out would: LoRA's settings are not a full fine-tune's, nor is a method a model from scratch's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 from app.draft import UNKNOWN_VOCAB, save_config, vocab_guess
 from app.engine_client import EngineCommandError, run_json
 from app.workers import ReportsWorkerFailures
-from engine.config import DEFAULT_LR, PRECISIONS, SCHEDULES, RunConfig
+from engine.config import DEFAULT_LR, PRECISIONS, SCHEDULES, SECTION_TYPES, RunConfig
 from engine.errors import UserError
 from engine.presets import PRESETS
 
@@ -31,26 +35,77 @@ TOKENIZERS = ["bpe:8192", "bpe:16384", "bpe:32000", "bytes", "gpt2", "meta-llama
 
 
 @dataclass(frozen=True)
+class Choices:
+    """What the form's selects say, which decides the fields that apply."""
+
+    source: str  # a SOURCE_KINDS value
+    start: str  # a START_KINDS value
+    method: str  # a METHOD_OPTIONS value; a method applies only to a pretrained start
+
+
+def always(_: Choices) -> bool:
+    return True
+
+
+def given_source(c: Choices) -> bool:
+    return c.source != "stdlib"
+
+
+def hub_source(c: Choices) -> bool:
+    return c.source == "hub"
+
+
+def from_scratch(c: Choices) -> bool:
+    return c.start == "scratch"
+
+
+def pretrained(c: Choices) -> bool:
+    return c.start == "pretrained"
+
+
+def adapter(c: Choices) -> bool:
+    return pretrained(c) and c.method != "full"
+
+
+def qlora(c: Choices) -> bool:
+    return pretrained(c) and c.method == "qlora"
+
+
+@dataclass(frozen=True)
 class FieldSpec:
-    """One input bound to `section.name` in RunConfig; `optional` means blank is None."""
+    """One input bound to `section.name` in RunConfig; `optional` means blank is None. Shown only
+    when `shown_when` holds for the form's choices; hidden, it gives the engine its default."""
 
     section: str
     name: str
     label: str
-    kind: str = "text"  # text | integer | number
+    kind: str = "text"  # text | integer | number | select
     optional: bool = False
     placeholder: str = ""
+    shown_when: Callable[[Choices], bool] = always
 
     @property
     def id(self) -> str:
         return f"f-{self.section}-{self.name}"
 
+    @property
+    def row_id(self) -> str:
+        return f"row-{self.id}"
 
+    @property
+    def default(self) -> Any:
+        """What a config file that leaves the field out gets."""
+        return getattr(SECTION_TYPES[self.section](), self.name)
+
+
+SOURCE_FIELD = FieldSpec("data", "source", "Path or hub name", optional=True, shown_when=given_source,
+                         placeholder="a .txt/.jsonl/.parquet file, a folder, or org/dataset")
 DATA_FIELDS = (
-    FieldSpec("data", "subset", "Subset", optional=True, placeholder="hub subset / config name"),
-    FieldSpec("data", "split", "Split", placeholder="train"),
+    FieldSpec("data", "subset", "Subset", optional=True, placeholder="hub subset / config name", shown_when=hub_source),
+    FieldSpec("data", "split", "Split", placeholder="train", shown_when=hub_source),
     FieldSpec("data", "max_docs", "Max documents", "integer", True, "blank = all"),
-    FieldSpec("data", "tokenizer", "Tokenizer", placeholder="bpe:8192, bytes, a hub name or a folder"),
+    FieldSpec("data", "tokenizer", "Tokenizer", placeholder="bpe:8192, bytes, a hub name or a folder",
+              shown_when=from_scratch),
     FieldSpec("data", "seq_len", "Sequence length", "integer"),
 )
 TRAIN_FIELDS = (
@@ -72,16 +127,23 @@ TRAIN_FIELDS = (
     FieldSpec("train", "tracker", "Trackers", optional=True, placeholder="blank = none; tensorboard, wandb, csv"),
 )
 MODEL_FIELDS = (
-    FieldSpec("model", "init_from", "Pretrained model", optional=True, placeholder="a model folder or org/name"),
+    FieldSpec("model", "init_from", "Pretrained model", optional=True, placeholder="a model folder or org/name",
+              shown_when=pretrained),
 )
 LORA_FIELDS = (
-    FieldSpec("model", "lora_rank", "LoRA rank", "integer"),
-    FieldSpec("model", "lora_alpha", "LoRA alpha", "number"),
-    FieldSpec("model", "lora_dropout", "LoRA dropout", "number"),
-    FieldSpec("model", "lora_targets", "LoRA targets", optional=True, placeholder="blank = every projection"),
-    FieldSpec("model", "quant_bits", "QLoRA bits", "integer", placeholder="4 or 8 (CUDA only)"),
+    FieldSpec("model", "lora_rank", "LoRA rank", "integer", shown_when=adapter),
+    FieldSpec("model", "lora_alpha", "LoRA alpha", "number", shown_when=adapter),
+    FieldSpec("model", "lora_dropout", "LoRA dropout", "number", shown_when=adapter),
+    FieldSpec("model", "lora_targets", "LoRA targets", optional=True, placeholder="blank = every projection",
+              shown_when=adapter),
+    FieldSpec("model", "quant_bits", "QLoRA bits", "integer", placeholder="4 or 8 (CUDA only)", shown_when=qlora),
 )
-SELECTS = (("model", "preset"), ("model", "method"), ("train", "schedule"), ("train", "precision"))
+METHOD_FIELD = FieldSpec("model", "method", "Method", "select", shown_when=pretrained)
+PRESET_FIELD = FieldSpec("model", "preset", "Model preset", "select", shown_when=from_scratch)
+SCHEDULE_FIELD = FieldSpec("train", "schedule", "Schedule", "select")
+PRECISION_FIELD = FieldSpec("train", "precision", "Precision", "select")
+FIELDS = (SOURCE_FIELD, *DATA_FIELDS, *MODEL_FIELDS, METHOD_FIELD, *LORA_FIELDS, PRESET_FIELD, *TRAIN_FIELDS,
+          SCHEDULE_FIELD, PRECISION_FIELD)
 START_KINDS = [("a preset, from scratch", "scratch"), ("a pretrained model", "pretrained")]
 METHOD_OPTIONS = [("full fine-tune", "full"), ("LoRA adapter", "lora"), ("QLoRA (4/8-bit base, CUDA)", "qlora")]
 
@@ -96,8 +158,8 @@ def preset_options(vocab: int) -> list[tuple[str, str]]:
     return [(f"{p.name:<5} {p.n_params(vocab) / 1e6:>8,.1f}M params  {p.use}", p.name) for p in PRESETS.values()]
 
 
-def form_row(label: str, *widgets: Any) -> Horizontal:
-    return Horizontal(Label(label, classes="form-label"), *widgets, classes="form-row")
+def form_row(label: str, *widgets: Any, row_id: str | None = None) -> Horizontal:
+    return Horizontal(Label(label, classes="form-label"), *widgets, classes="form-row", id=row_id)
 
 
 def plan_line(result: dict[str, Any]) -> str:
@@ -121,41 +183,36 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
         self.draft = draft
 
     def compose(self) -> ComposeResult:
-        d, t = self.draft.data, self.draft.train
+        d = self.draft.data
         kind = source_kind(d.source)
         yield Header()
         with VerticalScroll(id="form"):
             yield Static(f"New training: {self.draft.name}", classes="title")
             yield form_row("Source", Select(SOURCE_KINDS, value=kind, allow_blank=False, compact=True, id="source-kind"))
-            yield form_row("Path or hub name", Input(
-                value="" if kind == "stdlib" else (d.source or ""), id="source",
-                placeholder="a .txt/.jsonl/.parquet file, a folder, or org/dataset", disabled=kind == "stdlib", compact=True,
-            ))
+            source = self._input(SOURCE_FIELD)
+            if kind == "stdlib":
+                source.value = ""  # the sample is the Source select's choice, not a path to offer later
+            yield self._row(SOURCE_FIELD, source)
             for spec in DATA_FIELDS:
-                yield form_row(spec.label, self._input(spec))
+                yield self._row(spec, self._input(spec))
             yield form_row("Start from", Select(START_KINDS, value="pretrained" if self.draft.model.init_from else "scratch",
                                                 allow_blank=False, compact=True, id="start-kind"))
             for spec in MODEL_FIELDS:
-                yield form_row(spec.label, self._input(spec))
-            yield form_row("Method", Select(METHOD_OPTIONS, value=self.draft.model.method, allow_blank=False,
-                                            compact=True, id="f-model-method"))
+                yield self._row(spec, self._input(spec))
+            yield self._row(METHOD_FIELD, self._select(METHOD_FIELD, METHOD_OPTIONS))
             for spec in LORA_FIELDS:
-                yield form_row(spec.label, self._input(spec))
-            yield form_row("Model preset", Select(
-                preset_options(vocab_guess(d.tokenizer) or UNKNOWN_VOCAB), value=self.draft.model.preset, allow_blank=False,
-                compact=True, id="f-model-preset",
-            ))
+                yield self._row(spec, self._input(spec))
+            yield self._row(PRESET_FIELD,
+                            self._select(PRESET_FIELD, preset_options(vocab_guess(d.tokenizer) or UNKNOWN_VOCAB)))
             yield Static("", id="params", classes="hint")
             for spec in TRAIN_FIELDS[:3]:
-                yield form_row(spec.label, self._input(spec))
-            yield form_row("Schedule", Select([(s, s) for s in SCHEDULES], value=t.schedule, allow_blank=False,
-                                          compact=True, id="f-train-schedule"))
+                yield self._row(spec, self._input(spec))
+            yield self._row(SCHEDULE_FIELD, self._select(SCHEDULE_FIELD, [(s, s) for s in SCHEDULES]))
             for spec in TRAIN_FIELDS[3:7]:
-                yield form_row(spec.label, self._input(spec))
-            yield form_row("Precision", Select([(p, p) for p in PRECISIONS], value=t.precision, allow_blank=False,
-                                           compact=True, id="f-train-precision"))
+                yield self._row(spec, self._input(spec))
+            yield self._row(PRECISION_FIELD, self._select(PRECISION_FIELD, [(p, p) for p in PRECISIONS]))
             for spec in TRAIN_FIELDS[7:]:
-                yield form_row(spec.label, self._input(spec))
+                yield self._row(spec, self._input(spec))
             yield Static("", id="form-status", classes="status")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Continue (Enter)", variant="primary", id="submit")
@@ -163,8 +220,18 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
                 yield Button("Back (Esc)", id="back")
         yield Footer()
 
+    @staticmethod
+    def _row(spec: FieldSpec, widget: Input | Select[str]) -> Horizontal:
+        return form_row(spec.label, widget, row_id=spec.row_id)
+
+    def _drafted(self, spec: FieldSpec) -> Any:
+        return getattr(getattr(self.draft, spec.section), spec.name)
+
+    def _select(self, spec: FieldSpec, options: list[tuple[str, str]]) -> Select[str]:
+        return Select(options, value=self._drafted(spec), allow_blank=False, compact=True, id=spec.id)
+
     def _input(self, spec: FieldSpec) -> Input:
-        value = getattr(getattr(self.draft, spec.section), spec.name)
+        value = self._drafted(spec)
         kwargs: dict[str, Any] = {"suggester": SuggestFromList(TOKENIZERS)} if spec.name == "tokenizer" else {}
         return Input(
             value="" if value is None else str(value), placeholder=spec.placeholder, id=spec.id,
@@ -172,32 +239,26 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
         )
 
     def on_mount(self) -> None:
-        self._sync_model_fields()
-        self._show_params()
-        self._sync_source_fields()
-        next(i for i in self.query(Input) if not i.disabled).focus()
+        self._follow_choices()
+        self.focus_next(Input)
         self.query_one("#form", VerticalScroll).scroll_home(animate=False)
 
     def on_select_changed(self, event: Select.Changed) -> None:
-        if event.select.id == "source-kind":
-            self._sync_source_fields()
-        self._sync_model_fields()
+        self._follow_choices()
+
+    def choices(self) -> Choices:
+        def chosen(select_id: str) -> str:
+            return str(self.query_one(f"#{select_id}", Select).value)
+
+        return Choices(source=chosen("source-kind"), start=chosen("start-kind"), method=chosen(METHOD_FIELD.id))
+
+    def _follow_choices(self) -> None:
+        """Show only the fields that apply (focus skips hidden rows; they keep what was typed in them)."""
+        choices = self.choices()
+        for spec in FIELDS:
+            self.query_one(f"#{spec.row_id}", Horizontal).display = spec.shown_when(choices)
+        self._follow_default_lr(choices.method if pretrained(choices) else "scratch")
         self._show_params()
-
-    def _pretrained(self) -> bool:
-        return self.query_one("#start-kind", Select).value == "pretrained"
-
-    def _sync_model_fields(self) -> None:
-        """A pretrained model brings its shape and tokenizer; a method other than full needs LoRA's fields."""
-        pretrained = self._pretrained()
-        adapter = pretrained and self.query_one("#f-model-method", Select).value != "full"
-        self.query_one("#f-model-init_from", Input).disabled = not pretrained
-        self.query_one("#f-model-method", Select).disabled = not pretrained
-        self.query_one("#f-model-preset", Select).disabled = pretrained
-        self.query_one("#f-data-tokenizer", Input).disabled = pretrained
-        for spec in LORA_FIELDS:
-            self.query_one(f"#{spec.id}", Input).disabled = not adapter
-        self._follow_default_lr(str(self.query_one("#f-model-method", Select).value) if pretrained else "scratch")
 
     def _follow_default_lr(self, start: str) -> None:
         """An LR still at some start's default moves to this start's (a full fine-tune at the
@@ -214,15 +275,9 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
         if event.input.id == "f-data-tokenizer":
             self._show_params()
 
-    def _sync_source_fields(self) -> None:
-        kind = self.query_one("#source-kind", Select).value
-        self.query_one("#source", Input).disabled = kind == "stdlib"
-        for field_id in ("#f-data-subset", "#f-data-split"):
-            self.query_one(field_id, Input).disabled = kind != "hub"
-
     def _show_params(self) -> None:
-        preset = PRESETS.get(str(self.query_one("#f-model-preset", Select).value))
-        if self._pretrained():
+        preset = PRESETS.get(str(self.query_one(f"#{PRESET_FIELD.id}", Select).value))
+        if pretrained(self.choices()):
             self.query_one("#params", Static).update("Shape, size and tokenizer: the pretrained model's own")
             return
         if preset is None:
@@ -232,35 +287,34 @@ class ConfigFormScreen(ReportsWorkerFailures, Screen[None]):
         self.query_one("#params", Static).update(f"≈ {preset.n_params(vocab or UNKNOWN_VOCAB):,} parameters{note}")
 
     def collect(self) -> RunConfig:
-        """The form's values as a validated RunConfig; raises UserError with the first problem."""
+        """The form's values as a validated RunConfig; raises UserError with the first problem.
+        A hidden field gives its default, so what does not apply can neither be refused nor reach
+        the engine (LoRA settings under a full fine-tune, a method under a model from scratch)."""
+        choices = self.choices()
         data = self.draft.to_dict()
-        kind = self.query_one("#source-kind", Select).value
-        source = self.query_one("#source", Input).value.strip()
-        if kind == "stdlib":
-            data["data"]["source"] = "stdlib"
-        elif not source:
+        for spec in FIELDS:
+            data[spec.section][spec.name] = self._value(spec) if spec.shown_when(choices) else spec.default
+        source = data["data"]["source"]
+        if given_source(choices) and not source:
             raise UserError("give a local path or a hub dataset name as the source")
-        elif kind == "local" and not Path(source).expanduser().exists():
-            raise UserError(f"local source {source!r} does not exist")
-        else:
-            data["data"]["source"] = str(Path(source).expanduser().resolve()) if kind == "local" else source
-        for spec in (*DATA_FIELDS, *MODEL_FIELDS, *LORA_FIELDS, *TRAIN_FIELDS):
-            raw = self.query_one(f"#{spec.id}", Input).value.strip()
-            data[spec.section][spec.name] = None if (raw == "" and spec.optional) else raw
-        for section, name in SELECTS:
-            data[section][name] = self.query_one(f"#f-{section}-{name}", Select).value
-        if self._pretrained():
+        if choices.source == "local":
+            if not Path(source).expanduser().exists():
+                raise UserError(f"local source {source!r} does not exist")
+            data["data"]["source"] = str(Path(source).expanduser().resolve())
+        if pretrained(choices):
             if not data["model"]["init_from"]:
                 raise UserError("give a pretrained model folder or hub name to start from")
             local = Path(data["model"]["init_from"]).expanduser()
             if local.is_dir():
                 data["model"]["init_from"] = str(local.resolve())
             data["data"]["tokenizer"] = data["model"]["init_from"]  # the cache is built with the model's tokenizer
-        else:
-            data["model"].update(init_from=None, method="full")
-        if kind != "hub":
-            data["data"]["subset"] = None
         return RunConfig.from_dict(data).validate()
+
+    def _value(self, spec: FieldSpec) -> Any:
+        if spec.kind == "select":
+            return self.query_one(f"#{spec.id}", Select).value
+        raw = self.query_one(f"#{spec.id}", Input).value.strip()
+        return None if (raw == "" and spec.optional) else raw
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
