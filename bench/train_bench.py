@@ -4,8 +4,10 @@ Four sides train the same shape on the same batches, runs alternating (A/B/C/D, 
 repetition) because other processes share the machine:
 - reference GPT: a nanoGPT-style model and loop (bench/reference_gpt.py), the same d_model, layers,
   heads and vocab with a 4 x d GELU MLP and learned positions: the PyTorch anyone would write;
-- bare HF: transformers' LlamaForCausalLM in a plain loop (lm_loss, the engine's AdamW, clipping);
-- bare fast: packtrain's lean Llama (engine/backends/torch_fast_llama.py) in the same plain loop;
+- bare HF: transformers' LlamaForCausalLM in a plain loop (lm_loss, clipping, torch.optim.AdamW as
+  a user writes it: fused on CUDA, torch's default elsewhere, like the reference GPT);
+- bare fast: packtrain's lean Llama (engine/backends/torch_fast_llama.py) in the same plain loop with
+  the engine's AdamW (engine/backends/torch_optim.py), so engine / bare fast is the engine's overhead;
 - engine: `packtrain-engine train` in-process, its own reported tok/s (data order and reads, LR,
   logging, control polling included).
 Each run takes `--steps` steps; the second half is timed. Figures are medians over `--reps`, as
@@ -53,7 +55,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import reference_gpt  # noqa: E402
 from engine.assemble import new_run  # noqa: E402
 from engine.backends.torch_backend import TorchBackend, make_optimizer  # noqa: E402
-from engine.backends.torch_model import autocast, build_model, lm_loss  # noqa: E402
+from engine.backends.torch_model import autocast, build_model, lm_loss, param_groups  # noqa: E402
 from engine.checkpoint import Checkpointer  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
 from engine.data import read_sequences, rank_slice  # noqa: E402
@@ -200,7 +202,10 @@ def bare_step(b: Bench, side: str, precision: str) -> tuple[Callable[[torch.Tens
         fwd = torch.compile(model) if b.compile else model
         return lambda rows: reference_gpt.train_step(fwd, opt, rows, ctx), model  # type: ignore[arg-type]
     model = build_model(llama_config(cfg.model, b.model["vocab_size"], b.seq, {}), cfg.train.seed, impl=side).to(dev)
-    opt = make_optimizer(model, cfg.train, b.device)
+    t = cfg.train
+    opt = (make_optimizer(model, t, b.device) if side == "fast" else
+           torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+                             fused=b.device == "cuda" or None))
     fwd = torch.compile(model) if b.compile else model
 
     def step(rows: torch.Tensor) -> None:

@@ -98,7 +98,7 @@ def test_optimizer_state_that_cannot_carry_is_refused_with_the_way_out(tmp_path:
     layout = Layout.resolve(tmp_path).ensure()
     ck = Checkpointer(layout, "amsgrad")
     t = built(TorchBackend)
-    t.optimizer.param_groups[0]["amsgrad"] = t.optimizer.param_groups[1]["amsgrad"] = True  # a third moment
+    t.adopt(t.net, torch.optim.AdamW(t.optimizer.param_groups, amsgrad=True))  # a third moment
     step(t, 0)
     saved = ck.save(step=1, backend=t, trainer_state=trainer_state(1))
     with pytest.raises(UserError, match="--reset-optimizer") as e:

@@ -176,8 +176,9 @@ def test_wrapped_model_still_takes_the_fused_loss() -> None:
     assert lm_loss(wrapper, rows()).item() == pytest.approx(lm_loss(fast, rows()).item())
 
 
-def test_training_and_saving_with_the_fast_model_never_import_transformers(tmp_path: Path) -> None:
-    """Resume spent most of its start importing transformers; the default path must not need it."""
+def test_training_and_saving_with_the_fast_model_never_import_transformers_or_dynamo(tmp_path: Path) -> None:
+    """Resume spent most of its start importing transformers, then torch._dynamo (which every
+    torch.optim optimizer imports): the default path must need neither."""
     script = f"""
 import sys
 import numpy as np
@@ -189,7 +190,10 @@ backend = TorchBackend(RunConfig.from_dict({{"train": {{"precision": "fp32", "de
 backend.build({config()!r}, RunConfig().train)
 backend.train_step(np.ones((2, 9), dtype=np.int64), 1e-3, micro_batch=2, grad_accum=1, grad_clip=1.0, want_norm=True)
 facts = (backend.model_config(), backend.generation_config(), backend.versions(), backend.facts(Layout.resolve({str(tmp_path)!r})))
+backend.optimizer_state()
+backend.optimizer.load_state_dict(backend.optimizer.state_dict())
 assert "transformers" not in sys.modules, sorted(m for m in sys.modules if m.startswith("transformers"))[:5]
+assert "torch._dynamo" not in sys.modules
 print(facts[0]["architectures"], facts[2]["transformers"])
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -1,4 +1,4 @@
-"""The torch backend: a Llama with transformers' tensors (engine.backends.torch_model), torch AdamW,
+"""The torch backend: a Llama with transformers' tensors (engine.backends.torch_model), fused AdamW,
 autocast, DDP or FSDP2 (engine.backends.torch_fsdp) under torchrun.
 
 Per step the host hands over numpy rows and gets back device scalars: loss and grad norm stay on
@@ -33,6 +33,7 @@ from engine.backends.torch_finetune import (
     adapter_config, base_model, enable_checkpointing, load_finetune_model,
     n_trainable, trainable_tensors,
 )
+from engine.backends.torch_optim import AdamW, fused_supported
 from engine.backends.torch_model import (
     autocast, build_model, config_json, count_params, generating_view, generation_json, lm_loss, masked_nll,
     param_groups,
@@ -109,8 +110,9 @@ def versions() -> dict[str, str]:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: str) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-                             fused=device == "cuda" or None)
+    """AdamW on the fused kernel (engine.backends.torch_optim); torch's own on a device without one."""
+    make = AdamW if fused_supported(device) else torch.optim.AdamW
+    return make(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
 
 
 def prepare_model(fields: Mapping[str, Any], t: TrainConfig, device: torch.device) -> torch.nn.Module:
