@@ -168,6 +168,11 @@ def load(layout: Layout, ref: str, *, device: str = "auto", precision: str = "au
 def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    from engine.cache.metadata import IDS_FILE
+
+    if (path / IDS_FILE).is_file() and not (path / TOKENIZER_FILE).is_file():
+        raise UserError(f"no tokenizer in {path}: its rows of token ids were packed without one (give "
+                        "Trainer tokenizer= the tokenizer the ids came from)")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, TypeError) as e:

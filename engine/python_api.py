@@ -10,9 +10,10 @@ field is a keyword), run assembly (engine.assemble), loop, checkpoints, run log 
 so a run started here lists in `packtrain-engine runs list`, shows in the TUI and resumes from the
 shell, and the other way round. `data` is a packed cache folder (what `cache build` makes), or a
 map-style dataset of token rows (engine.cache.rows): every item one row of seq_len + 1 ids, packed
-once into a cache under the root so resume reads the same rows. Bad input raises
-engine.errors.UserError with the CLI's one-line message; events go to `on_event` as
-engine.protocol dataclasses, and to stdout as the CLI's lines unless `quiet`.
+once into a cache under the root so resume reads the same rows, with the tokenizer the ids came
+from when `tokenizer=` names it. Bad input raises engine.errors.UserError with the CLI's one-line
+message; events go to `on_event` as engine.protocol dataclasses, and to stdout as the CLI's lines
+unless `quiet`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,22 @@ from engine.presets import PRESETS
 
 class Trainer:
     def __init__(self, data: str | Path | Any, *, model: str = "5M", name: str = "", root: str | Path | None = None,
-                 config: RunConfig | str | Path | None = None, vocab_size: int | None = None, eos_id: int = 0,
-                 dataset_name: str | None = None, on_event: Callable[[P.Event], None] | None = None,
-                 quiet: bool = False, **train: Any) -> None:
+                 config: RunConfig | str | Path | None = None, vocab_size: int | None = None,
+                 eos_id: int | None = None, tokenizer: Any = None, dataset_name: str | None = None,
+                 on_event: Callable[[P.Event], None] | None = None, quiet: bool = False, **train: Any) -> None:
         """`model`: a preset name (tiny, 5M, 25M, ...) or a LlamaConfig JSON file. `config`: a RunConfig
         or a YAML/JSON run config to start from; `name`, `model`, `data` and `train` override it.
-        For a dataset: `vocab_size` (required), `eos_id` (the id generation stops at) and
-        `dataset_name` (its cache folder; default: the dataset's class name)."""
+        For a dataset: `tokenizer` (the one its ids came from: a tokenizer folder, tokenizer.json, hub
+        name or `bytes`, a tokenizers.Tokenizer or a transformers tokenizer; the cache and every
+        checkpoint keep a copy, so the model generates and exports text), `vocab_size` (the model's
+        vocabulary; default the tokenizer's, required without one), `eos_id` (the id generation stops
+        at; default the tokenizer's end-of-text token, else 0) and `dataset_name` (its cache folder;
+        default: the dataset's class name)."""
+        if tokenizer is not None and isinstance(data, (str, Path)):
+            raise UserError("tokenizer= is for a dataset of token rows; a packed cache trains with the tokenizer "
+                            "it was built with")
         self.layout = Layout.resolve(root)
-        self.data, self.vocab_size, self.eos_id = data, vocab_size, eos_id
+        self.data, self.vocab_size, self.eos_id, self.tokenizer = data, vocab_size, eos_id, tokenizer
         self.dataset_name = dataset_name
         self.on_event, self.quiet = on_event, quiet
         base = config if isinstance(config, RunConfig) else RunConfig.load(config) if config else RunConfig()
@@ -86,10 +94,9 @@ class Trainer:
             return Path(self.data).expanduser().resolve()
         from engine.cache.rows import write_rows_cache
 
-        if self.vocab_size is None:
-            raise UserError("training from a dataset needs vocab_size= (token ids are below it)")
         name = self.dataset_name or type(self.data).__name__.lower()
-        return write_rows_cache(self.data, self.layout, name, vocab_size=self.vocab_size, eos_id=self.eos_id)
+        return write_rows_cache(self.data, self.layout, name, vocab_size=self.vocab_size, eos_id=self.eos_id,
+                                tokenizer=self.tokenizer)
 
     def _run(self, make: Callable[[Any], Any]) -> P.Finished:
         from engine.assemble import run_to_end

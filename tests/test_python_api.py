@@ -24,7 +24,10 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
-def test_the_readme_example_trains_saves_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_readme_example_trains_saves_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from engine import cli
+
     monkeypatch.setenv("PACKTRAIN_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     exec(compile(readme_example(), "README.md", "exec"), {"__name__": "readme"})
@@ -33,6 +36,10 @@ def test_the_readme_example_trains_saves_and_resumes(tmp_path: Path, monkeypatch
     state = load_trainer_state(model / "checkpoint_000040")
     assert (state.run, state.cache.dataset_name, state.cache.sequence_length) == (2, "randomrows", 64)
     assert sorted(step_losses(read_log(tmp_path, "random_rows", 2))) == [30, 40]  # logged every 10 steps
+    capsys.readouterr()
+    assert cli.main(["generate", "random_rows", "--prompt", "hi", "--device", "cpu"]) == 2  # rows without tokenizer=
+    err = capsys.readouterr().err
+    assert err.startswith("error: no tokenizer in ") and "give Trainer tokenizer=" in err and err.count("\n") == 1
 
 
 class Rows:
@@ -99,3 +106,159 @@ def test_the_same_rows_reuse_their_cache_and_other_rows_under_its_name_are_refus
     assert (path / "cache_metadata.json").stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="holds other rows"):
         write_rows_cache(Rows((rows[::-1]).tolist()), layout, "ids", vocab_size=50)
+
+
+# --- tokenizer=: the tokenizer the rows' ids came from --------------------------------------------
+
+TEXT = "the cat sat on the mat while the dog ran far away. "
+
+
+def encoded_rows(tokenizer_dir: Path, n: int = 16, length: int = 17) -> Rows:
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(tokenizer_dir))(TEXT * 40)["input_ids"]
+    return Rows([ids[i * 3:i * 3 + length] for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, protocol.Finished]:
+    """(root, tokenizer folder, how the run ended): `tiny` trained a few steps on rows of ids that a
+    local tokenizer folder made (a hub tokenizer's format), passed as tokenizer=."""
+    from tests.use_support import hf_tokenizer_folder
+
+    root = tmp_path_factory.mktemp("tokenized")
+    folder = hf_tokenizer_folder(root / "tokenizer_in", chat_template=False)
+    finished = Trainer(encoded_rows(folder), model="tiny", name="worded", root=root, tokenizer=str(folder), quiet=True,
+                       micro_batch=4, lr=3e-3, max_steps=3, precision="fp32", device="cpu").train()
+    return root, folder, finished
+
+
+def test_a_model_trained_on_rows_with_their_tokenizer_generates_text_and_exports_the_tokenizer(
+        tokenized: tuple[Path, Path, protocol.Finished], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoTokenizer
+
+    from engine import cli, generate, inference
+    from engine.cache.metadata import load_metadata
+    from engine.paths import Layout
+
+    root, folder, finished = tokenized
+    original = AutoTokenizer.from_pretrained(str(folder))
+    meta = load_metadata(root / "cache" / "packed_sequences" / "16" / "rows")
+    assert meta["tokenizer"]["spec"] == str(folder.resolve()) and meta["tokenizer"]["kind"] == "hf"
+    assert (meta["vocab_size"], meta["eos_id"]) == (max(original.get_vocab().values()) + 1, original.eos_token_id)
+    loaded = inference.load(Layout.resolve(root), finished.checkpoint, device="cpu", precision="fp32")
+    assert loaded.tokenizer.get_vocab() == original.get_vocab() and loaded.eos_id == original.eos_token_id
+    prompt = generate.encode(loaded, "the cat")
+    assert prompt == original("the cat")["input_ids"]
+    params = protocol.SamplingParams(max_new_tokens=6, temperature=0)
+    done = generate.run(loaded, prompt, params, emit=lambda e: None)[0]
+    assert done.ids and done.text == original.decode(done.ids, skip_special_tokens=True)
+    monkeypatch.setenv("PACKTRAIN_HOME", str(root))
+    assert cli.main(["generate", finished.checkpoint, "--prompt", "the cat", "--temperature", "0",
+                     "--max-new-tokens", "6", "--device", "cpu", "--precision", "fp32"]) == 0
+    assert capsys.readouterr().out == done.text + "\n"  # what `packtrain-engine generate` prints
+    assert cli.main(["checkpoints", "export", finished.checkpoint, str(tmp_path / "hf")]) == 0
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert exported(TEXT)["input_ids"] == original(TEXT)["input_ids"] and exported.eos_token == "</s>"
+
+
+def held_tokenizer(kind: str, folder: Path) -> Any:
+    """The tokenizer of `folder` in each form tokenizer= takes."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    return {"folder": str(folder), "file": folder / "tokenizer.json", "transformers": AutoTokenizer.from_pretrained(
+        str(folder)), "tokenizers": Tokenizer.from_file(str(folder / "tokenizer.json"))}[kind]
+
+
+@pytest.mark.parametrize("kind", ["folder", "file", "transformers", "tokenizers"])
+def test_each_form_of_tokenizer_is_kept_as_cache_build_keeps_it_and_reuses_its_cache(tmp_path: Path, kind: str) -> None:
+    from engine.cache.metadata import load_metadata
+    from engine.cache.rows import write_rows_cache
+    from engine.cache.tokenizer import parse_tokenizer_spec, same_tokenizer
+    from engine.cache.validate import validate_cache
+    from engine.paths import Layout
+    from tests.use_support import hf_tokenizer_folder
+
+    folder = hf_tokenizer_folder(tmp_path / "tok", chat_template=False)
+    rows, layout, given = encoded_rows(folder), Layout.resolve(tmp_path), held_tokenizer(kind, folder)
+    path = write_rows_cache(rows, layout, "words", tokenizer=given)
+    meta = load_metadata(path)
+    record = meta["tokenizer"]
+    assert validate_cache(path).ok and same_tokenizer(path / "tokenizer" / "tokenizer.json", folder / "tokenizer.json")
+    assert (meta["eos_id"], record["eos_token"], record["kind"]) == (0, "</s>", "hf")  # "</s>" is id 0 here
+    own = str(path / "tokenizer") if kind in ("transformers", "tokenizers") else str(given)
+    assert parse_tokenizer_spec(record["spec"]).spec == str(Path(own).resolve())  # a spec --tokenizer takes
+    stamp = (path / "cache_metadata.json").stat().st_mtime_ns
+    assert write_rows_cache(rows, layout, "words", tokenizer=held_tokenizer(kind, folder)) == path
+    assert (path / "cache_metadata.json").stat().st_mtime_ns == stamp
+
+
+def test_an_explicit_eos_id_is_the_saved_tokenizers_end_of_text_and_the_callers_object_stays(tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from engine.cache.rows import write_rows_cache
+    from engine.paths import Layout
+    from tests.use_support import hf_tokenizer_folder
+
+    folder = hf_tokenizer_folder(tmp_path / "tok", chat_template=False)
+    held = AutoTokenizer.from_pretrained(str(folder))
+    settings: dict[str, Any] = dict(tokenizer=held, eos_id=5, vocab_size=512)
+    path = write_rows_cache(encoded_rows(folder), Layout.resolve(tmp_path), "words", **settings)
+    saved = json.loads((path / "cache_metadata.json").read_text())
+    assert (saved["eos_id"], saved["vocab_size"]) == (5, 512)
+    assert saved["tokenizer"]["eos_token"] == held.convert_ids_to_tokens(5) != "</s>"
+    assert AutoTokenizer.from_pretrained(str(path / "tokenizer")).eos_token_id == 5 and held.eos_token == "</s>"
+    assert write_rows_cache(encoded_rows(folder), Layout.resolve(tmp_path), "words", **settings) == path
+
+
+def tree(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("first, second, message", [
+    ("hf", "bytes", "holds this dataset with tokenizer '{folder}', not with the tokenizer given"),
+    (None, "hf", "holds this dataset with no tokenizer, not with the tokenizer given"),
+    ("hf", None, "holds this dataset with tokenizer '{folder}', not with the tokenizer given"),
+])
+def test_the_same_rows_with_another_tokenizer_under_one_name_are_refused_and_change_nothing(
+        tmp_path: Path, first: str | None, second: str | None, message: str) -> None:
+    from tests.use_support import hf_tokenizer_folder
+
+    folder = hf_tokenizer_folder(tmp_path / "tok", chat_template=False).resolve()
+    spec = {"hf": str(folder), "bytes": "bytes", None: None}
+    rows = Rows([[(i * 7 + j) % 250 for j in range(17)] for i in range(16)])  # ids both tokenizers hold
+    settings: dict[str, Any] = dict(model="tiny", name="refused", root=tmp_path, vocab_size=512, eos_id=0,
+                                    dataset_name="same", max_steps=1)
+    Trainer(rows, tokenizer=spec[first], **settings).cache_path()
+    before = tree(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message.format(folder=folder))) as refused:
+        Trainer(rows, tokenizer=spec[second], **settings).train()
+    assert "\n" not in str(refused.value) and tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("data, settings, message", [
+    ("rows", dict(vocab_size=100), "has 305 tokens, more than the vocab_size of 100"),
+    ("rows", dict(tokenizer="bpe:300"), "rows of ids have none: give the tokenizer the ids came from"),
+    ("rows", dict(tokenizer="bytes", eos_id=300, vocab_size=512), "eos_id 300 is outside the vocabulary of tokenizer"),
+    ("rows", dict(tokenizer=42), "tokenizer= takes a tokenizer folder, a tokenizer.json, a hub name, bytes"),
+    ("rows", dict(tokenizer="bytes"), "dataset item 0 holds id 300, outside the vocabulary of 257"),
+    ("cache", dict(), "tokenizer= is for a dataset of token rows"),
+])
+def test_a_tokenizer_that_does_not_fit_is_one_line_and_writes_nothing(tmp_path: Path, data: str,
+                                                                     settings: dict[str, Any], message: str) -> None:
+    from tests.use_support import hf_tokenizer_folder
+
+    folder = hf_tokenizer_folder(tmp_path / "tok", chat_template=False)
+    settings = {"tokenizer": str(folder), **settings}
+    rows = Rows([[300, *range(16)]] * 8) if settings["tokenizer"] == "bytes" and "eos_id" not in settings \
+        else encoded_rows(folder)
+    before = tree(tmp_path)
+    with pytest.raises(UserError, match=re.escape(message)) as refused:
+        Trainer(rows if data == "rows" else tmp_path, model="tiny", name="bad", root=tmp_path, max_steps=1,
+                **settings).train()
+    assert "\n" not in str(refused.value) and tree(tmp_path) == before

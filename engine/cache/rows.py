@@ -4,11 +4,14 @@ included) with the same loop, checkpoints and exact resume as a cache built from
 
 Each item is one training row of seq_len + 1 ids (the model reads row[:-1] and predicts row[1:]),
 so every item has the same length. Rows are stored in order, a fixed number per chunk, in the
-cache format `cache build` writes; the last chunks are held out for eval as usual. There is no
-tokenizer: the cache's tokenizer folder names the vocabulary only (`ids:<vocab_size>`).
+cache format `cache build` writes; the last chunks are held out for eval as usual. Given the
+tokenizer the ids came from, the cache keeps its own copy exactly as `cache build` does, so models
+trained on it generate, chat, evaluate text and export with it; without one, the cache's tokenizer
+folder names the vocabulary only (`ids:<vocab_size>`) and its models have no tokenizer.
 
-Writing is idempotent: the same dataset gives the same chunks, so a second call finds its cache
-and writes nothing, and a different dataset under the same name is refused rather than mixed in.
+Writing is idempotent: the same dataset (and tokenizer) gives the same chunks, so a second call
+finds its cache and writes nothing, and a different dataset or tokenizer under the same name is
+refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,8 @@ from engine.cache.chunks import compress, doc_length_summary, np_dtype, write_ch
 from engine.cache.metadata import (CODEC, FORMAT, FORMAT_VERSION, HASH_ALGO, IDS_FILE, TOKENIZER_DIR,
                                    chunk_filename, dtype_name_for_vocab, load_metadata, metadata_path, save_metadata)
 from engine.cache.registry import register_cache
-from engine.cache.tokenizer import file_sha256
+from engine.cache.tokenizer import (PreparedTokenizer, TokenizerPlan, file_sha256, holds_tokenizer,
+                                    prepare_rows_tokenizer, tokenizer_file, write_tokenizer)
 from engine.errors import UserError
 from engine.paths import Layout
 
@@ -59,13 +64,29 @@ def rows_of(dataset: Any, vocab_size: int) -> tuple[int, list[np.ndarray]]:
     return int(length or 0), rows
 
 
-def write_rows_cache(dataset: Any, layout: Layout, name: str, *, vocab_size: int, eos_id: int = 0) -> Path:
-    """The cache at cache/packed_sequences/<seq_len>/<name> holding `dataset`'s rows."""
+def write_rows_cache(dataset: Any, layout: Layout, name: str, *, vocab_size: int | None = None,
+                     eos_id: int | None = None, tokenizer: Any = None) -> Path:
+    """The cache at cache/packed_sequences/<seq_len>/<name> holding `dataset`'s rows. `tokenizer`:
+    the one the ids came from (engine.cache.tokenizer.prepare_rows_tokenizer says what it may be);
+    `vocab_size` then defaults to its vocabulary and `eos_id` to its end-of-text token."""
+    if vocab_size is None and tokenizer is None:
+        raise UserError("training from a dataset needs vocab_size= or tokenizer= (token ids are below its vocabulary)")
+    prepared = None
+    if tokenizer is not None:
+        prepared = prepare_rows_tokenizer(tokenizer, eos_id)
+        vocab_size, eos_id = prepared.vocab_size if vocab_size is None else vocab_size, prepared.eos_id
+        if prepared.vocab_size > vocab_size:
+            raise UserError(f"tokenizer {prepared.plan.spec!r} has {prepared.vocab_size:,} tokens, more than the "
+                            f"vocab_size of {vocab_size:,}")
+    assert vocab_size is not None
+    eos_id = 0 if eos_id is None else eos_id
     if not 0 <= eos_id < vocab_size:
         raise UserError(f"eos_id {eos_id} is outside the vocabulary of {vocab_size:,}")
-    row_len, rows = rows_of(dataset, vocab_size)
+    row_len, rows = rows_of(dataset, prepared.vocab_size if prepared else vocab_size)
     seq_len = row_len - 1
     path = layout.cache_dir(seq_len, name)
+    if prepared is not None and not isinstance(tokenizer, (str, Path)):  # its spec: its copy, which --tokenizer takes
+        prepared = replace(prepared, plan=TokenizerPlan(str(path / TOKENIZER_DIR), "hf"))
     dtype_name = dtype_name_for_vocab(vocab_size)
     per_chunk = min(MAX_ROWS_PER_CHUNK, math.ceil(len(rows) / MIN_CHUNKS))
     chunks = [np.stack(rows[i:i + per_chunk]).astype(np_dtype(dtype_name)) for i in range(0, len(rows), per_chunk)]
@@ -80,22 +101,24 @@ def write_rows_cache(dataset: Any, layout: Layout, name: str, *, vocab_size: int
     if metadata_path(path).is_file():
         meta = load_metadata(path)
         if [(c["id"], c["hash"]) for c in meta["chunks"]] != [(c["id"], c["hash"]) for c in records] \
-                or meta["vocab_size"] != vocab_size:
-            raise UserError(f"cache {path} holds other rows or another vocabulary than this dataset; "
+                or (meta["vocab_size"], meta["eos_id"]) != (vocab_size, eos_id):
+            raise UserError(f"cache {path} holds other rows, another vocabulary or another eos_id than this dataset; "
+                            "give the dataset another dataset_name")
+        if not _same_tokenizer(path, meta, prepared):
+            spec = (meta.get("tokenizer") or {}).get("spec", "")
+            held = "no tokenizer" if spec.startswith("ids:") else f"tokenizer {spec!r}"
+            raise UserError(f"cache {path} holds this dataset with {held}, not with the tokenizer given; "
                             "give the dataset another dataset_name")
         return path
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = path / TOKENIZER_DIR
-    tokenizer.mkdir(exist_ok=True)
-    atomic_write_text(tokenizer / IDS_FILE, json.dumps({"kind": "ids", "vocab_size": vocab_size, "eos_id": eos_id}))
+    tokenizer_record = _write_tokenizer(path, prepared, vocab_size, eos_id)
     for record, data in zip(records, frames):
         write_chunk_file(path, record["id"], data)
     now = time.time()
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dataset_name": name, "created": now, "updated": now,
         "source": {"spec": f"python:{type(dataset).__name__}", "kind": "rows", "n_docs": len(rows)},
-        "tokenizer": {"spec": f"ids:{vocab_size}", "kind": "ids", "sha256": file_sha256(tokenizer / IDS_FILE),
-                      "dir": TOKENIZER_DIR},
+        "tokenizer": tokenizer_record,
         "seq_len": seq_len, "row_len": row_len, "dtype": dtype_name, "vocab_size": vocab_size, "eos_id": eos_id,
         "docs_per_chunk": per_chunk, "planned_chunks": len(records), "codec": CODEC, "hash_algo": HASH_ALGO,
         "generation": 0, "chunks": records, "builds": [],
@@ -104,3 +127,22 @@ def write_rows_cache(dataset: Any, layout: Layout, name: str, *, vocab_size: int
     register_cache(layout, path, meta)
     return path
 
+
+def _same_tokenizer(path: Path, meta: dict[str, Any], prepared: PreparedTokenizer | None) -> bool:
+    """Whether the cache at `path` was written with this tokenizer (or, like this call, with none)."""
+    saved_ids = (meta.get("tokenizer") or {}).get("kind") == "ids"
+    if prepared is None or saved_ids:
+        return prepared is None and saved_ids
+    return holds_tokenizer(tokenizer_file(path, meta), prepared.tokenizer)
+
+
+def _write_tokenizer(path: Path, prepared: PreparedTokenizer | None, vocab_size: int, eos_id: int) -> dict[str, Any]:
+    """The cache's tokenizer folder and its metadata record: the tokenizer as `cache build` writes
+    it, or without one a file naming the vocabulary (`ids:<vocab_size>`)."""
+    if prepared is not None:
+        return {"spec": prepared.plan.spec, "kind": prepared.plan.kind, "sha256": write_tokenizer(path, prepared),
+                "dir": TOKENIZER_DIR, "eos_token": prepared.eos_token}
+    folder = path / TOKENIZER_DIR
+    folder.mkdir(exist_ok=True)
+    atomic_write_text(folder / IDS_FILE, json.dumps({"kind": "ids", "vocab_size": vocab_size, "eos_id": eos_id}))
+    return {"spec": f"ids:{vocab_size}", "kind": "ids", "sha256": file_sha256(folder / IDS_FILE), "dir": TOKENIZER_DIR}

@@ -8,6 +8,7 @@ the file workers encode with) goes into the metadata. `bytes` and `bpe` need no 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -154,17 +155,75 @@ def prepare_tokenizer(plan: TokenizerPlan, source: Source) -> PreparedTokenizer:
         tok, eos = _train_bpe(plan.bpe_vocab, source), EOS_TOKEN
     else:
         hf = _load_hf(plan.spec)
-        if not getattr(hf, "is_fast", False):
-            raise UserError(f"tokenizer {plan.spec!r} has no fast (tokenizers) version")
-        tok = hf.backend_tokenizer
-        vocab = tok.get_vocab(with_added_tokens=True)
-        eos = hf.eos_token if hf.eos_token in vocab else next((t for t in EOS_CANDIDATES if t in vocab), None)
+        tok, eos = _fast(hf, repr(plan.spec)), _eos_token(hf)
         if eos is None:
             raise UserError(f"tokenizer {plan.spec!r} has no end-of-text token (looked for eos_token and "
                             f"{', '.join(EOS_CANDIDATES)})")
+    return _prepared(plan, tok, eos, hf)
+
+
+def _fast(hf: Any, label: str) -> Any:
+    if not getattr(hf, "is_fast", False):
+        raise UserError(f"tokenizer {label} has no fast (tokenizers) version")
+    return hf.backend_tokenizer
+
+
+def _eos_token(hf: Any) -> str | None:
+    vocab = hf.backend_tokenizer.get_vocab(with_added_tokens=True)
+    return hf.eos_token if hf.eos_token in vocab else next((t for t in EOS_CANDIDATES if t in vocab), None)
+
+
+def _prepared(plan: TokenizerPlan, tok: Any, eos: str, hf: Any) -> PreparedTokenizer:
     vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
     dtype_name_for_vocab(vocab_size)
     return PreparedTokenizer(plan, tok, eos, tok.token_to_id(eos), vocab_size, hf)
+
+
+def prepare_rows_tokenizer(given: Any, eos_id: int | None) -> PreparedTokenizer:
+    """The tokenizer rows of token ids came from (engine.cache.rows): what `--tokenizer` takes, except
+    bpe:<vocab>, which trains on text the rows do not have, or a tokenizers.Tokenizer or transformers
+    fast tokenizer already in memory (spec `python:<class>` until the cache names its own copy). An
+    explicit `eos_id` wins over the tokenizer's end-of-text token, and the saved copy names it, so
+    generation stops where training learned to."""
+    if isinstance(given, (str, Path)):
+        plan = parse_tokenizer_spec(str(given))
+        if plan.kind == "bpe":
+            raise UserError(f"tokenizer {plan.spec!r} is trained on text and rows of ids have none: give the "
+                            "tokenizer the ids came from (a folder, a tokenizer.json, a hub name or bytes)")
+        check_hub_tokenizer(plan)
+        hf = _load_hf(plan.spec) if plan.kind == "hf" else None
+    else:
+        plan, hf = TokenizerPlan(f"python:{type(given).__name__}", "hf"), _held_hf(given)
+    label = repr(plan.spec)
+    tok = _bytes_tokenizer() if hf is None else _fast(hf, label)
+    eos = (EOS_TOKEN if hf is None else _eos_token(hf)) if eos_id is None else tok.id_to_token(eos_id)
+    if eos is None and eos_id is None:
+        raise UserError(f"tokenizer {label} has no end-of-text token (looked for eos_token and "
+                        f"{', '.join(EOS_CANDIDATES)}): give eos_id=")
+    if eos is None:
+        raise UserError(f"eos_id {eos_id} is outside the vocabulary of tokenizer {label}")
+    if hf is not None and hf.eos_token != eos and eos_id is not None:
+        hf = copy.deepcopy(hf)  # the caller's tokenizer stays as it was
+        hf.eos_token = eos
+        tok = hf.backend_tokenizer  # what is saved, and what a second call compares with
+    return _prepared(plan, tok, eos, hf)
+
+
+def _held_hf(given: Any) -> Any:
+    """A tokenizer object as transformers saves it: a tokenizers.Tokenizer is wrapped (its
+    end-of-text token, if it has one, named), a transformers tokenizer taken as it is."""
+    from tokenizers import Tokenizer
+
+    if isinstance(given, Tokenizer):
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = given.get_vocab(with_added_tokens=True)
+        return PreTrainedTokenizerFast(tokenizer_object=given,
+                                       eos_token=next((t for t in EOS_CANDIDATES if t in vocab), None))
+    if hasattr(given, "backend_tokenizer") or hasattr(given, "is_fast"):
+        return given
+    raise UserError(f"tokenizer= takes a tokenizer folder, a tokenizer.json, a hub name, bytes, a tokenizers.Tokenizer "
+                    f"or a transformers tokenizer; got {type(given).__name__}")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -250,7 +309,18 @@ def same_tokenizer(a: Path, b: Path) -> bool:
     if file_sha256(a) == file_sha256(b):
         return True
     try:
-        first, second = (json.loads(p.read_text(encoding="utf-8")) for p in (a, b))
+        return _same_ids(json.loads(a.read_text(encoding="utf-8")), json.loads(b.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return False
+
+
+def holds_tokenizer(path: Path, tokenizer: Any) -> bool:
+    """same_tokenizer for a tokenizer.json on disk and a tokenizers.Tokenizer in memory."""
+    try:
+        return _same_ids(json.loads(path.read_text(encoding="utf-8")), json.loads(tokenizer.to_str()))
+    except (OSError, ValueError):
+        return False
+
+
+def _same_ids(first: dict[str, Any], second: dict[str, Any]) -> bool:
     return all(first.get(k) == second.get(k) for k in ID_KEYS)
