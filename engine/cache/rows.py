@@ -85,7 +85,8 @@ def write_rows_cache(dataset: Any, layout: Layout, name: str, *, vocab_size: int
     row_len, rows = rows_of(dataset, prepared.vocab_size if prepared else vocab_size)
     seq_len = row_len - 1
     path = layout.cache_dir(seq_len, name)
-    if prepared is not None and not isinstance(tokenizer, (str, Path)):  # its spec: its copy, which --tokenizer takes
+    if prepared is not None and not isinstance(tokenizer, (str, Path)):
+        # an object has no spec: the cache's own copy stands for it, a folder that --tokenizer takes
         prepared = replace(prepared, plan=TokenizerPlan(str(path / TOKENIZER_DIR), "hf"))
     dtype_name = dtype_name_for_vocab(vocab_size)
     per_chunk = min(MAX_ROWS_PER_CHUNK, math.ceil(len(rows) / MIN_CHUNKS))
