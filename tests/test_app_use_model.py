@@ -166,7 +166,6 @@ async def test_compare_shows_both_tables_rows_and_samples(layout: Layout) -> Non
         # the samples mount with the status line; one paint shows them all
         await wait_for(pilot, lambda: "seed 0" in screen_text(app) and screen_text(app).count("The") >= 3, 180,
                        "the comparison")
-        text = screen_text(app)
         table = screen.query_one("#compare-table")
         assert [table.get_row_at(i)[0] for i in range(table.row_count)] == [LAST, FIRST]
         assert len(screen.query(".sample")) == 2
