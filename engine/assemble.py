@@ -14,18 +14,19 @@ from typing import Any
 
 from engine.backends import choose, load
 from engine.backends.base import Backend
-from engine.catalog import DISPLAY_RE, display_name
+from engine.catalog import DISPLAY_RE, checkpoint_dirs, display_name
 from engine.checkpoint import Checkpointer
-from engine import pretrained
+from engine import oom, pretrained
 from engine.config import RunConfig
 from engine.data import DataOrder, check_resume_cache, rows_in_budget
+from engine.elastic import Elastic
 from engine.errors import UserError
 from engine.model_config import llama_config, read_config_json
 from engine.names import suggest_names, taken_names, validate_new_name
 from engine.paths import Layout, check_name
 from engine.run_log import RunLog
 from engine.schedule import plan_schedule
-from engine.state import TRAINER_STATE, RunFile, RunRecord, read_file
+from engine.state import TRAINER_STATE, Fallback, RunFile, RunRecord, read_file
 from engine.train import Options, Start, Trainer, counters
 
 
@@ -154,9 +155,10 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     schedule, warnings = plan_schedule(cfg.train, order.n_train_sequences, global_batch, cache.seq_len)
     for w in warnings:
         log.warn(w)
-    history = read_run_json(layout, cfg.name).runs if layout.run_json(cfg.name).exists() else []
-    start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(history), schedule=schedule, order=order,
-                  cache_sequences=cache.n_sequences, history=history, auto_plan=auto_plan)
+    run_file = read_run_json(layout, cfg.name) if layout.run_json(cfg.name).exists() else RunFile(config={})
+    fallback = catch_up(cfg, run_file, backend)
+    start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(run_file.runs), schedule=schedule, order=order,
+                  cache_sequences=cache.n_sequences, history=run_file.runs, auto_plan=auto_plan, fallback=fallback)
     checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
 
@@ -240,6 +242,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     else:
         backend.build({**read_config_json(path), **token_ids(cache)}, cfg.train)
     checkpointer.load(path, backend, optimizer=not reset_optimizer)
+    fallback = catch_up(cfg, run_file, backend)
     if state.backend != backend.name:
         log.info(f"Continuing a {state.backend} checkpoint on {backend.name}: the weights"
                  + (" carry, the optimizer starts fresh" if reset_optimizer else " and AdamW state carry")
@@ -247,8 +250,28 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     elif reset_optimizer:
         log.info("Optimizer state reset (--reset-optimizer): the weights carry, AdamW moments start at zero")
     start = Start(cfg=cfg, model_name=name, run=next_run_number(run_file.runs), order=order, elapsed_s=state.elapsed_s,
-                  resumed_from=display_name(name, state.step, state.run), history=run_file.runs, **counters(state))
+                  resumed_from=display_name(name, state.step, state.run), history=run_file.runs, fallback=fallback,
+                  **counters(state))
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
+
+
+def catch_up(cfg: RunConfig, run_file: RunFile, backend: Backend) -> Fallback | None:
+    """A run starts from the rung a rank took under torchrun before the group stopped (engine.oom)."""
+    fallback = run_file.pending_fallback
+    if fallback is not None:
+        oom.catch_up(cfg.train, fallback, backend)
+    return fallback
+
+
+def continues_after_oom(cfg: RunConfig, layout: Layout) -> bool:
+    """Whether this `train` is torchrun's restart of the group after one of its ranks ran out of
+    memory in run cfg.name once it had a checkpoint: it continues that run as `resume` does. (With
+    no checkpoint yet the name is free, and a new run there begins with the fallback too.)"""
+    elastic = Elastic.from_env()
+    if not (cfg.name and elastic.restart and layout.run_json(cfg.name).exists()):
+        return False
+    pending = read_run_json(layout, cfg.name).pending_fallback
+    return pending is not None and pending.job == elastic.job and bool(checkpoint_dirs(layout.model_dir(cfg.name)))
 
 
 def run_to_end(make: Any) -> int:

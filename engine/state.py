@@ -201,6 +201,19 @@ class TrainerState:
 
 
 @dataclass
+class Fallback:
+    """A rung of the OOM ladder (engine.oom) a run took: out of device memory after `step` steps,
+    it goes on with these settings (the same global batch, so the same math)."""
+
+    step: Count
+    micro_batch: Positive
+    grad_accum: Positive
+    grad_checkpointing: bool
+    message: str
+    job: str | None = None  # taken under torchrun: its job id, so that job's restart of the group continues the run
+
+
+@dataclass
 class RunRecord:
     """One entry of run.json's history: a start or resume of the run."""
 
@@ -213,6 +226,7 @@ class RunRecord:
     precision: str
     hardware: dict[str, Any]
     auto_plan: dict[str, Any] | None = None  # engine.planner's result when `train --auto-plan` chose the settings
+    fallbacks: list[Fallback] = field(default_factory=list)  # the OOM ladder's rungs this run took or began with
 
 
 @dataclass
@@ -221,6 +235,9 @@ class RunFile:
 
     config: dict[str, Any]
     runs: list[RunRecord] = field(default_factory=list)
+    # A rung a rank took under torchrun, where the group cannot go on: the run's next start (torchrun's
+    # restart of the group, `resume`, or `train` again) begins with it and records it in its history.
+    pending_fallback: Fallback | None = None
     format: Literal[RUN_FORMAT] = RUN_FORMAT  # absent in files written before it was recorded
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,9 +17,9 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import psutil
@@ -28,11 +28,12 @@ from engine import oom
 from engine import protocol as P
 from engine.atomic import atomic_write_json
 from engine.backends.base import Backend, DeviceOutOfMemory, StepResult
-from engine.catalog import display_name
+from engine.catalog import checkpoint_dirs, display_name
 from engine.checkpoint import NonFiniteWeights
 from engine.config import RunConfig
 from engine.control import EngineLock, poll_commands
 from engine.data import DataOrder, rank_slice, read_flags, read_sequences, split_ids
+from engine.elastic import Elastic
 from engine.errors import UserError
 from engine.faults import Faults
 from engine.guard import DivergenceGuard
@@ -41,8 +42,8 @@ from engine.prefetch import RowPrefetcher
 from engine.run_log import EventSink, RunLog
 from engine.schedule import Schedule, total_steps
 from engine.state import (
-    TRAINER_STATE_FORMAT, CacheRecord, GuardRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState,
-    TrainerState,
+    TRAINER_STATE_FORMAT, CacheRecord, Fallback, GuardRecord, PlanRecord, RngState, RunFile, RunRecord, ScalerState,
+    TrainerState, read_file,
 )
 from engine.token_flags import trained_tokens
 from engine.train_samples import TrainingSamples
@@ -82,6 +83,7 @@ class Start:
     history: list[RunRecord] = field(default_factory=list)  # run.json "runs" so far
     guard: GuardRecord = field(default_factory=GuardRecord)
     auto_plan: dict[str, Any] | None = None  # the planner's table when `train --auto-plan` chose the settings
+    fallback: Fallback | None = None  # run.json's pending fallback, which the config has caught up to
 
 
 def counters(state: TrainerState) -> dict[str, Any]:
@@ -318,6 +320,10 @@ class Trainer:
                 )
                 self.write_run_json()
                 self.log.attach(log_path, self.header())
+                if s.fallback is not None:
+                    self.announce(s.fallback)
+                    self.write_run_json()
+            self.backend.barrier()  # run.json names this run before any rank can hand an OOM over to it
             if s.rng is not None:
                 self.backend.set_rng_state(s.rng)
             self.log.emit(P.State(state="running", reason="started"))
@@ -422,22 +428,50 @@ class Trainer:
                 self.fall_back(e)
 
     def fall_back(self, error: DeviceOutOfMemory) -> None:
-        """Take the next rung of the ladder, or save and stop at its top. Under torchrun the other
-        ranks are already waiting in a collective for this one, so there is no rung to take."""
+        """Take the next rung of the ladder, or save and stop at its top (under torchrun the other
+        ranks wait in a collective for this one: no save, and the rung goes to a restart)."""
         failed, at = oom.settings(self.t), self.s.step + 1
-        rung = None if self.dist.enabled else oom.climb(self.t, self.backend)
+        rung = oom.climb(self.t, self.backend)
         if rung is None:
             if not self.dist.enabled and self.step_loss is not None:  # else the run's start holds its state
                 self.save()
             raise UserError(f"out of device memory at step {at:,} with {failed}, and no fallback keeps the "
                             f"same computation ({error}); use a smaller model or seq_len, or a device with "
                             "more memory", exit_code=1)
-        self.log.emit(P.OomFallback(step=self.s.step, micro_batch=rung.micro_batch, grad_accum=rung.grad_accum,
-                                    grad_checkpointing=rung.grad_checkpointing,
-                                    message=f"Out of memory at step {at:,} with {failed}: {rung.change} "
-                                            "(same global batch)"))
-        if self.dist.is_main:
-            self.write_run_json()  # a resume trains with what fits
+        fallback = Fallback(step=self.s.step, micro_batch=rung.micro_batch, grad_accum=rung.grad_accum,
+                            grad_checkpointing=rung.grad_checkpointing,
+                            message=f"Out of memory at step {at:,} with {failed}: {rung.change} (same global batch)")
+        if self.dist.enabled:
+            self.hand_over(fallback)
+        self.announce(fallback)
+        self.write_run_json()  # a resume trains with what fits
+
+    def announce(self, fallback: Fallback) -> None:
+        """The event and the history entry of a rung this run trains with."""
+        self.log.emit(P.OomFallback(step=fallback.step, micro_batch=fallback.micro_batch,
+                                    grad_accum=fallback.grad_accum, grad_checkpointing=fallback.grad_checkpointing,
+                                    message=fallback.message))
+        if self.run_entry is not None:
+            self.run_entry.fallbacks.append(fallback)
+
+    def hand_over(self, fallback: Fallback) -> NoReturn:
+        """Under torchrun the group cannot go on with one rank changed, nor save (a collective):
+        this rank records the rung as run.json's pending fallback, for the run's next start to begin
+        with, and exits. The steps since the last checkpoint are computed again."""
+        elastic, name = Elastic.from_env(), self.s.model_name
+        path = self.layout.run_json(name)
+        run_file = RunFile.from_dict(read_file(path), path)
+        run_file.config, run_file.pending_fallback = self.cfg.to_dict(), replace(fallback, job=elastic.job)
+        atomic_write_json(path, run_file.to_dict())
+        fits = oom.settings(self.t)
+        if elastic.restarts_left > 0:
+            then = f"torchrun restarts the group, which continues with {fits}"
+        else:
+            again = (f"`packtrain-engine resume {name}` under torchrun continues from its last checkpoint"
+                     if checkpoint_dirs(self.layout.model_dir(name)) else "the same `train` command starts it again")
+            then = (f"the group stops: {again} with {fits} (torchrun --max-restarts N restarts the group "
+                    "by itself)")
+        raise UserError(f"{fallback.message}; {then}", exit_code=1)
 
     def rollback(self) -> None:
         """Back to the newest checkpoint from before the non-finite steps began, at a lower LR
@@ -500,7 +534,8 @@ class Trainer:
         )
 
     def write_run_json(self) -> None:
-        """run.json: the config as the run trains now (after any OOM fallback) and its history."""
+        """run.json: the config as the run trains now (after any OOM fallback) and its history; a
+        pending fallback is this run's from its start, so it is pending no more. Rank 0 writes."""
         assert self.run_entry is not None
         run_file = RunFile(config=self.cfg.to_dict(), runs=self.s.history + [self.run_entry])
         atomic_write_json(self.layout.run_json(self.s.model_name), run_file.to_dict())

@@ -14,6 +14,8 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
+from engine.faults import ENV
+
 from tests.train_support import (
     build_tiny_cache, data_flags, engine_env, read_log, read_trace, run_engine, step_losses, train_flags, write_corpus,
 )
@@ -21,13 +23,13 @@ from tests.train_support import (
 pytestmark = pytest.mark.slow
 
 
-def torchrun(root: Path, *args: str) -> subprocess.CompletedProcess:
+def torchrun(root: Path, *args: str, restarts: int = 0, faults: str = "") -> subprocess.CompletedProcess:
     """Run torchrun; if it hangs, kill it with its ranks (they run in sessions of their own, so
     killing torchrun alone would leave them behind to slow every later test)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "engine", *args]
-    proc = subprocess.Popen(cmd, cwd=root, env=engine_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+           "--max-restarts", str(restarts), "-m", "engine", *args]
+    proc = subprocess.Popen(cmd, cwd=root, env={**engine_env(root), ENV: faults}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -127,3 +129,32 @@ def test_fsdp_matches_ddp_and_its_checkpoint_resumes_in_one_process(world: tuple
                          "--max-steps", "7")
     assert resumed.returncode == 0, resumed.stderr
     assert step_losses(read_log(root, "sharded", 2)) == {7: pytest.approx(ddp_losses[7], rel=2e-5, abs=2e-5)}
+
+
+def test_an_oom_under_torchrun_restarts_the_group_on_the_next_rung(world: tuple[Path, list[str]],
+                                                                   ddp_run: Path) -> None:
+    """Micro-batches of 4 rows run out of memory: a rank records the next rung and exits, torchrun
+    restarts the group, and the restarted `train` begins the run again with 2 x 2 (no checkpoint
+    was written yet): the losses of the run that fit from the start."""
+    root, common = world
+    run = torchrun(root, "train", "--name", "restarted", *common, *train_flags(micro_batch=4, grad_accum=1),
+                   restarts=1, faults="oom_above=2")
+    assert run.returncode == 0, run.stderr + run.stdout
+    assert ("Out of memory at step 1 with micro_batch 4 x grad_accum 1, gradient checkpointing off: micro-batch "
+            "4 -> 2, gradient accumulation 1 -> 2 (same global batch); torchrun restarts the group, which continues "
+            "with micro_batch 2 x grad_accum 2") in run.stderr
+
+    run_file = json.loads((root / "checkpoints" / "restarted" / "run.json").read_text())
+    assert run_file["pending_fallback"] is None  # the restart began with it
+    assert (run_file["config"]["train"]["micro_batch"], run_file["config"]["train"]["grad_accum"]) == (2, 2)
+    first, second = run_file["runs"]
+    assert first["fallbacks"] == [] and [(f["step"], f["micro_batch"], f["grad_accum"]) for f in second["fallbacks"]] \
+        == [(0, 2, 2)]
+    ended = read_log(root, "restarted", 1)[-1]
+    assert (ended["event"], ended["reason"], ended["step"]) == ("finished", "error", 0)
+    events = read_log(root, "restarted", 2)
+    assert [(e["step"], e["micro_batch"], e["grad_accum"]) for e in events if e["event"] == "oom_fallback"] == [(0, 2, 2)]
+    losses, reference = step_losses(events), step_losses(read_log(root, "two", 1))
+    assert sorted(losses) == list(range(1, 13))
+    for step in losses:
+        assert losses[step] == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step

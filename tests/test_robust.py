@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.assemble import new_run, resume_run, run_to_end
+from engine.assemble import continues_after_oom, new_run, resume_run, run_to_end
+from engine.backends.base import DeviceOutOfMemory, Dist
+from engine.cli import main
 from engine.config import RunConfig
 from engine.errors import UserError
 from engine.faults import ENV
@@ -32,10 +34,15 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(root: Path, name: str, **train: Any) -> RunConfig:
+    return RunConfig.from_dict(config_file(root, name, **train))
+
+
+def config_file(root: Path, name: str, **train: Any) -> dict[str, Any]:
+    """What a `--config` file of these runs holds."""
     settings = dict(micro_batch=4, grad_accum=2, lr=3e-3, seed=7, warmup_steps=3, max_steps=6, save_interval=3,
                     log_interval=1, eval_interval=1000, precision="fp32", device="cpu") | train
-    return RunConfig.from_dict({"name": name, "model": {"preset": "tiny"},
-                                "data": {"cache": str(root / "cache/packed_sequences/32/docs")}, "train": settings})
+    return {"name": name, "model": {"preset": "tiny"}, "data": {"cache": str(root / "cache/packed_sequences/32/docs")},
+            "train": settings}
 
 
 def train(root: Path, cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, faults: str = "") -> list[dict]:
@@ -47,12 +54,14 @@ def train(root: Path, cfg: RunConfig, monkeypatch: pytest.MonkeyPatch, faults: s
 def resume(root: Path, ref: str, monkeypatch: pytest.MonkeyPatch, faults: str = "", **train: Any) -> int:
     monkeypatch.setenv(ENV, faults)
 
-    def override(cfg: RunConfig) -> RunConfig:
-        for key, value in train.items():
-            setattr(cfg.train, key, value)
-        return cfg
+    return run_to_end(lambda: resume_run(ref, Layout.resolve(root), Options(quiet=True),
+                                         override=lambda cfg: replace_train(cfg, **train)))
 
-    return run_to_end(lambda: resume_run(ref, Layout.resolve(root), Options(quiet=True), override=override))
+
+def replace_train(cfg: RunConfig, **train: Any) -> RunConfig:
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
 
 
 def of_kind(events: list[dict], kind: str) -> list[dict]:
@@ -139,3 +148,49 @@ def test_a_checkpoint_never_holds_non_finite_weights(root: Path, tmp_path: Path)
     with pytest.raises(NonFiniteWeights, match="not saving step 5: the weights hold NaN or inf"):
         Checkpointer(layout, "m").save(step=5, backend=backend, trainer_state={})
     assert not (layout.model_dir("m")).exists()
+
+
+def test_a_rung_a_torchrun_rank_hands_over_is_where_the_restarted_train_continues(
+        root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun the rank that runs out of memory cannot take a rung alone: it writes the rung
+    to run.json and exits with one line. torchrun's restart of the same `train` command (the same
+    job) resumes from the checkpoint with it, and the losses are the run's without the OOM."""
+    expected = step_losses(train(root, config(root, "whole"), monkeypatch))
+    train(root, config(root, "handed", max_steps=3), monkeypatch)  # the group's checkpoint at step 3
+    monkeypatch.setenv(ENV, "")
+    layout = Layout.resolve(root)
+    trainer = resume_run("handed", layout, Options(quiet=True), override=lambda cfg: replace_train(cfg, max_steps=6))
+    trainer.dist = Dist(rank=1, world_size=2)  # a rank of a 2-process group, at step 3
+    for key, value in {"TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+                       "TORCHELASTIC_RUN_ID": "job-1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(UserError) as stopped:
+        trainer.fall_back(DeviceOutOfMemory("fault"))
+    trainer.reader.close()
+    assert str(stopped.value) == (
+        "Out of memory at step 4 with micro_batch 4 x grad_accum 2, gradient checkpointing off: micro-batch 4 -> 2, "
+        "gradient accumulation 2 -> 4 (same global batch); the group stops: `packtrain-engine resume handed` under "
+        "torchrun continues from its last checkpoint with micro_batch 2 x grad_accum 4, gradient checkpointing off "
+        "(torchrun --max-restarts N restarts the group by itself)")
+    pending = json.loads(layout.run_json("handed").read_text())["pending_fallback"]
+    assert (pending["step"], pending["micro_batch"], pending["grad_accum"], pending["job"]) == (3, 2, 4, "job-1")
+
+    command = root / "handed.json"  # the command torchrun starts again: 4 x 2, 6 steps
+    command.write_text(json.dumps(config_file(root, "handed")))
+    restarted = config(root, "handed")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert not continues_after_oom(restarted, layout)  # another job: `train` refuses the taken name
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert continues_after_oom(restarted, layout)
+    monkeypatch.setenv("PACKTRAIN_HOME", str(root))
+    assert main(["train", "--config", str(command)]) == 0, capsys.readouterr().err
+
+    events = read_log(root, "handed", 2)
+    assert [(f["step"], f["micro_batch"], f["grad_accum"]) for f in of_kind(events, "oom_fallback")] == [(3, 2, 4)]
+    assert events[0]["resumed_from"] == "handed_checkpoint_3_run_1"
+    assert step_losses(events) == {k: pytest.approx(expected[k], rel=1e-5) for k in (4, 5, 6)}
+    run_file = json.loads(layout.run_json("handed").read_text())
+    assert run_file["pending_fallback"] is None
+    assert (run_file["config"]["train"]["micro_batch"], run_file["config"]["train"]["grad_accum"]) == (2, 4)
+    assert [[f["micro_batch"] for f in run["fallbacks"]] for run in run_file["runs"]] == [[], [2]]

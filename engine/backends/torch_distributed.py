@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from engine.backends.base import Dist
+from engine.elastic import Elastic
 
 
 def device(d: Dist, kind: str) -> torch.device:
@@ -34,8 +35,21 @@ def init(device_kind: str) -> Dist:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         # Pauses are held with periodic collectives, but a long save on rank 0 must not time out.
-        dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=2), **attempt_store(rank, world))
     return Dist(rank=rank, world_size=world, local_rank=local, backend=backend)
+
+
+def attempt_store(rank: int, world: int) -> dict[str, Any]:
+    """The store this attempt of the group meets in. torchrun's agent keeps one store for the whole
+    job, and the keys a previous attempt's ranks left there name their dead sockets, so a group
+    restarted after a failure (engine.elastic) would connect to those and fail (pytorch#135712):
+    each attempt gets keys of its own. Empty (init_process_group's env:// default) elsewhere."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    return {"store": dist.PrefixStore(f"attempt_{Elastic.from_env().restart}/", agent), "rank": rank,
+            "world_size": world}
 
 
 def shutdown(d: Dist) -> None:

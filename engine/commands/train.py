@@ -149,8 +149,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_cache_agrees(cfg.data, given)
     _check_common(args)
     check_plan_flags(args)
-    from engine.assemble import new_run, run_to_end
+    from engine.assemble import continues_after_oom, new_run, resume_run, run_to_end
 
+    if continues_after_oom(cfg, Layout.resolve()):  # run.json holds this run's config, with the fallback
+        return run_to_end(lambda: resume_run(cfg.name, Layout.resolve(), _options(args)))
     auto_plan = None
     if args.auto_plan:
         from engine.planner import choose, plan
