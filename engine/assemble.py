@@ -156,7 +156,7 @@ def new_run(cfg: RunConfig, layout: Layout, opts: Options, *, workers: int | Non
     for w in warnings:
         log.warn(w)
     run_file = read_run_json(layout, cfg.name) if layout.run_json(cfg.name).exists() else RunFile(config={})
-    fallback = catch_up(cfg, run_file, backend)
+    fallback = take_pending(cfg, run_file, backend)
     start = Start(cfg=cfg, model_name=cfg.name, run=next_run_number(run_file.runs), schedule=schedule, order=order,
                   cache_sequences=cache.n_sequences, history=run_file.runs, auto_plan=auto_plan, fallback=fallback)
     checkpointer = Checkpointer(layout, cfg.name, keep_last=cfg.train.keep_last, log=log.info)
@@ -242,7 +242,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     else:
         backend.build({**read_config_json(path), **token_ids(cache)}, cfg.train)
     checkpointer.load(path, backend, optimizer=not reset_optimizer)
-    fallback = catch_up(cfg, run_file, backend)
+    fallback = take_pending(cfg, run_file, backend)
     if state.backend != backend.name:
         log.info(f"Continuing a {state.backend} checkpoint on {backend.name}: the weights"
                  + (" carry, the optimizer starts fresh" if reset_optimizer else " and AdamW state carry")
@@ -255,7 +255,7 @@ def resume_run(ref: str, layout: Layout, opts: Options, override: Any = None, *,
     return Trainer(start, layout=layout, backend=backend, cache=cache, checkpointer=checkpointer, log=log, opts=opts)
 
 
-def catch_up(cfg: RunConfig, run_file: RunFile, backend: Backend) -> Fallback | None:
+def take_pending(cfg: RunConfig, run_file: RunFile, backend: Backend) -> Fallback | None:
     """A run starts from the rung a rank took under torchrun before the group stopped (engine.oom)."""
     fallback = run_file.pending_fallback
     if fallback is not None:

@@ -12,8 +12,8 @@ loss for loss up to float rounding, and a resume after it is exact:
 The ladder changes `train` config fields in place; the loop writes them to run.json, so a resume
 trains with the settings that fit. Under torchrun a rank cannot climb alone (the others wait for it
 in a collective): it records the rung as run.json's pending fallback and exits, and the run's next
-start (torchrun's restart of the group, or a resume) catches up to it. Framework-free: the backend translates its OOM into
-DeviceOutOfMemory and turns checkpointing on.
+start (torchrun's restart of the group, or a resume) catches up to it. Framework-free: the backend
+translates its OOM into DeviceOutOfMemory and turns checkpointing on.
 """
 
 from __future__ import annotations

@@ -83,8 +83,10 @@ def test_the_oom_ladder_keeps_the_losses_and_a_resume_after_it_is_exact(
     assert sorted(got) == list(range(1, 7))
     np.testing.assert_allclose([got[k] for k in sorted(got)], [expected[k] for k in sorted(expected)], rtol=1e-5)
     name = f"ladder_{backend}"
-    saved = RunConfig.from_dict(json.loads((root / "checkpoints" / name / "run.json").read_text())["config"]).train
+    run_file = json.loads((root / "checkpoints" / name / "run.json").read_text())
+    saved = RunConfig.from_dict(run_file["config"]).train
     assert (saved.micro_batch, saved.grad_accum) == (1, 8)  # what a resume trains with
+    assert [(f["micro_batch"], f["grad_accum"]) for f in run_file["runs"][0]["fallbacks"]] == [(2, 4), (1, 8)]
 
     assert resume(root, f"{name}_checkpoint_3_run_1", monkeypatch) == 0
     resumed = step_losses(read_log(root, name, 2))
