@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.backends import choose, load
 from engine.backends.base import Backend
-from engine.catalog import DISPLAY_RE, checkpoint_dirs, display_name
+from engine.catalog import DISPLAY_RE, checkpoint_dirs, display_name, model_names
 from engine.checkpoint import Checkpointer
 from engine import oom, pretrained
 from engine.config import RunConfig
@@ -263,15 +263,22 @@ def take_pending(cfg: RunConfig, run_file: RunFile, backend: Backend) -> Fallbac
     return fallback
 
 
-def continues_after_oom(cfg: RunConfig, layout: Layout) -> bool:
-    """Whether this `train` is torchrun's restart of the group after one of its ranks ran out of
-    memory in run cfg.name once it had a checkpoint: it continues that run as `resume` does. (With
-    no checkpoint yet the name is free, and a new run there begins with the fallback too.)"""
-    elastic = Elastic.from_env()
-    if not (cfg.name and elastic.restart and layout.run_json(cfg.name).exists()):
-        return False
-    pending = read_run_json(layout, cfg.name).pending_fallback
-    return pending is not None and pending.job == elastic.job and bool(checkpoint_dirs(layout.model_dir(cfg.name)))
+def continues_after_oom(cfg: RunConfig, layout: Layout) -> str | None:
+    """The run this `train` continues as `resume` does, when it is torchrun's restart of a group one
+    of whose ranks ran out of memory once the run had a checkpoint: the run (cfg.name, or any when the
+    command names none) whose run.json holds a pending fallback from this job. The job id is the same
+    in every attempt and on every node; torchrun's restart count is per node, so it decides nothing.
+    With no checkpoint yet the name is free, and a new run there begins with the fallback too."""
+    job = Elastic.from_env().job
+    if job is None:
+        return None
+    for name in [cfg.name] if cfg.name else model_names(layout):
+        if not layout.run_json(name).is_file():
+            continue
+        pending = read_run_json(layout, name).pending_fallback
+        if pending is not None and pending.job == job and checkpoint_dirs(layout.model_dir(name)):
+            return name
+    return None
 
 
 def run_to_end(make: Any) -> int:

@@ -320,8 +320,9 @@ class Trainer:
                 )
                 self.write_run_json()
                 self.log.attach(log_path, self.header())
-                if s.fallback is not None:
-                    self.announce(s.fallback)
+                if s.fallback is not None:  # as this start caught up to it (engine.oom.catch_up)
+                    self.announce(replace(s.fallback, micro_batch=self.t.micro_batch, grad_accum=self.t.grad_accum,
+                                          grad_checkpointing=self.t.grad_checkpointing))
                     self.write_run_json()
             self.backend.barrier()  # run.json names this run before any rank can hand an OOM over to it
             if s.rng is not None:

@@ -245,6 +245,8 @@ def test_the_same_rows_with_another_tokenizer_under_one_name_are_refused_and_cha
     ("rows", dict(vocab_size=100), "has 305 tokens, more than the vocab_size of 100"),
     ("rows", dict(tokenizer="bpe:300"), "rows of ids have none: give the tokenizer the ids came from"),
     ("rows", dict(tokenizer="bytes", eos_id=300, vocab_size=512), "eos_id 300 is outside the vocabulary of tokenizer"),
+    ("rows", dict(tokenizer="bytes", eos_id=-1, vocab_size=512), "eos_id -1 is outside the vocabulary of tokenizer"),
+    ("rows", dict(tokenizer="bytes", eos_id=2 ** 40, vocab_size=512), "is outside the vocabulary of tokenizer"),
     ("rows", dict(tokenizer=42), "tokenizer= takes a tokenizer folder, a tokenizer.json, a hub name, bytes"),
     ("rows", dict(tokenizer="bytes"), "dataset item 0 holds id 300, outside the vocabulary of 257"),
     ("cache", dict(), "tokenizer= is for a dataset of token rows"),

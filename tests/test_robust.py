@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -182,9 +183,11 @@ def test_a_rung_a_torchrun_rank_hands_over_is_where_the_restarted_train_continue
     restarted = config(root, "handed")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert not continues_after_oom(restarted, layout)  # another job: `train` refuses the taken name
+    assert continues_after_oom(restarted, layout) is None  # another job: `train` refuses the taken name
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
-    assert continues_after_oom(restarted, layout)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # another node's agent, whose own workers did not fail
+    assert continues_after_oom(restarted, layout) == "handed"
+    assert continues_after_oom(dataclasses.replace(restarted, name=""), layout) == "handed"  # a command that names no run
     monkeypatch.setenv("PACKTRAIN_HOME", str(root))
     assert main(["train", "--config", str(command)]) == 0, capsys.readouterr().err
 

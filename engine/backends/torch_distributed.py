@@ -43,11 +43,15 @@ def attempt_store(rank: int, world: int) -> dict[str, Any]:
     """The store this attempt of the group meets in. torchrun's agent keeps one store for the whole
     job, and the keys a previous attempt's ranks left there name their dead sockets, so a group
     restarted after a failure (engine.elastic) would connect to those and fail (pytorch#135712):
-    each attempt gets keys of its own. Empty (init_process_group's env:// default) elsewhere."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    each attempt gets keys of its own. Only on one node: the restart count that names the attempt
+    is each node's agent's own, and a node whose workers did not fail keeps its count, so across
+    nodes it names no common attempt (there TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt
+    a fresh store instead). Empty (init_process_group's env:// default) elsewhere."""
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == str(world)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not one_node:
         return {}
     agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timedelta(minutes=30))
+                          timeout=timedelta(hours=2))
     return {"store": dist.PrefixStore(f"attempt_{Elastic.from_env().restart}/", agent), "rank": rank,
             "world_size": world}
 

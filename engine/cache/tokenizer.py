@@ -196,7 +196,9 @@ def prepare_rows_tokenizer(given: Any, eos_id: int | None) -> PreparedTokenizer:
         plan, hf = TokenizerPlan(f"python:{type(given).__name__}", "hf"), _held_hf(given)
     label = repr(plan.spec)
     tok = _bytes_tokenizer() if hf is None else _fast(hf, label)
-    eos = (EOS_TOKEN if hf is None else _eos_token(hf)) if eos_id is None else tok.id_to_token(eos_id)
+    known = isinstance(eos_id, int) and not isinstance(eos_id, bool) and \
+        0 <= eos_id < tok.get_vocab_size(with_added_tokens=True)
+    eos = (EOS_TOKEN if hf is None else _eos_token(hf)) if eos_id is None else tok.id_to_token(eos_id) if known else None
     if eos is None and eos_id is None:
         raise UserError(f"tokenizer {label} has no end-of-text token (looked for eos_token and "
                         f"{', '.join(EOS_CANDIDATES)}): give eos_id=")

@@ -151,8 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_plan_flags(args)
     from engine.assemble import continues_after_oom, new_run, resume_run, run_to_end
 
-    if continues_after_oom(cfg, Layout.resolve()):  # run.json holds this run's config, with the fallback
-        return run_to_end(lambda: resume_run(cfg.name, Layout.resolve(), _options(args)))
+    handed = continues_after_oom(cfg, Layout.resolve())
+    if handed is not None:  # its run.json holds the run's config, with the fallback
+        return run_to_end(lambda: resume_run(handed, Layout.resolve(), _options(args)))
     auto_plan = None
     if args.auto_plan:
         from engine.planner import choose, plan
