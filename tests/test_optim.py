@@ -88,3 +88,25 @@ def test_the_constructor_refuses_what_torch_refuses(bad: dict) -> None:
         AdamW(params(0), **bad)
     with pytest.raises(ValueError):
         torch.optim.AdamW(params(0), **bad)
+
+
+def test_under_a_grad_scaler_inf_steps_are_skipped_in_the_kernel_as_torch_does() -> None:
+    """fp16 on CUDA: GradScaler hands its inf flag to the step (no host sync); a step with inf
+    gradients changes nothing and is not counted, exactly as with torch's fused AdamW."""
+    runs = []
+    for make in (lambda ps: AdamW(groups(ps), lr=1e-2),
+                 lambda ps: torch.optim.AdamW(groups(ps), lr=1e-2, fused=True)):
+        ps = params(0)
+        opt, scaler = make(ps), torch.amp.GradScaler("cpu", init_scale=1024.0)
+        gen = torch.Generator().manual_seed(7)
+        for i in range(4):
+            loss = sum((p * torch.randn(p.shape, generator=gen)).sum() for p in ps)
+            scaler.scale(loss * (float("inf") if i == 1 else 1.0)).backward()
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        runs.append((ps, opt.state[ps[0]]["step"].item(), scaler.get_scale()))
+    (ours, our_steps, our_scale), (theirs, their_steps, their_scale) = runs
+    assert_same(ours, theirs)
+    assert our_steps == their_steps == 3 and our_scale == their_scale == 512.0

@@ -33,7 +33,13 @@ def fused_supported(device: torch.device | str) -> bool:
 
 
 class AdamW(torch.optim.Optimizer):
-    """Decoupled weight decay Adam (Loshchilov & Hutter), as torch.optim.AdamW with fused=True."""
+    """Decoupled weight decay Adam (Loshchilov & Hutter), as torch.optim.AdamW with fused=True.
+
+    Like it, the step takes GradScaler's scale and inf flag (`grad_scale`, `found_inf`, set by
+    GradScaler.step) into the kernel, which skips the update on inf, so fp16 on CUDA never waits
+    for the flag on the host."""
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
@@ -58,13 +64,18 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for params, grads, exp_avgs, exp_avg_sqs, steps in self._batches(group).values():
+            for (device, _), (params, grads, exp_avgs, exp_avg_sqs, steps) in self._batches(group).items():
+                scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+                inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
                 torch._foreach_add_(steps, 1)
                 torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
                                     lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                                    eps=group["eps"], maximize=False, grad_scale=None, found_inf=None)
+                                    eps=group["eps"], maximize=False, grad_scale=scale, found_inf=inf)
+                if inf is not None:  # a skipped update does not count as a step
+                    torch._foreach_sub_(steps, [inf] * len(steps))
         return loss
 
     def _batches(self, group: dict[str, Any]) -> dict[tuple[torch.device, torch.dtype], tuple[list, ...]]:
