@@ -275,7 +275,12 @@ def continues_after_oom(cfg: RunConfig, layout: Layout) -> str | None:
     for name in [cfg.name] if cfg.name else model_names(layout):
         if not layout.run_json(name).is_file():
             continue
-        pending = read_run_json(layout, name).pending_fallback
+        try:
+            pending = read_run_json(layout, name).pending_fallback
+        except UserError:
+            if cfg.name:
+                raise
+            continue  # another model's damaged run.json is not this command's run, nor its problem
         if pending is not None and pending.job == job and checkpoint_dirs(layout.model_dir(name)):
             return name
     return None

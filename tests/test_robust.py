@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,13 @@ def test_a_rung_a_torchrun_rank_hands_over_is_where_the_restarted_train_continue
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # another node's agent, whose own workers did not fail
     assert continues_after_oom(restarted, layout) == "handed"
+    damaged = layout.model_dir("damaged")
+    damaged.mkdir()
+    (damaged / "run.json").write_text("{not json")  # another model's: the scan for an unnamed command skips it
     assert continues_after_oom(dataclasses.replace(restarted, name=""), layout) == "handed"  # a command that names no run
+    with pytest.raises(UserError):
+        continues_after_oom(dataclasses.replace(restarted, name="damaged"), layout)
+    shutil.rmtree(damaged)
     monkeypatch.setenv("PACKTRAIN_HOME", str(root))
     assert main(["train", "--config", str(command)]) == 0, capsys.readouterr().err
 
